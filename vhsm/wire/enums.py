@@ -1,0 +1,282 @@
+"""Request codes, header flags and feature bits of vhost-user (digest §2-§6).
+
+Names follow the spec (``VHOST_USER_`` prefix dropped) and the virtio spec
+(``VIRTIO_*_F_`` prefix dropped); values are the wire values.
+"""
+
+from __future__ import annotations
+
+import enum
+from enum import IntEnum, IntFlag
+
+
+class Channel(enum.Enum):
+    """Which socket a message travels on: the main one or the back-end request channel."""
+
+    MAIN = "main"
+    BACKEND = "backend"
+
+
+class FrontendReq(IntEnum):
+    """Front-end -> back-end request codes on the main channel (§3)."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+    GET_SHMEM_CONFIG = 44
+    GET_VRING_BASE_SKIP_DRAIN = 45
+
+
+class BackendReq(IntEnum):
+    """Back-end -> front-end request codes on the back-end request channel (§4)."""
+
+    BACKEND_IOTLB_MSG = 1
+    BACKEND_CONFIG_CHANGE_MSG = 2
+    BACKEND_VRING_HOST_NOTIFIER_MSG = 3
+    BACKEND_VRING_CALL = 4
+    BACKEND_VRING_ERR = 5
+    BACKEND_SHARED_OBJECT_ADD = 6
+    BACKEND_SHARED_OBJECT_REMOVE = 7
+    BACKEND_SHARED_OBJECT_LOOKUP = 8
+    BACKEND_SHMEM_MAP = 9
+    BACKEND_SHMEM_UNMAP = 10
+
+
+class HeaderFlags(IntFlag):
+    """Bits of the header's ``flags`` word (§2.1)."""
+
+    VERSION_1 = 0x1
+    REPLY = 0x4
+    NEED_REPLY = 0x8
+
+
+VERSION_MASK = 0x3
+RESERVED_FLAGS_MASK = 0xFFFF_FFF0
+
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 0x100
+VRING_F_LOG = 0x1
+
+
+class ProtocolFeature(IntFlag):
+    """vhost-user protocol features, GET/SET_PROTOCOL_FEATURES (§6.1)."""
+
+    MQ = 1 << 0
+    LOG_SHMFD = 1 << 1
+    RARP = 1 << 2
+    REPLY_ACK = 1 << 3
+    NET_MTU = 1 << 4
+    BACKEND_REQ = 1 << 5
+    CROSS_ENDIAN = 1 << 6
+    CRYPTO_SESSION = 1 << 7
+    PAGEFAULT = 1 << 8
+    CONFIG = 1 << 9
+    BACKEND_SEND_FD = 1 << 10
+    HOST_NOTIFIER = 1 << 11
+    INFLIGHT_SHMFD = 1 << 12
+    RESET_DEVICE = 1 << 13
+    INBAND_NOTIFICATIONS = 1 << 14
+    CONFIGURE_MEM_SLOTS = 1 << 15
+    STATUS = 1 << 16
+    XEN_MMAP = 1 << 17
+    SHARED_OBJECT = 1 << 18
+    DEVICE_STATE = 1 << 19
+    GET_VRING_BASE_INFLIGHT = 1 << 20
+    GPA_ADDRESSES = 1 << 21
+    SHMEM = 1 << 22
+    GET_VRING_BASE_SKIP_DRAIN = 1 << 23
+
+
+class VirtioFeature(IntFlag):
+    """Device-independent virtio and vhost feature bits of GET/SET_FEATURES (§6.2)."""
+
+    NOTIFY_ON_EMPTY = 1 << 24
+    LOG_ALL = 1 << 26
+    ANY_LAYOUT = 1 << 27
+    RING_INDIRECT_DESC = 1 << 28
+    RING_EVENT_IDX = 1 << 29
+    PROTOCOL_FEATURES = 1 << 30
+    VERSION_1 = 1 << 32
+    ACCESS_PLATFORM = 1 << 33
+    RING_PACKED = 1 << 34
+    IN_ORDER = 1 << 35
+    ORDER_PLATFORM = 1 << 36
+    SR_IOV = 1 << 37
+    NOTIFICATION_DATA = 1 << 38
+    NOTIF_CONFIG_DATA = 1 << 39
+    RING_RESET = 1 << 40
+    ADMIN_VQ = 1 << 41
+    SUSPEND = 1 << 43
+
+
+class BlkFeature(IntFlag):
+    """virtio-blk device feature bits (virtio spec, ``VIRTIO_BLK_F_*``)."""
+
+    BARRIER = 1 << 0
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    SCSI = 1 << 7
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+    LIFETIME = 1 << 15
+    SECURE_ERASE = 1 << 16
+    ZONED = 1 << 17
+
+
+class NetFeature(IntFlag):
+    """virtio-net device feature bits (virtio spec, ``VIRTIO_NET_F_*``)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GSO = 1 << 6
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    CTRL_RX_EXTRA = 1 << 20
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+    GUEST_USO4 = 1 << 54
+    GUEST_USO6 = 1 << 55
+    HOST_USO = 1 << 56
+    HASH_REPORT = 1 << 57
+    GUEST_HDRLEN = 1 << 59
+    RSS = 1 << 60
+    RSC_EXT = 1 << 61
+    STANDBY = 1 << 62
+    SPEED_DUPLEX = 1 << 63
+
+
+class DeviceStatus(IntFlag):
+    """The virtio device status byte of SET_STATUS / GET_STATUS (§6.3); 0 = reset."""
+
+    ACKNOWLEDGE = 0x01
+    DRIVER = 0x02
+    DRIVER_OK = 0x04
+    FEATURES_OK = 0x08
+    SUSPEND = 0x10
+    DEVICE_NEEDS_RESET = 0x40
+    FAILED = 0x80
+
+
+class IotlbType(IntEnum):
+    """``type`` of a vhost_iotlb_msg (§5.9)."""
+
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+
+
+class IotlbPerm(IntEnum):
+    """``perm`` of a vhost_iotlb_msg (§5.9)."""
+
+    NONE = 0
+    RO = 1
+    WO = 2
+    RW = 3
+
+
+class ConfigFlags(IntEnum):
+    """``flags`` of a config space message (§5.8)."""
+
+    FRONTEND = 0
+    MIGRATION = 1
+
+
+class TransferDirection(IntEnum):
+    """``direction`` of SET_DEVICE_STATE_FD (§5.14)."""
+
+    SAVE = 0
+    LOAD = 1
+
+
+class TransferPhase(IntEnum):
+    """``phase`` of SET_DEVICE_STATE_FD (§5.14)."""
+
+    STOPPED = 0
+
+
+def feature_names(value: int, *enums: type[IntFlag]) -> list[str]:
+    """Name every set bit of ``value`` from the first enum that knows it, else ``bitN``."""
+    names: list[str] = []
+    bit = 0
+    while value >> bit:
+        if (value >> bit) & 1:
+            mask = 1 << bit
+            for flag_enum in enums:
+                member = flag_enum._value2member_map_.get(mask)
+                if member is not None and member.name is not None:
+                    names.append(member.name)
+                    break
+            else:
+                names.append(f"bit{bit}")
+        bit += 1
+    return names
+
+
+def request_name(code: int, channel: Channel = Channel.MAIN) -> str:
+    """Return the spec name of a request code, ``UNKNOWN_<code>`` when it has none."""
+    table: type[IntEnum] = FrontendReq if channel is Channel.MAIN else BackendReq
+    member = table._value2member_map_.get(code)
+    return member.name if member is not None and member.name else f"UNKNOWN_{code}"
