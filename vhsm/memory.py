@@ -1,0 +1,673 @@
+"""Guest memory: the front-end's memory table mapped from its fds, with fast address translation.
+
+A :class:`GuestMemory` is an immutable snapshot of the mapped regions (§7.6, §10). Updates
+(SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) build a new snapshot that shares the unchanged
+mappings; :class:`GuestMemoryAtomic` publishes snapshots to the worker threads and unmaps a
+region only once no current snapshot and no lease still uses it.
+
+Memory safety: a memoryview handed out by :meth:`GuestMemory.translate` keeps the mmap object
+alive (CPython refuses ``mmap.close()`` while views exist), so a view kept too long can never
+read unmapped memory; at worst the unmapping is deferred to the garbage collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import stat
+import threading
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from itertools import pairwise
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
+
+from vhsm.errors import GuestMemoryError, WireError
+
+if TYPE_CHECKING:
+    from vhsm.wire.payloads import VhostUserMemoryRegion
+
+__all__ = [
+    "DEFAULT_MAX_SLOTS",
+    "GuestMemory",
+    "GuestMemoryAtomic",
+    "MappedRegion",
+    "MmapMapper",
+    "MmapMapping",
+    "RegionMapper",
+    "RegionMapping",
+    "map_fd",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SLOTS = 509
+"""Memory slots advertised by GET_MAX_MEM_SLOTS (the libvhost-user / rust-vmm value, §7.6)."""
+
+_U64_END = 1 << 64
+
+
+# --------------------------------------------------------------------------- mappings
+
+
+class RegionMapping(Protocol):
+    """A mapped region: ``view`` is a writable byte view of exactly the region's bytes."""
+
+    @property
+    def view(self) -> memoryview:
+        """The region's bytes (``memory_size`` long, format ``B``, writable)."""
+        ...
+
+    def close(self) -> None:
+        """Release the mapping (idempotent; must not raise ``BufferError``)."""
+        ...
+
+
+class RegionMapper(Protocol):
+    """Maps one memory-table region from its fd (pluggable: Xen grants, tests, hugepages)."""
+
+    def map_region(self, region: VhostUserMemoryRegion, fd: int) -> RegionMapping:
+        """Map ``region`` from ``fd``; the caller closes ``fd`` afterwards (dup it to keep it)."""
+        ...
+
+
+class MmapMapping:
+    """A shared read/write ``mmap`` of ``size`` bytes at ``offset`` in a file, as one view.
+
+    ``close()`` releases the view and unmaps; if someone still holds a view or a numpy/ctypes
+    object exported from it, the unmapping is left to the garbage collector instead of raising.
+    """
+
+    __slots__ = ("_mmap", "_view", "offset", "size")
+
+    def __init__(self, mm: mmap.mmap, view: memoryview, offset: int, size: int) -> None:
+        self._mmap: mmap.mmap | None = mm
+        self._view = view
+        self.offset = offset
+        self.size = size
+
+    @property
+    def view(self) -> memoryview:
+        """The mapped bytes (released once :meth:`close` ran)."""
+        return self._view
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (the pages may still be mapped for stray views)."""
+        return self._mmap is None
+
+    def close(self) -> None:
+        """Unmap now if nothing else exports the buffer, else drop our reference (GC unmaps)."""
+        mm, self._mmap = self._mmap, None
+        if mm is None:
+            return
+        try:
+            self._view.release()
+            mm.close()
+        except BufferError:
+            log.debug("mapping at offset %#x still exported; unmapping deferred to GC", self.offset)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._mmap is None else "mapped"
+        return f"<MmapMapping offset={self.offset:#x} size={self.size:#x} {state}>"
+
+
+def map_fd(fd: int, offset: int, size: int, *, what: str) -> MmapMapping:
+    """Map ``size`` bytes at ``offset`` of ``fd`` shared read/write; ``what`` names it in errors.
+
+    Checks ``os.fstat(fd).st_size`` first (a short file would SIGBUS on access) and maps from
+    ``offset`` rounded down to the allocation granularity (or the file's block size, which is
+    the huge page size on hugetlbfs), adding the difference back. Does not close ``fd``.
+    """
+    if size <= 0 or offset < 0 or offset + size > _U64_END:
+        raise GuestMemoryError(f"{what}: bad mapping offset={offset:#x} size={size:#x}")
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise GuestMemoryError(f"{what}: fd {fd} is not usable: {exc}") from exc
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        raise GuestMemoryError(
+            f"{what}: file too small: needs {offset + size:#x} bytes (offset {offset:#x} + "
+            f"size {size:#x}), file has {st.st_size:#x}"
+        )
+    align = mmap.ALLOCATIONGRANULARITY
+    blk = st.st_blksize
+    if blk > align and blk & (blk - 1) == 0:
+        align = blk
+    base = offset - offset % align
+    delta = offset - base
+    try:
+        mm = mmap.mmap(
+            fd,
+            size + delta,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=base,
+        )
+    except (OSError, ValueError, OverflowError) as exc:
+        raise GuestMemoryError(
+            f"{what}: mmap of fd {fd} offset {offset:#x} size {size:#x} failed: {exc}"
+        ) from exc
+    whole = memoryview(mm)
+    view = whole[delta : delta + size]
+    whole.release()
+    return MmapMapping(mm, view, offset, size)
+
+
+class MmapMapper:
+    """The default mapper: ``mmap`` of the region's fd; refuses Xen foreign/grant regions."""
+
+    def map_region(self, region: VhostUserMemoryRegion, fd: int) -> RegionMapping:
+        """Map ``memory_size`` bytes at ``mmap_offset`` of ``fd``."""
+        what = _describe(region)
+        if region.xen_mmap_flags is not None or region.domid is not None:
+            raise GuestMemoryError(
+                f"{what}: Xen mapping (xen_mmap_flags={region.xen_mmap_flags}, "
+                f"domid={region.domid}) needs a Xen-aware RegionMapper; the default mmap "
+                "mapper cannot map it"
+            )
+        return map_fd(fd, region.mmap_offset, region.memory_size, what=what)
+
+
+_DEFAULT_MAPPER = MmapMapper()
+
+
+def _describe(region: VhostUserMemoryRegion) -> str:
+    return (
+        f"region gpa={region.guest_phys_addr:#x} size={region.memory_size:#x} "
+        f"uva={region.userspace_addr:#x} mmap_offset={region.mmap_offset:#x}"
+    )
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            log.debug("closing fd %d failed", fd)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+class MappedRegion:
+    """One mapped region of a snapshot: the table entry plus ``view`` of its bytes."""
+
+    __slots__ = (
+        "desc",
+        "domid",
+        "gpa_end",
+        "guest_phys_addr",
+        "mapping",
+        "memory_size",
+        "mmap_offset",
+        "userspace_addr",
+        "uva_end",
+        "view",
+        "xen_mmap_flags",
+    )
+
+    def __init__(self, desc: VhostUserMemoryRegion, mapping: RegionMapping) -> None:
+        self.desc = desc
+        self.guest_phys_addr: int = desc.guest_phys_addr
+        self.memory_size: int = desc.memory_size
+        self.userspace_addr: int = desc.userspace_addr
+        self.mmap_offset: int = desc.mmap_offset
+        self.xen_mmap_flags: int | None = desc.xen_mmap_flags
+        self.domid: int | None = desc.domid
+        self.gpa_end: int = desc.guest_phys_addr + desc.memory_size
+        self.uva_end: int = desc.userspace_addr + desc.memory_size
+        self.mapping = mapping
+        view = mapping.view
+        if view.nbytes != desc.memory_size or view.readonly:
+            mapping.close()
+            raise GuestMemoryError(
+                f"{_describe(desc)}: mapper returned a {view.nbytes:#x}-byte "
+                f"{'read-only ' if view.readonly else ''}view"
+            )
+        self.view: memoryview = view
+
+    def matches(self, region: VhostUserMemoryRegion) -> bool:
+        """REM_MEM_REG identity: same guest address, user address and size (not mmap_offset)."""
+        return (
+            self.guest_phys_addr == region.guest_phys_addr
+            and self.userspace_addr == region.userspace_addr
+            and self.memory_size == region.memory_size
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<MappedRegion gpa={self.guest_phys_addr:#x} size={self.memory_size:#x} "
+            f"uva={self.userspace_addr:#x} mmap_offset={self.mmap_offset:#x}>"
+        )
+
+
+def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> None:
+    """M4: refuse a zero-sized region and any address range that overflows 64 bits."""
+    field = f"region[{index}]"
+    size = region.memory_size
+    if size <= 0:
+        raise WireError(request, f"{field}.memory_size", size, "> 0", rule_id="VU-MEM-004")
+    for name, start in (
+        ("guest_phys_addr", region.guest_phys_addr),
+        ("userspace_addr", region.userspace_addr),
+        ("mmap_offset", region.mmap_offset),
+    ):
+        if start < 0 or start + size > _U64_END:
+            raise WireError(
+                request,
+                f"{field}.{name}",
+                start,
+                f"{name} + memory_size ({size:#x}) <= 2**64",
+                rule_id="VU-MEM-004",
+            )
+
+
+def _check_overlaps(request: str, regions: Sequence[MappedRegion | VhostUserMemoryRegion]) -> None:
+    """M5: guest-physical ranges must not overlap, nor user-address ranges."""
+    for name in ("guest_phys_addr", "userspace_addr"):
+        starts = [(int(getattr(r, name)), i) for i, r in enumerate(regions)]
+        starts.sort()
+        for (a_start, ia), (b_start, ib) in pairwise(starts):
+            a_end = a_start + regions[ia].memory_size
+            if a_end > b_start:
+                lo, hi = min(ia, ib), max(ia, ib)
+                lo_start = a_start if lo == ia else b_start
+                lo_end = lo_start + regions[lo].memory_size
+                raise WireError(
+                    request,
+                    f"region[{hi}].{name}",
+                    b_start if hi == ib else a_start,
+                    f"no overlap with region[{lo}] [{lo_start:#x}, {lo_end:#x})",
+                    rule_id="VU-MEM-005",
+                )
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+class GuestMemory:
+    """An immutable snapshot of the mapped regions, translating GPAs and UVAs to memoryviews."""
+
+    __slots__ = ("_by_gpa", "_by_uva", "_gpa_starts", "_uva_starts", "max_slots", "regions")
+
+    regions: tuple[MappedRegion, ...]
+    """The regions in table order (SET_MEM_TABLE order, then ADD_MEM_REG order)."""
+
+    def __init__(self, regions: Sequence[MappedRegion] = (), *, max_slots: int) -> None:
+        self.regions = tuple(regions)
+        self.max_slots = max_slots
+        self._by_gpa = tuple(sorted(self.regions, key=lambda r: r.guest_phys_addr))
+        self._gpa_starts = [r.guest_phys_addr for r in self._by_gpa]
+        self._by_uva = tuple(sorted(self.regions, key=lambda r: r.userspace_addr))
+        self._uva_starts = [r.userspace_addr for r in self._by_uva]
+
+    # -- construction
+
+    @classmethod
+    def empty(cls, *, max_slots: int = DEFAULT_MAX_SLOTS) -> GuestMemory:
+        """A snapshot with no regions (before the first SET_MEM_TABLE)."""
+        return cls((), max_slots=max_slots)
+
+    @classmethod
+    def from_table(
+        cls,
+        regions: Sequence[VhostUserMemoryRegion],
+        fds: Sequence[int],
+        *,
+        mapper: RegionMapper | None = None,
+        max_slots: int = DEFAULT_MAX_SLOTS,
+        request: str = "SET_MEM_TABLE",
+    ) -> GuestMemory:
+        """Map a whole memory table (one fd per region, in order); always closes ``fds``.
+
+        Raises:
+            WireError: fd count mismatch (VU-MEM-002), zero size or overflow (VU-MEM-004),
+                overlapping ranges (VU-MEM-005), more regions than ``max_slots`` (VU-MEM-007).
+            GuestMemoryError: a region cannot be mapped (short file, mmap failure, Xen form).
+        """
+        try:
+            if len(fds) != len(regions):
+                raise WireError(
+                    request, "fds", len(fds), f"{len(regions)} (one per region)", "VU-MEM-002"
+                )
+            if len(regions) > max_slots:
+                raise WireError(
+                    request, "nregions", len(regions), f"<= {max_slots}", rule_id="VU-MEM-007"
+                )
+            for i, region in enumerate(regions):
+                _validate_new(request, i, region)
+            _check_overlaps(request, regions)
+            use = mapper if mapper is not None else _DEFAULT_MAPPER
+            mapped: list[MappedRegion] = []
+            try:
+                for region, fd in zip(regions, fds, strict=True):
+                    mapped.append(MappedRegion(region, use.map_region(region, fd)))
+            except BaseException:
+                for done in mapped:
+                    done.mapping.close()
+                raise
+        finally:
+            _close_fds(fds)
+        return cls(mapped, max_slots=max_slots)
+
+    def with_region_added(
+        self,
+        region: VhostUserMemoryRegion,
+        fd: int,
+        *,
+        mapper: RegionMapper | None = None,
+        request: str = "ADD_MEM_REG",
+    ) -> GuestMemory:
+        """A new snapshot with ``region`` mapped from ``fd`` (always closed) added.
+
+        Raises:
+            WireError: slots exhausted (VU-MEM-007), zero size/overflow (VU-MEM-004),
+                overlap with an active region (VU-MEM-005).
+            GuestMemoryError: the region cannot be mapped.
+        """
+        try:
+            if len(self.regions) >= self.max_slots:
+                raise WireError(
+                    request,
+                    "region",
+                    len(self.regions) + 1,
+                    f"at most {self.max_slots} memory slots",
+                    rule_id="VU-MEM-007",
+                )
+            index = len(self.regions)
+            _validate_new(request, index, region)
+            _check_overlaps(request, [*self.regions, region])
+            use = mapper if mapper is not None else _DEFAULT_MAPPER
+            added = MappedRegion(region, use.map_region(region, fd))
+        finally:
+            _close_fds((fd,))
+        return GuestMemory((*self.regions, added), max_slots=self.max_slots)
+
+    def with_region_removed(
+        self, region: VhostUserMemoryRegion, *, request: str = "REM_MEM_REG"
+    ) -> GuestMemory:
+        """A new snapshot without the region matching GPA, UVA and size (mmap_offset ignored).
+
+        The removed mapping is not closed here: :class:`GuestMemoryAtomic` does that once no
+        lease uses it.
+
+        Raises:
+            WireError: no such region (VU-MEM-008).
+        """
+        kept = tuple(r for r in self.regions if not r.matches(region))
+        if len(kept) == len(self.regions):
+            raise WireError(
+                request,
+                "region.guest_phys_addr",
+                region.guest_phys_addr,
+                f"an active region (uva={region.userspace_addr:#x}, "
+                f"size={region.memory_size:#x} not found)",
+                rule_id="VU-MEM-008",
+            )
+        return GuestMemory(kept, max_slots=self.max_slots)
+
+    # -- lookups (data path: bisect, no allocation beyond the returned slice)
+
+    def translate(self, gpa: int, length: int) -> memoryview:
+        """Writable view of guest-physical ``[gpa, gpa+length)``, which must lie in one region.
+
+        Raises:
+            GuestMemoryError: the range is not wholly inside one mapped region.
+        """
+        i = bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0 and length >= 0:
+            r = self._by_gpa[i]
+            off = gpa - r.guest_phys_addr
+            end = off + length
+            if end <= r.memory_size:
+                try:
+                    return r.view[off:end]
+                except ValueError:
+                    raise _unmapped(r) from None
+        raise self._miss("guest-physical", gpa, length, self._by_gpa, gpa=True)
+
+    def translate_uva(self, uva: int, length: int) -> memoryview:
+        """Writable view of front-end user addresses ``[uva, uva+length)`` within one region.
+
+        Raises:
+            GuestMemoryError: the range is not wholly inside one mapped region.
+        """
+        i = bisect_right(self._uva_starts, uva) - 1
+        if i >= 0 and length >= 0:
+            r = self._by_uva[i]
+            off = uva - r.userspace_addr
+            end = off + length
+            if end <= r.memory_size:
+                try:
+                    return r.view[off:end]
+                except ValueError:
+                    raise _unmapped(r) from None
+        raise self._miss("user-address", uva, length, self._by_uva, gpa=False)
+
+    def find_region(self, gpa: int) -> MappedRegion | None:
+        """The region containing guest-physical address ``gpa``, if any."""
+        i = bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0:
+            r = self._by_gpa[i]
+            if gpa < r.gpa_end:
+                return r
+        return None
+
+    def find_region_uva(self, uva: int) -> MappedRegion | None:
+        """The region containing front-end user address ``uva``, if any."""
+        i = bisect_right(self._uva_starts, uva) - 1
+        if i >= 0:
+            r = self._by_uva[i]
+            if uva < r.uva_end:
+                return r
+        return None
+
+    def uva_to_gpa(self, uva: int) -> int:
+        """Guest-physical address of front-end user address ``uva`` (§10).
+
+        Raises:
+            GuestMemoryError: ``uva`` is in no region.
+        """
+        r = self.find_region_uva(uva)
+        if r is None:
+            raise self._miss("user-address", uva, 1, self._by_uva, gpa=False)
+        return uva - r.userspace_addr + r.guest_phys_addr
+
+    def gpa_to_uva(self, gpa: int) -> int:
+        """Front-end user address of guest-physical address ``gpa``.
+
+        Raises:
+            GuestMemoryError: ``gpa`` is in no region.
+        """
+        r = self.find_region(gpa)
+        if r is None:
+            raise self._miss("guest-physical", gpa, 1, self._by_gpa, gpa=True)
+        return gpa - r.guest_phys_addr + r.userspace_addr
+
+    def gather(self, gpa: int, length: int) -> list[memoryview]:
+        """Views covering ``[gpa, gpa+length)`` piecewise across adjacent regions (§10).
+
+        Raises:
+            GuestMemoryError: any part of the range is unmapped.
+        """
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length} at gpa {gpa:#x}")
+        out: list[memoryview] = []
+        cur, left = gpa, length
+        while left > 0:
+            r = self.find_region(cur)
+            if r is None:
+                raise GuestMemoryError(
+                    f"guest range [{gpa:#x}, {gpa + length:#x}) is not fully mapped: "
+                    f"no region at {cur:#x}"
+                )
+            off = cur - r.guest_phys_addr
+            n = min(left, r.memory_size - off)
+            try:
+                out.append(r.view[off : off + n])
+            except ValueError:
+                raise _unmapped(r) from None
+            cur += n
+            left -= n
+        return out
+
+    def read(self, gpa: int, n: int, *, gather: bool = False) -> bytes:
+        """Copy ``n`` bytes from guest-physical ``gpa`` (across regions if ``gather``)."""
+        if gather:
+            return b"".join(bytes(v) for v in self.gather(gpa, n))
+        return bytes(self.translate(gpa, n))
+
+    def write(
+        self, gpa: int, data: bytes | bytearray | memoryview, *, gather: bool = False
+    ) -> None:
+        """Copy ``data`` to guest-physical ``gpa`` (across regions if ``gather``)."""
+        n = len(data)
+        if not gather:
+            self.translate(gpa, n)[:] = data
+            return
+        src = memoryview(data).cast("B")
+        pos = 0
+        for view in self.gather(gpa, src.nbytes):
+            view[:] = src[pos : pos + view.nbytes]
+            pos += view.nbytes
+
+    # -- helpers
+
+    @property
+    def mappings(self) -> tuple[RegionMapping, ...]:
+        """The mappings this snapshot uses (shared with snapshots derived from it)."""
+        return tuple(r.mapping for r in self.regions)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __iter__(self) -> Iterator[MappedRegion]:
+        return iter(self.regions)
+
+    def __repr__(self) -> str:
+        return f"<GuestMemory {len(self.regions)} regions, max_slots={self.max_slots}>"
+
+    @staticmethod
+    def _miss(
+        kind: str, addr: int, length: int, ordered: Sequence[MappedRegion], *, gpa: bool
+    ) -> GuestMemoryError:
+        if length < 0:
+            return GuestMemoryError(f"negative length {length} at {kind} address {addr:#x}")
+        end = addr + length
+        for r in ordered:
+            start = r.guest_phys_addr if gpa else r.userspace_addr
+            if start <= addr < start + r.memory_size:
+                return GuestMemoryError(
+                    f"{kind} range [{addr:#x}, {end:#x}) crosses the end of {r!r} "
+                    f"at {start + r.memory_size:#x}"
+                )
+        return GuestMemoryError(
+            f"{kind} range [{addr:#x}, {end:#x}) is not in any of the {len(ordered)} mapped regions"
+        )
+
+
+def _unmapped(r: MappedRegion) -> GuestMemoryError:
+    return GuestMemoryError(
+        f"{r!r} was unmapped (its snapshot was replaced); hold GuestMemoryAtomic.lease() "
+        "while using guest memory"
+    )
+
+
+# --------------------------------------------------------------------------- atomic holder
+
+
+class GuestMemoryAtomic:
+    """The current snapshot, shared by the control thread and the workers.
+
+    Workers take :meth:`lease` around each batch of work; :meth:`replace` publishes a new
+    snapshot at once, and a mapping is closed when it is neither in the current snapshot
+    nor in a snapshot still leased.
+    """
+
+    __slots__ = ("_current", "_leases", "_lock")
+
+    def __init__(self, memory: GuestMemory | None = None) -> None:
+        self._current = memory if memory is not None else GuestMemory.empty()
+        self._lock = threading.Lock()
+        self._leases: dict[GuestMemory, int] = {}
+
+    def memory(self) -> GuestMemory:
+        """The current snapshot (unleased: its mappings may be closed by a later replace)."""
+        return self._current
+
+    def lease(self) -> MemoryLease:
+        """Context manager pinning the current snapshot's mappings until it exits."""
+        return MemoryLease(self)
+
+    def replace(self, new: GuestMemory) -> GuestMemory:
+        """Make ``new`` current; close the old snapshot's unshared mappings if not leased."""
+        with self._lock:
+            old, self._current = self._current, new
+            doomed = () if old in self._leases else self._unused(old)
+        _close_all(doomed)
+        return old
+
+    def close(self) -> None:
+        """Replace the current snapshot with an empty one (mappings close when unleased)."""
+        self.replace(GuestMemory.empty(max_slots=self._current.max_slots))
+
+    def _acquire(self) -> GuestMemory:
+        with self._lock:
+            snap = self._current
+            self._leases[snap] = self._leases.get(snap, 0) + 1
+        return snap
+
+    def _release(self, snap: GuestMemory) -> None:
+        with self._lock:
+            left = self._leases[snap] - 1
+            if left:
+                self._leases[snap] = left
+                return
+            del self._leases[snap]
+            if snap is self._current:
+                return
+            doomed = self._unused(snap)
+        _close_all(doomed)
+
+    def _unused(self, snap: GuestMemory) -> tuple[RegionMapping, ...]:
+        """Mappings of ``snap`` used by neither the current nor any leased snapshot."""
+        live = {id(r.mapping) for r in self._current.regions}
+        for other in self._leases:
+            live.update(id(r.mapping) for r in other.regions)
+        return tuple(r.mapping for r in snap.regions if id(r.mapping) not in live)
+
+
+class MemoryLease:
+    """``with atomic.lease() as mem:`` — ``mem`` stays mapped until the block exits."""
+
+    __slots__ = ("_atomic", "_snap")
+
+    def __init__(self, atomic: GuestMemoryAtomic) -> None:
+        self._atomic = atomic
+        self._snap: GuestMemory | None = None
+
+    def __enter__(self) -> GuestMemory:
+        if self._snap is not None:
+            raise RuntimeError("a MemoryLease is not reentrant; take a new lease")
+        self._snap = self._atomic._acquire()
+        return self._snap
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        snap, self._snap = self._snap, None
+        if snap is not None:
+            self._atomic._release(snap)
+
+
+def _close_all(mappings: Sequence[RegionMapping]) -> None:
+    for m in mappings:
+        try:
+            m.close()
+        except Exception:
+            log.exception("closing mapping %r failed", m)
