@@ -49,7 +49,14 @@ class BackendError(VhsmError):
 
 
 class GuestMemoryError(VhsmError, ValueError):
-    """A guest address range is not wholly inside one mapped region."""
+    """A guest address range is not wholly inside one mapped region, or a region is unusable.
+
+    `rule_id` names the broken rule when the front-end is at fault (VU-MEM-...).
+    """
+
+    def __init__(self, detail: str, rule_id: str | None = None) -> None:
+        self.rule_id = rule_id
+        super().__init__(detail)
 
 
 class VirtqError(VhsmError, ValueError):

@@ -1,0 +1,187 @@
+"""`VhostUserBackend`: the hooks a device implements, with rust-vmm's names and defaults.
+
+The session calls the negotiation and configuration hooks on the control
+thread; workers call `handle_event` for kicks. Plain `VhostUserBackend` hooks
+may run concurrently from several workers; `VhostUserBackendMut` makes the
+daemon serialise every hook call under one lock so the device can mutate its
+own state freely.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from vhsm.errors import BackendError
+
+if TYPE_CHECKING:
+    from vhsm.memory import GuestMemoryAtomic
+    from vhsm.vring import VringT
+
+#: EPOLLIN, as `handle_event` receives it for a kick.
+EPOLLIN = 0x001
+
+#: Default ADD_MEM_REG slot limit (the value libvhost-user and rust-vmm report).
+DEFAULT_MAX_MEM_SLOTS = 509
+
+
+class VhostUserBackend:
+    """Base class of device hooks; override what your device needs.
+
+    Required overrides: `num_queues`, `max_queue_size`, `features`, and
+    `handle_event`. Everything else has a working default.
+    """
+
+    #: True when the daemon must serialise every hook call (see VhostUserBackendMut).
+    serialised: bool = False
+
+    # --- negotiation -------------------------------------------------------
+    def num_queues(self) -> int:
+        """Return the number of virtqueues the device has."""
+        raise BackendError(f"{type(self).__name__} must override num_queues()")
+
+    def max_queue_size(self) -> int:
+        """Return the largest ring size the device accepts."""
+        raise BackendError(f"{type(self).__name__} must override max_queue_size()")
+
+    def features(self) -> int:
+        """Return the virtio + vhost feature bits offered in GET_FEATURES."""
+        raise BackendError(f"{type(self).__name__} must override features()")
+
+    def acked_features(self, features: int) -> None:
+        """Receive the feature bits the front-end accepted (SET_FEATURES)."""
+
+    def protocol_features(self) -> int:
+        """Return the vhost-user protocol feature bits offered (GET_PROTOCOL_FEATURES)."""
+        return 0
+
+    def queue_num(self) -> int:
+        """Return the GET_QUEUE_NUM answer (queues; net devices may answer pairs)."""
+        return self.num_queues()
+
+    def max_mem_slots(self) -> int:
+        """Return the GET_MAX_MEM_SLOTS answer."""
+        return DEFAULT_MAX_MEM_SLOTS
+
+    def set_event_idx(self, enabled: bool) -> None:
+        """Learn whether VIRTIO_RING_F_EVENT_IDX was negotiated."""
+
+    # --- configuration -----------------------------------------------------
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Return `size` bytes of device config space from `offset` (zeros by default)."""
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """Write device config space; refuse read-only fields unless flags says migration."""
+        raise BackendError("device config space is read-only")
+
+    def update_memory(self, memory: GuestMemoryAtomic) -> None:
+        """Learn that the guest memory table changed (the holder already has the new one)."""
+
+    def set_backend_req_fd(self, channel: Any) -> None:
+        """Receive the back-end request channel (a `BackendChannel`)."""
+
+    def get_shared_object(self, object_id: uuid.UUID) -> int | None:
+        """Return a dma-buf fd for `object_id`, or None when not exported."""
+        return None
+
+    def set_device_state_fd(self, direction: int, phase: int, fd: int) -> int | None:
+        """Start a device-state transfer; return an own fd to use instead, or None.
+
+        The default keeps no state: it closes the channel (an empty state).
+        """
+        os.close(fd)
+        return None
+
+    def check_device_state(self) -> None:
+        """Raise BackendError if the last state transfer failed."""
+
+    def reset_device(self) -> None:
+        """Return the device to its initial state (RESET_DEVICE, SET_STATUS 0)."""
+
+    # --- workers -------------------------------------------------------------
+    def queues_per_thread(self) -> Sequence[Sequence[int]]:
+        """Return which queue indices each worker thread serves (default: one thread, all)."""
+        return [list(range(self.num_queues()))]
+
+    def exit_event(self, thread_index: int) -> int | None:
+        """Return an eventfd that stops worker `thread_index`, or None for the daemon's own."""
+        return None
+
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
+    ) -> None:
+        """Process a kick on queue `device_event` (a global index) or a registered fd."""
+        raise BackendError(f"{type(self).__name__} must override handle_event()")
+
+    # --- lifecycle (vhsm extensions) ----------------------------------------------
+    def connected(self) -> None:
+        """A front-end connected."""
+
+    def disconnected(self) -> None:
+        """The front-end went away; the session was reset."""
+
+    def ring_started(self, index: int) -> None:
+        """Ring `index` was started (SET_VRING_KICK / VRING_KICK)."""
+
+    def ring_stopped(self, index: int) -> None:
+        """Ring `index` was stopped (GET_VRING_BASE) and drained."""
+
+    def ring_enabled(self, index: int) -> None:
+        """Ring `index` was enabled."""
+
+    def ring_disabled(self, index: int) -> None:
+        """Ring `index` was disabled."""
+
+    def memory_updated(self) -> None:
+        """The memory table changed (after `update_memory`)."""
+
+
+class VhostUserBackendMut(VhostUserBackend):
+    """A back-end whose hooks are always called under one lock.
+
+    Mirrors rust-vmm's `VhostUserBackendMut` wrapped in a Mutex: every hook a
+    subclass defines is wrapped at class creation, so the control thread and
+    all workers take turns and the device can be written as single-threaded.
+    """
+
+    serialised = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in HOOK_NAMES:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_vhsm_locked", False):
+                setattr(cls, name, _locked(method))
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock taken around every hook call (created on first use)."""
+        lock: threading.RLock | None = self.__dict__.get("_vhsm_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_vhsm_lock", threading.RLock())
+        return lock
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a hook so it runs under the back-end's lock."""
+
+    @functools.wraps(method)
+    def wrapper(self: VhostUserBackendMut, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    wrapper._vhsm_locked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+#: Every hook name; `VhostUserBackendMut` serialises exactly these.
+HOOK_NAMES: tuple[str, ...] = tuple(
+    name
+    for name, value in vars(VhostUserBackend).items()
+    if callable(value) and not name.startswith("_")
+)

@@ -1,0 +1,383 @@
+"""What each request does once the machines allow it: the YAML's conditions and callbacks.
+
+`_guard_<name>` methods are the named conditions, `_do_<name>` methods the
+named callbacks of ``specs/session.yaml`` and ``specs/vring.yaml``; a test
+checks that every declared name has its method here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from transitions import EventData
+
+from vhsm.errors import BackendError, GuestMemoryError, ProtocolViolation
+from vhsm.wire import (
+    Message,
+    ProtocolFeature,
+    VhostUserConfig,
+    VhostUserU64,
+    VhostUserVringState,
+    VirtioFeature,
+)
+
+if TYPE_CHECKING:
+    from vhsm.backend import VhostUserBackend
+    from vhsm.session.dataplane import DataPlane
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_SIZE = 32768
+_LOG_ONLY = int(VirtioFeature.LOG_ALL)
+_DEVICE_STATE_NO_FD = 0x100
+
+
+def _msg(event: EventData) -> Message:
+    msg: Message = event.kwargs["msg"]
+    return msg
+
+
+def _num(event: EventData) -> int:
+    return int(getattr(_msg(event).payload, "num", 0))
+
+
+def _value(event: EventData) -> int:
+    return int(getattr(_msg(event).payload, "value", 0))
+
+
+class SessionHandlers:
+    """Conditions and callbacks of both machines; mixed into `Session`."""
+
+    backend: VhostUserBackend
+    dataplane: DataPlane
+    offered_features: int
+    offered_protocol_features: int
+    acked_features: int
+    acked_protocol_features: int
+    protocol_features_set: bool
+    owned: bool
+    status: int
+    mtu: int | None
+    rarp_mac: bytes | None
+
+    if TYPE_CHECKING:
+
+        def violation(self, rule_id: str, detail: str) -> ProtocolViolation: ...
+        def note(self, rule_id: str, detail: str) -> None: ...
+        def take_fds(self, msg: Message) -> tuple[int, ...]: ...
+        def reply_with(self, msg: Message, payload: object, fds: tuple[int, ...] = ()) -> None: ...
+        def memory_violation(self, err: GuestMemoryError, default: str) -> ProtocolViolation: ...
+        def ring_index(self, msg: Message) -> int: ...
+        def fire_vring(self, index: int, trigger: str, msg: Message) -> None: ...
+        def fire_all_vrings(self, trigger: str, msg: Message) -> None: ...
+        def started_rings(self) -> list[int]: ...
+
+    # --- session conditions ---------------------------------------------------------
+    def _guard_features_offered(self, event: EventData) -> bool:
+        return _value(event) & ~self.offered_features == 0
+
+    def _guard_features_change_only_log_all(self, event: EventData) -> bool:
+        return (_value(event) ^ self.acked_features) & ~_LOG_ONLY == 0
+
+    def _guard_not_owned(self, event: EventData) -> bool:
+        return not self.owned
+
+    def _guard_protocol_features_offered(self, event: EventData) -> bool:
+        return bool(self.offered_features & VirtioFeature.PROTOCOL_FEATURES)
+
+    def _guard_protocol_features_acked_offered(self, event: EventData) -> bool:
+        return _value(event) & ~self.offered_protocol_features == 0
+
+    def _guard_inband_has_prerequisites(self, event: EventData) -> bool:
+        bits = _value(event)
+        needed = ProtocolFeature.REPLY_ACK | ProtocolFeature.BACKEND_REQ
+        return not bits & ProtocolFeature.INBAND_NOTIFICATIONS or bits & needed == needed
+
+    def _guard_inflight_extensions_have_prerequisites(self, event: EventData) -> bool:
+        bits = _value(event)
+        inflight, skip = ProtocolFeature.GET_VRING_BASE_INFLIGHT, ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN
+        if bits & (inflight | skip) and not bits & ProtocolFeature.INFLIGHT_SHMFD:
+            return False
+        return not (bits & skip and not bits & inflight)
+
+    def _guard_stops_last_started_ring(self, event: EventData) -> bool:
+        index = self.ring_index(_msg(event))
+        return self.started_rings() == [index]
+
+    def _guard_stops_other_ring(self, event: EventData) -> bool:
+        return not self._guard_stops_last_started_ring(event)
+
+    # --- session callbacks: negotiation ----------------------------------------------
+    def _do_reply_features(self, event: EventData) -> None:
+        self.reply_with(_msg(event), VhostUserU64(self.offered_features))
+
+    def _do_apply_features(self, event: EventData) -> None:
+        msg = _msg(event)
+        acked = _value(event)
+        if self.protocol_features_set and not acked & VirtioFeature.PROTOCOL_FEATURES:
+            self.note("VU-NEG-011", "protocol features in use but VHOST_USER_F_PROTOCOL_FEATURES not acked")
+        self.acked_features = acked
+        self.dataplane.set_features(acked)
+        self.backend.acked_features(acked)
+        self.backend.set_event_idx(bool(acked & VirtioFeature.RING_EVENT_IDX))
+        self.fire_all_vrings("set_features", msg)
+
+    def _do_claim_owner(self, event: EventData) -> None:
+        self.owned = True
+
+    def _do_disable_all_rings(self, event: EventData) -> None:
+        self.fire_all_vrings("reset_owner", _msg(event))
+
+    def _do_reply_protocol_features(self, event: EventData) -> None:
+        self.reply_with(_msg(event), VhostUserU64(self.offered_protocol_features))
+
+    def _do_apply_protocol_features(self, event: EventData) -> None:
+        self.acked_protocol_features = _value(event)
+        self.protocol_features_set = True
+
+    def _do_reply_queue_num(self, event: EventData) -> None:
+        self.reply_with(_msg(event), VhostUserU64(self.backend.queue_num()))
+
+    def _do_reply_max_mem_slots(self, event: EventData) -> None:
+        self.reply_with(_msg(event), VhostUserU64(self.backend.max_mem_slots()))
+
+    def _do_apply_backend_req_fd(self, event: EventData) -> None:
+        (fd,) = self.take_fds(_msg(event))
+        self.dataplane.set_backend_req_fd(fd)
+
+    # --- session callbacks: memory ---------------------------------------------------
+    def _do_apply_mem_table(self, event: EventData) -> None:
+        msg = _msg(event)
+        regions = getattr(msg.payload, "regions", ())
+        try:
+            self.dataplane.set_mem_table(regions, self.take_fds(msg))
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-MEM-004") from err
+
+    def _do_add_region(self, event: EventData) -> None:
+        msg = _msg(event)
+        region = getattr(msg.payload, "region", None)
+        (fd,) = self.take_fds(msg)
+        try:
+            self.dataplane.add_mem_region(region, fd, self.backend.max_mem_slots())  # type: ignore[arg-type]
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-MEM-004") from err
+
+    def _do_remove_region(self, event: EventData) -> None:
+        msg = _msg(event)
+        if msg.fds:
+            self.note("VU-MEM-009", "REM_MEM_REG carried an fd; closed unused")
+        try:
+            self.dataplane.remove_mem_region(msg.payload.region)  # type: ignore[union-attr]
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-MEM-008") from err
+
+    def _do_apply_log_base(self, event: EventData) -> None:
+        msg = _msg(event)
+        (fd,) = self.take_fds(msg)
+        try:
+            self.dataplane.set_log_base(msg.payload, fd)  # type: ignore[arg-type]
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-MEM-010") from err
+        if self.acked_protocol_features & ProtocolFeature.LOG_SHMFD:
+            self.reply_with(msg, msg.payload)
+
+    def _do_apply_log_fd(self, event: EventData) -> None:
+        (fd,) = self.take_fds(_msg(event))
+        self.dataplane.set_log_fd(fd)
+
+    # --- session callbacks: rings ----------------------------------------------------
+    def _do_ring_request(self, event: EventData) -> None:
+        msg = _msg(event)
+        self.fire_vring(self.ring_index(msg), event.event.name, msg)
+
+    # --- session callbacks: device ---------------------------------------------------
+    def _do_reply_config(self, event: EventData) -> None:
+        msg = _msg(event)
+        request: VhostUserConfig = msg.payload  # type: ignore[assignment]
+        try:
+            data = bytes(self.backend.get_config(request.offset, request.size))
+        except BackendError as err:
+            log.warning("GET_CONFIG offset %d size %d refused: %s", request.offset, request.size, err)
+            self.reply_with(msg, None)
+            return
+        if len(data) != request.size:
+            log.error("get_config returned %d bytes, %d asked: answering an error", len(data), request.size)
+            self.reply_with(msg, None)
+            return
+        self.reply_with(msg, VhostUserConfig(request.offset, request.size, request.flags, data))
+
+    def _do_apply_config(self, event: EventData) -> None:
+        request: VhostUserConfig = _msg(event).payload  # type: ignore[assignment]
+        try:
+            self.backend.set_config(request.offset, bytes(request.payload), request.flags)
+        except BackendError as err:
+            raise self.violation("VU-PAY-002", f"SET_CONFIG refused by the device: {err}") from err
+
+    def _do_reply_inflight_fd(self, event: EventData) -> None:
+        msg = _msg(event)
+        desc, fd = self.dataplane.get_inflight_fd(msg.payload)  # type: ignore[arg-type]
+        self.reply_with(msg, desc, (fd,) if fd >= 0 else ())
+
+    def _do_apply_inflight_fd(self, event: EventData) -> None:
+        msg = _msg(event)
+        (fd,) = self.take_fds(msg)
+        try:
+            self.dataplane.set_inflight_fd(msg.payload, fd)  # type: ignore[arg-type]
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-PAY-003") from err
+
+    def _do_reset_device_state(self, event: EventData) -> None:
+        self.fire_all_vrings("reset_device", _msg(event))
+        self.acked_features = 0
+        self.status = 0
+        self.backend.reset_device()
+
+    def _do_apply_status(self, event: EventData) -> None:
+        value = _value(event)
+        if value > 0xFF:
+            raise self.violation("VU-PAY-004", f"status {value:#x} does not fit in 8 bits")
+        self.status = value
+
+    def _do_reply_status(self, event: EventData) -> None:
+        self.reply_with(_msg(event), VhostUserU64(self.status))
+
+    def _do_apply_mtu(self, event: EventData) -> None:
+        value = _value(event)
+        if not 68 <= value <= 65535:
+            raise self.violation("VU-PAY-010", f"MTU {value} outside 68..65535")
+        self.mtu = value
+
+    def _do_send_rarp(self, event: EventData) -> None:
+        self.rarp_mac = _value(event).to_bytes(8, "little")[:6]
+
+    def _do_reply_shared_object(self, event: EventData) -> None:
+        msg = _msg(event)
+        fd = self.backend.get_shared_object(msg.payload.uuid)  # type: ignore[union-attr]
+        self.reply_with(msg, VhostUserU64(0 if fd is not None else 1), (fd,) if fd is not None else ())
+
+    def _do_apply_device_state_fd(self, event: EventData) -> None:
+        msg = _msg(event)
+        transfer: Any = msg.payload
+        (fd,) = self.take_fds(msg)
+        try:
+            own = self.backend.set_device_state_fd(transfer.direction, transfer.phase, fd)
+        except BackendError as err:
+            log.warning("SET_DEVICE_STATE_FD refused by the device: %s", err)
+            self.reply_with(msg, VhostUserU64(_DEVICE_STATE_NO_FD | 1))
+            return
+        if own is None:
+            self.reply_with(msg, VhostUserU64(_DEVICE_STATE_NO_FD))
+        else:
+            self.reply_with(msg, VhostUserU64(0), (own,))
+
+    def _do_reply_device_state(self, event: EventData) -> None:
+        try:
+            self.backend.check_device_state()
+            result = 0
+        except BackendError as err:
+            log.warning("device state transfer failed: %s", err)
+            result = 1
+        self.reply_with(_msg(event), VhostUserU64(result))
+
+    def _do_unsupported(self, event: EventData) -> None:
+        raise self.violation("VU-REQ-001", "vhsm does not implement this request")
+
+    # --- vring conditions ------------------------------------------------------------
+    def _guard_queue_size_valid(self, event: EventData) -> bool:
+        num = _num(event)
+        packed = bool(self.acked_features & VirtioFeature.RING_PACKED)
+        limit = min(MAX_QUEUE_SIZE, self.backend.max_queue_size())
+        return 1 <= num <= limit and (packed or num & (num - 1) == 0)
+
+    def _guard_vring_addr_valid(self, event: EventData) -> bool:
+        addr: Any = _msg(event).payload
+        return (
+            addr.flags & ~0x1 == 0
+            and addr.desc_user_addr % 16 == 0
+            and addr.used_user_addr % 4 == 0
+            and addr.avail_user_addr % 2 == 0
+        )
+
+    def _guard_base_valid(self, event: EventData) -> bool:
+        return bool(self.acked_features & VirtioFeature.RING_PACKED) or _num(event) >> 16 == 0
+
+    def _guard_endian_valid(self, event: EventData) -> bool:
+        return _num(event) in (0, 1)
+
+    def _guard_base_request_reserved_zero(self, event: EventData) -> bool:
+        return _num(event) == 0
+
+    def _guard_enable_requested(self, event: EventData) -> bool:
+        return _num(event) == 1
+
+    def _guard_disable_requested(self, event: EventData) -> bool:
+        return _num(event) == 0
+
+    def _guard_lacks_protocol_features(self, event: EventData) -> bool:
+        return not _value(event) & VirtioFeature.PROTOCOL_FEATURES
+
+    def _guard_has_protocol_features(self, event: EventData) -> bool:
+        return not self._guard_lacks_protocol_features(event)
+
+    # --- vring callbacks ---------------------------------------------------------------
+    def _do_configure_num(self, event: EventData) -> None:
+        self.dataplane.set_vring_num(event.model.index, _num(event))
+
+    def _do_configure_addr(self, event: EventData) -> None:
+        try:
+            self.dataplane.set_vring_addr(event.model.index, _msg(event).payload)  # type: ignore[arg-type]
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-RING-004") from err
+
+    def _do_configure_base(self, event: EventData) -> None:
+        self.dataplane.set_vring_base(event.model.index, _num(event))
+
+    def _do_configure_endian(self, event: EventData) -> None:
+        log.info("ring %d: legacy endianness %s", event.model.index, "BE" if _num(event) else "LE")
+
+    def _ring_fd(self, event: EventData) -> int | None:
+        msg = _msg(event)
+        if getattr(msg.payload, "nofd", False):
+            return None
+        (fd,) = self.take_fds(msg)
+        return fd
+
+    def _do_start_ring(self, event: EventData) -> None:
+        index = event.model.index
+        if event.event.name == "set_vring_kick":
+            self.dataplane.set_vring_kick(index, self._ring_fd(event))
+        self.dataplane.start_vring(index)
+        if event.event.name == "vring_kick":
+            self.dataplane.kick_vring(index)
+
+    def _do_restart_ring(self, event: EventData) -> None:
+        self.dataplane.set_vring_kick(event.model.index, self._ring_fd(event))
+
+    def _do_inband_kick(self, event: EventData) -> None:
+        self.dataplane.kick_vring(event.model.index)
+
+    def _do_stop_ring(self, event: EventData) -> None:
+        self.dataplane.stop_vring(event.model.index)
+        self._do_report_base(event)
+
+    def _do_report_base(self, event: EventData) -> None:
+        index = event.model.index
+        base = self.dataplane.get_vring_base(index)
+        self.reply_with(_msg(event), VhostUserVringState(index, base))
+
+    def _do_enable_ring(self, event: EventData) -> None:
+        self.dataplane.enable_vring(event.model.index, True)
+
+    def _do_disable_ring(self, event: EventData) -> None:
+        self.dataplane.enable_vring(event.model.index, False)
+
+    def _do_install_call(self, event: EventData) -> None:
+        self.dataplane.set_vring_call(event.model.index, self._ring_fd(event))
+
+    def _do_install_err(self, event: EventData) -> None:
+        self.dataplane.set_vring_err(event.model.index, self._ring_fd(event))
+
+    def _do_reset_ring(self, event: EventData) -> None:
+        self.dataplane.reset_vring(event.model.index)

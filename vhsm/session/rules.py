@@ -1,0 +1,71 @@
+"""The compliance rules of ``specs/rules.yaml`` and the findings that cite them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import attrs
+
+from vhsm.errors import ProtocolViolation, VhsmError
+from vhsm.specs import load_spec
+
+Severity = Literal["MUST", "SHOULD", "INTEROP"]
+
+
+@attrs.frozen
+class Rule:
+    """One rule: stable id, severity, digest section, statement, runtime action."""
+
+    id: str
+    severity: Severity
+    section: str
+    statement: str
+    action: Literal["reject", "warn"]
+    item: str | None = None
+
+
+@attrs.frozen
+class Finding:
+    """A rule broken at one point of a session."""
+
+    rule_id: str
+    request: str
+    state: str
+    detail: str
+
+    @property
+    def rule(self) -> Rule:
+        """The rule this finding cites."""
+        return rule(self.rule_id)
+
+    @classmethod
+    def from_violation(cls, violation: ProtocolViolation) -> Finding:
+        """Record a raised violation as a finding."""
+        return cls(violation.rule_id, violation.request, violation.state, violation.detail)
+
+
+@functools.cache
+def all_rules() -> dict[str, Rule]:
+    """Every rule by id, in declaration order."""
+    rules: dict[str, Rule] = {}
+    for entry in load_spec("rules")["rules"]:
+        if entry["id"] in rules:
+            raise VhsmError(f"specs/rules.yaml: duplicate rule id {entry['id']}")
+        rules[entry["id"]] = Rule(
+            id=entry["id"],
+            severity=entry["severity"],
+            section=str(entry["section"]),
+            statement=entry["statement"],
+            action=entry["action"],
+            item=entry.get("item"),
+        )
+    return rules
+
+
+def rule(rule_id: str) -> Rule:
+    """Look a rule up by id (a VhsmError names an unknown id)."""
+    try:
+        return all_rules()[rule_id]
+    except KeyError:
+        raise VhsmError(f"unknown rule id {rule_id!r} (not in specs/rules.yaml)") from None

@@ -1,0 +1,298 @@
+"""`Session`: one vhost-user connection's protocol state, sans-IO.
+
+`handle(message)` checks the request's gate (from the catalogue in
+``specs/requests.yaml``), fires the trigger of the same name on the session
+machine (``specs/session.yaml``) and, for ring requests, on that ring's own
+machine (``specs/vring.yaml``). The named conditions and callbacks of the
+YAML are the `_guard_*` and `_do_*` methods here and in `SessionHandlers`.
+
+Failure policy (rule VU-REQ-001 and §2.4): a violation of a `reject` rule
+answers a NACK (u64 1) when the request asked for an ack (NEED_REPLY);
+otherwise `handle` raises `ProtocolViolation` and the daemon closes the
+connection. `warn` rules are logged and recorded in `findings`. In observer
+mode (the auditor) nothing is raised: every violation becomes a finding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from transitions import EventData, Machine, MachineError
+
+from vhsm.backend import VhostUserBackend
+from vhsm.errors import GuestMemoryError, ProtocolViolation
+from vhsm.session.catalogue import RequestInfo, frontend_catalogue
+from vhsm.session.dataplane import DataPlane, NullDataPlane
+from vhsm.session.handlers import SessionHandlers
+from vhsm.session.machines import (
+    MachineSpec,
+    SessionState,
+    VringMachineState,
+    build_machine,
+    load_machine_spec,
+)
+from vhsm.session.rules import Finding, rule
+from vhsm.wire import (
+    FrontendReq,
+    Message,
+    ProtocolFeature,
+    VhostUserU64,
+    make_reply,
+)
+
+log = logging.getLogger(__name__)
+
+#: Called on every state change: (machine "session" | "vring", ring index or None, old, new, trigger).
+StateListener = Callable[[str, int | None, str, str, str], None]
+
+
+class _Model:
+    """The object a machine drives; `trigger` is added by transitions."""
+
+    state: Any
+    trigger: Callable[..., bool]
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+
+
+class Session(SessionHandlers):
+    """The protocol state of one connection: a session machine and one machine per ring."""
+
+    def __init__(
+        self,
+        backend: VhostUserBackend,
+        dataplane: DataPlane | None = None,
+        *,
+        observer: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.dataplane: DataPlane = dataplane if dataplane is not None else NullDataPlane()
+        self.observer = observer
+        self.findings: list[Finding] = []
+        self.listeners: list[StateListener] = []
+        self.offered_features = backend.features()
+        self.offered_protocol_features = backend.protocol_features()
+        self.num_queues = backend.num_queues()
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.protocol_features_set = False
+        self.owned = False
+        self.status = 0
+        self.mtu: int | None = None
+        self.rarp_mac: bytes | None = None
+        self._reply: Message | None = None
+        self._pending: ProtocolViolation | None = None
+        self._fds_taken = False
+        self._current: Message | None = None
+        self.session_spec = load_machine_spec("session")
+        self.vring_spec = load_machine_spec("vring")
+        self._model = _Model()
+        self._vrings = [_Model(i) for i in range(self.num_queues)]
+        self.machine: Machine = build_machine(
+            self.session_spec,
+            [self._model],
+            self._resolver(self.session_spec),
+            after_state_change=self._announce("session"),
+        )
+        self.vring_machine: Machine = build_machine(
+            self.vring_spec,
+            self._vrings,
+            self._resolver(self.vring_spec),
+            after_state_change=self._announce("vring"),
+        )
+
+    # --- public state ------------------------------------------------------------
+    @property
+    def state(self) -> SessionState:
+        """The session machine's state."""
+        state: SessionState = self._model.state
+        return state
+
+    def vring_state(self, index: int) -> VringMachineState:
+        """The state of ring `index`'s machine."""
+        state: VringMachineState = self._vrings[index].state
+        return state
+
+    @property
+    def reply_ack(self) -> bool:
+        """True once REPLY_ACK was negotiated."""
+        return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
+
+    @property
+    def protocol_features_in_use(self) -> bool:
+        """VHOST_USER_F_PROTOCOL_FEATURES offered and SET_PROTOCOL_FEATURES received (§7.2)."""
+        return self.protocol_features_set
+
+    def started_rings(self) -> list[int]:
+        """Indices of the rings currently started."""
+        return [m.index for m in self._vrings if m.state.started and m.index is not None]
+
+    # --- the one entry point -----------------------------------------------------------
+    def handle(self, msg: Message) -> Message | None:
+        """Process one front-end request; return the reply to send, if any."""
+        info = frontend_catalogue().get(msg.request)
+        self._reply, self._pending, self._fds_taken, self._current = None, None, False, msg
+        try:
+            if msg.error is not None:
+                raise msg.error
+            if msg.is_reply:
+                raise self.violation("VU-FRAME-003", "a request must not carry the REPLY flag")
+            if info is None:
+                raise self.violation("VU-FRAME-004", f"unknown request code {msg.request}")
+            self._check_gate(info)
+            if msg.need_reply and not self.reply_ack and info.reply != "always":
+                self.note("VU-NEG-012", "NEED_REPLY set without REPLY_ACK negotiated")
+            self._fire(self._model, self.session_spec, info.trigger, msg)
+            reply = self._reply
+            if reply is None and msg.need_reply and info.reply == "ack":
+                reply = make_reply(msg.request, VhostUserU64(0))
+            return reply
+        except ProtocolViolation as violation:
+            return self._fail(msg, info, violation)
+        finally:
+            if not self._fds_taken:
+                _close_all(msg.fds)
+            self._current = None
+
+    # --- helpers for the handlers --------------------------------------------------
+    def violation(self, rule_id: str, detail: str) -> ProtocolViolation:
+        """Build a violation of `rule_id` for the message being handled."""
+        name = self._current.name if self._current is not None else "-"
+        return ProtocolViolation(rule_id, name, self.state.name, detail)
+
+    def note(self, rule_id: str, detail: str) -> None:
+        """Record a finding for a rule that is only warned about (or any rule, observing)."""
+        finding = Finding.from_violation(self.violation(rule_id, detail))
+        self.findings.append(finding)
+        log.warning("%s: %s (%s)", rule_id, detail, rule(rule_id).statement)
+
+    def take_fds(self, msg: Message) -> tuple[int, ...]:
+        """Take ownership of the message's fds (they will not be closed by `handle`)."""
+        self._fds_taken = True
+        return msg.fds
+
+    def reply_with(self, msg: Message, payload: object, fds: tuple[int, ...] = ()) -> None:
+        """Set the reply to the message being handled."""
+        self._reply = make_reply(msg.request, payload, fds=fds)  # type: ignore[arg-type]
+
+    def memory_violation(self, err: GuestMemoryError, default_rule: str) -> ProtocolViolation:
+        """Turn a data-path memory error into the violation of the rule it names."""
+        return self.violation(err.rule_id or default_rule, str(err))
+
+    def ring_index(self, msg: Message) -> int:
+        """The ring index the payload names, checked against the queue count (VU-RING-001)."""
+        index = int(getattr(msg.payload, "index", -1))
+        if not 0 <= index < self.num_queues:
+            raise self.violation(
+                "VU-RING-001", f"ring index {index} out of range (allowed 0..{self.num_queues - 1})"
+            )
+        return index
+
+    def fire_vring(self, index: int, trigger: str, msg: Message) -> None:
+        """Fire `trigger` on ring `index`'s machine."""
+        self._fire(self._vrings[index], self.vring_spec, trigger, msg)
+
+    def fire_all_vrings(self, trigger: str, msg: Message) -> None:
+        """Fire `trigger` on every ring's machine."""
+        for model in self._vrings:
+            self._fire(model, self.vring_spec, trigger, msg)
+
+    # --- machinery -------------------------------------------------------------------
+    def _fire(self, model: _Model, spec: MachineSpec, trigger: str, msg: Message) -> None:
+        state = model.state
+        self._pending = None
+        try:
+            moved = model.trigger(trigger, msg=msg)
+        except MachineError:
+            rule_id = spec.invalid_state_rules.get(trigger, "VU-STATE-001")
+            where = "" if model.index is None else f"ring {model.index} "
+            raise self.violation(
+                rule_id, f"{trigger.upper()} not allowed in {where}state {state.name}"
+            ) from None
+        if not moved:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                raise pending
+            rule_id = spec.selector_rules.get(trigger, "VU-STATE-001")
+            raise self.violation(rule_id, f"{trigger.upper()}: payload selects no transition")
+
+    def _resolver(self, spec: MachineSpec) -> Callable[[str, str], Callable[..., Any]]:
+        def resolve(kind: str, name: str) -> Callable[..., Any]:
+            if kind == "callback":
+                method: Callable[[EventData], None] = getattr(self, f"_do_{name}")
+                return lambda event: method(event)
+            return self._guard(spec, name)
+
+        return resolve
+
+    def _guard(self, spec: MachineSpec, name: str) -> Callable[[EventData], bool]:
+        predicate: Callable[[EventData], bool] = getattr(self, f"_guard_{name}")
+        rule_id = spec.conditions[name].get("rule")
+        statement = spec.conditions[name].get("description", name)
+
+        def check(event: EventData) -> bool:
+            if predicate(event):
+                return True
+            if rule_id is None:
+                return False
+            if self.observer or rule(rule_id).action == "warn":
+                self.note(rule_id, f"expected: {statement}")
+                return True
+            self._pending = self.violation(rule_id, f"expected: {statement}")
+            return False
+
+        return check
+
+    def _announce(self, machine: str) -> Callable[[EventData], None]:
+        def after_change(event: EventData) -> None:
+            old, new = event.transition.source, event.transition.dest
+            if new is None or old == new or not self.listeners:
+                return
+            index = getattr(event.model, "index", None)
+            for listener in self.listeners:
+                listener(machine, index, old, new, event.event.name)
+
+        return after_change
+
+    def _check_gate(self, info: RequestInfo) -> None:
+        gate = info.gate
+        if gate is None:
+            return
+        if gate.kind == "protocol":
+            if not self.acked_protocol_features & ProtocolFeature[gate.feature]:
+                raise self.violation(
+                    "VU-NEG-002", f"needs protocol feature {gate.feature}, not negotiated"
+                )
+        elif gate.kind == "protocol_features_in_use":
+            if not self.protocol_features_in_use:
+                raise self.violation(
+                    "VU-NEG-003", "needs VHOST_USER_F_PROTOCOL_FEATURES negotiated"
+                )
+        elif gate.kind == "virtio" and not self.acked_features & gate.mask:
+            raise self.violation("VU-NEG-009", f"needs virtio feature {gate.feature} negotiated")
+
+    def _fail(
+        self, msg: Message, info: RequestInfo | None, violation: ProtocolViolation
+    ) -> Message | None:
+        self.findings.append(Finding.from_violation(violation))
+        log.warning("%s", violation)
+        if self.observer:
+            return None
+        if msg.need_reply and (info is None or info.reply == "ack"):
+            return make_reply(msg.request, VhostUserU64(1))
+        raise violation
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+__all__ = ["FrontendReq", "Session", "SessionState", "StateListener", "VringMachineState"]
