@@ -221,11 +221,9 @@ class MappedRegion:
         self.mapping = mapping
         view = mapping.view
         if view.nbytes != desc.memory_size or view.readonly:
+            detail = f"{view.nbytes:#x}-byte{' read-only' if view.readonly else ''} view"
             mapping.close()
-            raise GuestMemoryError(
-                f"{_describe(desc)}: mapper returned a {view.nbytes:#x}-byte "
-                f"{'read-only ' if view.readonly else ''}view"
-            )
+            raise GuestMemoryError(f"{_describe(desc)}: mapper returned a {detail}")
         self.view: memoryview = view
 
     def matches(self, region: VhostUserMemoryRegion) -> bool:
