@@ -232,6 +232,16 @@ def running_backend(
         backend.stop()
 
 
+@contextlib.contextmanager
+def short_socket_dir() -> Iterator[Path]:
+    """A fresh short directory under /tmp for unix sockets (sun_path holds 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="vhsm-sock-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def qsd_blk_argv(image: Path, socket: Path, *, writable: bool = True) -> list[str]:
     """qemu-storage-daemon serving a raw image file as a vhost-user-blk export."""
     return [
@@ -423,6 +433,7 @@ __all__ = [
     "qsd_blk_argv",
     "require_guest_env",
     "running_backend",
+    "short_socket_dir",
     "start_backend",
     "vhost_user_blk",
     "vhost_user_device",
