@@ -1,0 +1,61 @@
+"""The `vhsm` command line: one sub-command per module in `vhsm.commands`.
+
+Each command module exposes `register(subparsers)`, which adds its parser and
+sets `func` to a callable taking the parsed arguments and returning the exit
+status. Errors a user can fix are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from vhsm import __version__
+from vhsm.errors import VhsmError
+
+#: Command modules, in the order `vhsm --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "vhsm.commands.decode",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="vhsm", description="vhost-user back-ends in Python, the protocol as state machines"
+    )
+    parser.add_argument("--version", action="version", version=f"vhsm {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default WARNING)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        status: int = args.func(args)
+    except VhsmError as err:
+        print(f"vhsm {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
