@@ -32,6 +32,14 @@ from vhsm.wire.framing import (
     make_reply,
     make_request,
 )
+from vhsm.wire.jsonconv import (
+    RecordError,
+    describe_payload,
+    message_to_record,
+    payload_from_dict,
+    payload_to_dict,
+    record_to_message,
+)
 from vhsm.wire.payloads import (
     PAYLOAD_CLASSES,
     Payload,
@@ -74,6 +82,7 @@ __all__ = [
     "NetFeature",
     "Payload",
     "ProtocolFeature",
+    "RecordError",
     "RequestSpec",
     "TransferDirection",
     "TransferPhase",
@@ -97,10 +106,15 @@ __all__ = [
     "VirtioFeature",
     "catalogue",
     "decode_message",
+    "describe_payload",
     "encode",
     "feature_names",
     "make_reply",
     "make_request",
+    "message_to_record",
+    "payload_from_dict",
+    "payload_to_dict",
+    "record_to_message",
     "request_name",
     "request_spec",
 ]
