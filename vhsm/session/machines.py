@@ -132,7 +132,11 @@ def transition_table(spec: MachineSpec, resolve: Resolver | None) -> list[dict[s
             "source": "*" if declared["source"] == "*" else _state_names(declared["source"]),
             "dest": declared.get("dest"),
         }
-        for key, kind in (("conditions", "condition"), ("before", "callback"), ("after", "callback")):
+        for key, kind in (
+            ("conditions", "condition"),
+            ("before", "callback"),
+            ("after", "callback"),
+        ):
             names = declared.get(key, [])
             if names:
                 entry[key] = [resolve(kind, n) for n in names] if resolve else list(names)

@@ -7,14 +7,16 @@ machine (``specs/vring.yaml``). The named conditions and callbacks of the
 YAML are the `_guard_*` and `_do_*` methods here and in `SessionHandlers`.
 
 Failure policy (rule VU-REQ-001 and §2.4): a violation of a `reject` rule
-answers a NACK (u64 1) when the request asked for an ack (NEED_REPLY);
-otherwise `handle` raises `ProtocolViolation` and the daemon closes the
-connection. `warn` rules are logged and recorded in `findings`. In observer
-mode (the auditor) nothing is raised: every violation becomes a finding.
+answers a NACK (u64 1) when the request asked for an ack (NEED_REPLY) and its
+reply is an ack or a u64 status; otherwise `handle` raises `ProtocolViolation`
+and the daemon closes the connection. `warn` rules are logged and recorded in
+`findings`. In observer mode (the auditor) nothing is raised: every violation
+becomes a finding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -24,7 +26,6 @@ from transitions import EventData, Machine, MachineError
 
 from vhsm.backend import VhostUserBackend
 from vhsm.errors import GuestMemoryError, ProtocolViolation
-from vhsm.session.catalogue import RequestInfo, frontend_catalogue
 from vhsm.session.dataplane import DataPlane, NullDataPlane
 from vhsm.session.handlers import SessionHandlers
 from vhsm.session.machines import (
@@ -39,13 +40,17 @@ from vhsm.wire import (
     FrontendReq,
     Message,
     ProtocolFeature,
+    RequestSpec,
     VhostUserU64,
+    VirtioFeature,
     make_reply,
+    request_spec,
 )
 
 log = logging.getLogger(__name__)
 
-#: Called on every state change: (machine "session" | "vring", ring index or None, old, new, trigger).
+#: Called on every state change: (machine "session" | "vring", ring index or None,
+#: old state, new state, trigger).
 StateListener = Callable[[str, int | None, str, str, str], None]
 
 
@@ -134,7 +139,7 @@ class Session(SessionHandlers):
     # --- the one entry point -----------------------------------------------------------
     def handle(self, msg: Message) -> Message | None:
         """Process one front-end request; return the reply to send, if any."""
-        info = frontend_catalogue().get(msg.request)
+        info = request_spec(msg.request)
         self._reply, self._pending, self._fds_taken, self._current = None, None, False, msg
         try:
             if msg.error is not None:
@@ -146,7 +151,7 @@ class Session(SessionHandlers):
             self._check_gate(info)
             if msg.need_reply and not self.reply_ack and info.reply != "always":
                 self.note("VU-NEG-012", "NEED_REPLY set without REPLY_ACK negotiated")
-            self._fire(self._model, self.session_spec, info.trigger, msg)
+            self._fire(self._model, self.session_spec, info.name.lower(), msg)
             reply = self._reply
             if reply is None and msg.need_reply and info.reply == "ack":
                 reply = make_reply(msg.request, VhostUserU64(0))
@@ -249,6 +254,8 @@ class Session(SessionHandlers):
 
     def _announce(self, machine: str) -> Callable[[EventData], None]:
         def after_change(event: EventData) -> None:
+            if event.transition is None:
+                return
             old, new = event.transition.source, event.transition.dest
             if new is None or old == new or not self.listeners:
                 return
@@ -258,41 +265,42 @@ class Session(SessionHandlers):
 
         return after_change
 
-    def _check_gate(self, info: RequestInfo) -> None:
-        gate = info.gate
-        if gate is None:
+    def _check_gate(self, info: RequestSpec) -> None:
+        """Refuse a request whose gating feature was not negotiated (rules N2, N3, N9)."""
+        if not info.gate:
             return
-        if gate.kind == "protocol":
-            if not self.acked_protocol_features & ProtocolFeature[gate.feature]:
-                raise self.violation(
-                    "VU-NEG-002", f"needs protocol feature {gate.feature}, not negotiated"
-                )
-        elif gate.kind == "protocol_features_in_use":
-            if not self.protocol_features_in_use:
-                raise self.violation(
-                    "VU-NEG-003", "needs VHOST_USER_F_PROTOCOL_FEATURES negotiated"
-                )
-        elif gate.kind == "virtio" and not self.acked_features & gate.mask:
-            raise self.violation("VU-NEG-009", f"needs virtio feature {gate.feature} negotiated")
+        ((kind, feature),) = info.gate.items()
+        if kind == "protocol" and not self.acked_protocol_features & ProtocolFeature[feature]:
+            raise self.violation("VU-NEG-002", f"needs protocol feature {feature} negotiated")
+        if feature == "PROTOCOL_FEATURES" and not self.protocol_features_in_use:
+            raise self.violation("VU-NEG-003", "needs VHOST_USER_F_PROTOCOL_FEATURES in use")
+        if (
+            kind == "virtio"
+            and feature in VirtioFeature.__members__
+            and feature != "PROTOCOL_FEATURES"
+            and not self.acked_features & VirtioFeature[feature]
+        ):
+            raise self.violation("VU-NEG-009", f"needs virtio feature {feature} negotiated")
+        # PROTOCOL_FEATURES_OFFERED is the machine's protocol_features_offered condition.
 
     def _fail(
-        self, msg: Message, info: RequestInfo | None, violation: ProtocolViolation
+        self, msg: Message, info: RequestSpec | None, violation: ProtocolViolation
     ) -> Message | None:
         self.findings.append(Finding.from_violation(violation))
         log.warning("%s", violation)
         if self.observer:
             return None
-        if msg.need_reply and (info is None or info.reply == "ack"):
+        if msg.need_reply and (
+            info is None or info.reply == "ack" or info.reply_payload is VhostUserU64
+        ):
             return make_reply(msg.request, VhostUserU64(1))
         raise violation
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 __all__ = ["FrontendReq", "Session", "SessionState", "StateListener", "VringMachineState"]
