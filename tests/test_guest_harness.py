@@ -41,7 +41,9 @@ def test_cpio_archive_lists_entries(tmp_path: Path) -> None:
     out = subprocess.run(
         [cpio_tool, "-itv", "--quiet"], input=archive, capture_output=True, check=True
     ).stdout.decode()
-    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in out.splitlines()]
+    names = [
+        line.split()[-1] if "->" not in line else line.split()[-3] for line in out.splitlines()
+    ]
     assert names == ["bin", "bin/hello", "bin/sh", "console"]
     assert out.splitlines()[3].startswith("crw")
 

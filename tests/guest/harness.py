@@ -214,8 +214,9 @@ def start_backend(
             )
         if time.monotonic() > deadline:
             backend.stop()
-            raise RuntimeError(f"back-end not listening on {sock} after {ready_timeout}s:\n"
-                               f"{backend.log()}")
+            raise RuntimeError(
+                f"back-end not listening on {sock} after {ready_timeout}s:\n{backend.log()}"
+            )
         time.sleep(0.05)
     return backend
 
@@ -270,6 +271,7 @@ class GuestResult:
     elapsed: float
     values: dict[str, str] = field(default_factory=dict)
     backend_logs: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None  # initramfs, logs, qemu.argv (own temp dir: removed on pass)
 
     @property
     def passed(self) -> bool:
@@ -280,7 +282,8 @@ class GuestResult:
         """A diagnostic text: verdict, test output, console tail, QEMU and back-end logs."""
         console_tail = "\n".join(self.console.splitlines()[-tail:])
         parts = [
-            f"guest status={self.status} qemu rc={self.returncode} after {self.elapsed:.1f}s",
+            f"guest status={self.status} qemu rc={self.returncode} after {self.elapsed:.1f}s"
+            f" (files in {self.workdir})",
             "--- test output ---",
             self.output,
             f"--- console (last {tail} lines) ---",
@@ -379,9 +382,7 @@ def boot_guest(
         env.kernel, script, work / "initramfs.cpio", modules=modules, busybox=env.busybox
     )
     console, output, qemu_log = work / "console.log", work / "output.log", work / "qemu.log"
-    argv = qemu_argv(
-        env, initramfs, console, output, devices, memory_mb=memory_mb, cmdline=cmdline
-    )
+    argv = qemu_argv(env, initramfs, console, output, devices, memory_mb=memory_mb, cmdline=cmdline)
     (work / "qemu.argv").write_text(" ".join(argv) + "\n")
     start = time.monotonic()
     status: str | None = None
@@ -411,7 +412,8 @@ def boot_guest(
         returncode=proc.returncode,
         elapsed=elapsed,
         values=values,
-        backend_logs={" ".join(b.argv[:3]): b.log() for b in backends},
+        backend_logs={f"{b.argv[0]} ... ({b.socket})": b.log() for b in backends},
+        workdir=work,
     )
     if own_dir and result.passed:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ rng: the guest checks that the virtio hwrng is current and reads from /dev/hwrng
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ class BlkPlan:
         spans = [(r.offset, r.offset + r.length) for r in self.regions]
         spans.append((self.seed_offset, self.seed_offset + len(self.seed)))
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             if start < end:
                 raise ValueError("blk regions overlap")
         _check_regions(self.regions, self.image_size)
@@ -98,15 +99,14 @@ class BlkPlan:
             _BLK_PRELUDE.format(
                 dev=self.device, size=self.image_size, writeback=int(self.force_writeback)
             ),
-            f'echo "step: read the host seed (O_DIRECT)"',
+            'echo "step: read the host seed (O_DIRECT)"',
             f"got=$(rd {self.seed_offset} {len(self.seed)} 4096 ,direct)",
             f'[ "$got" = "{seed_sha}" ] || fail "seed mismatch: got $got"',
             f'echo "VHSM-KV seed={self.seed_offset}:{len(self.seed)}:$got"',
         ]
         for r in self.regions:
-            lines.append(
-                f"wr {r.name} {r.offset} {r.length} {r.bs or r.length} {',direct' if r.direct else ''}"
-            )
+            flags = ",direct" if r.direct else ""
+            lines.append(f"wr {r.name} {r.offset} {r.length} {r.bs or r.length} {flags}")
         lines.append(_BLK_FLUSH)
         for r in self.regions:
             lines.append(f"chk {r.name} {r.offset} {r.length} {r.bs or r.length}")
@@ -253,6 +253,8 @@ def check_rng_result(result: GuestResult, nbytes: int = 8192) -> None:
     """Assert the rng guest test passed and read `nbytes` from a virtio hwrng."""
     result.assert_passed()
     if result.values.get("rng_bytes") != str(nbytes):
-        raise AssertionError(f"guest read {result.values.get('rng_bytes')} bytes\n" + result.report())
+        raise AssertionError(
+            f"guest read {result.values.get('rng_bytes')} bytes\n" + result.report()
+        )
     if not result.values.get("rng_current", "").startswith("virtio"):
         raise AssertionError("guest hwrng is not virtio\n" + result.report())

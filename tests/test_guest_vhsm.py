@@ -1,0 +1,168 @@
+"""The real-guest tests of test_guest_qsd.py, with `vhsm serve` as the back-end.
+
+A Linux guest under QEMU drives `vhsm serve blk` (a raw image) and `vhsm serve rng`
+through vhost-user-blk-pci and vhost-user-rng-pci; the host then checks the image.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guest.harness import (
+    BackendProcess,
+    GuestEnv,
+    GuestResult,
+    boot_guest,
+    require_guest_env,
+    running_backend,
+    short_socket_dir,
+    vhost_user_blk,
+    vhost_user_rng,
+)
+from guest.scripts import (
+    VIRTIO_F_RING_PACKED,
+    BlkPlan,
+    check_rng_result,
+    guest_virtio_features,
+    rng_script,
+)
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
+
+VHSM = [sys.executable, "-m", "vhsm"]
+NOT_YET = "vhsm serve not available yet"
+
+
+@functools.cache
+def serve_problem(device: str) -> str | None:
+    """None if `vhsm serve DEVICE` exists, else the reason to skip."""
+    try:
+        cli = importlib.import_module("vhsm.cli")
+    except ImportError as err:
+        return f"{NOT_YET} (vhsm.cli: {err})"
+    if not hasattr(cli, "main"):
+        return f"{NOT_YET} (vhsm.cli has no main)"
+    probe = subprocess.run(
+        [*VHSM, "serve", device, "--help"], capture_output=True, text=True, timeout=60
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or [""])[-1]
+        return f"{NOT_YET} (`vhsm serve {device} --help` exited {probe.returncode}: {last})"
+    return None
+
+
+def serve_blk_argv(image: Path, socket: Path) -> list[str]:
+    return [*VHSM, "serve", "blk", "--socket", str(socket), "--file", str(image)]
+
+
+def serve_rng_argv(socket: Path) -> list[str]:
+    return [*VHSM, "serve", "rng", "--socket", str(socket)]
+
+
+@pytest.fixture
+def guest_env() -> GuestEnv:
+    return require_guest_env()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with short_socket_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def vhsm_blk() -> None:
+    reason = serve_problem("blk")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def vhsm_rng() -> None:
+    reason = serve_problem("rng")
+    if reason:
+        pytest.skip(reason)
+
+
+def assert_backend_clean(result: GuestResult, *backends: BackendProcess) -> None:
+    """No Python traceback in a back-end's log (a worker thread may die quietly)."""
+    for backend in backends:
+        assert "Traceback" not in backend.log(), result.report()
+
+
+def run_blk(
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path, *, packed: bool = False
+) -> GuestResult:
+    plan = BlkPlan()
+    image = plan.prepare_image(tmp_path / "disk.img")
+    sock = sock_dir / "blk.sock"
+    with running_backend(serve_blk_argv(image, sock), sock, tmp_path / "vhsm-blk.log") as be:
+        result = boot_guest(
+            guest_env,
+            script=plan.script(),
+            devices=[vhost_user_blk(sock, packed="on" if packed else "off")],
+            backends=[be],
+            workdir=tmp_path / "guest",
+        )
+    result.assert_passed()
+    assert result.values["blk"] == "ok"
+    assert plan.verify_image(image, result) == [r.name for r in plan.regions]
+    assert_backend_clean(result, be)
+    return result
+
+
+@pytest.mark.usefixtures("vhsm_blk")
+def test_blk_guest_against_vhsm(guest_env: GuestEnv, tmp_path: Path, sock_dir: Path) -> None:
+    result = run_blk(guest_env, tmp_path, sock_dir)
+    assert not guest_virtio_features(result) & (1 << VIRTIO_F_RING_PACKED)
+
+
+@pytest.mark.usefixtures("vhsm_blk")
+def test_blk_guest_against_vhsm_packed_ring(
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
+) -> None:
+    # packed=on only lets QEMU offer the layout: check that it was negotiated.
+    result = run_blk(guest_env, tmp_path, sock_dir, packed=True)
+    assert guest_virtio_features(result) & (1 << VIRTIO_F_RING_PACKED), result.report()
+
+
+@pytest.mark.usefixtures("vhsm_rng")
+def test_rng_guest_against_vhsm(guest_env: GuestEnv, tmp_path: Path, sock_dir: Path) -> None:
+    sock = sock_dir / "rng.sock"
+    with running_backend(serve_rng_argv(sock), sock, tmp_path / "vhsm-rng.log") as be:
+        result = boot_guest(
+            guest_env,
+            script=rng_script(8192),
+            devices=[vhost_user_rng(sock)],
+            backends=[be],
+            workdir=tmp_path / "guest",
+        )
+    check_rng_result(result, 8192)
+    assert_backend_clean(result, be)
+
+
+@pytest.mark.usefixtures("vhsm_blk", "vhsm_rng")
+def test_blk_and_rng_in_one_guest(guest_env: GuestEnv, tmp_path: Path, sock_dir: Path) -> None:
+    plan = BlkPlan()
+    image = plan.prepare_image(tmp_path / "disk.img")
+    blk_sock, rng_sock = sock_dir / "blk.sock", sock_dir / "rng.sock"
+    with (
+        running_backend(serve_blk_argv(image, blk_sock), blk_sock, tmp_path / "blk.log") as blk,
+        running_backend(serve_rng_argv(rng_sock), rng_sock, tmp_path / "rng.log") as rng,
+    ):
+        result = boot_guest(
+            guest_env,
+            script=plan.script() + rng_script(4096),
+            devices=[vhost_user_blk(blk_sock), vhost_user_rng(rng_sock)],
+            backends=[blk, rng],
+            workdir=tmp_path / "guest",
+        )
+    check_rng_result(result, 4096)
+    assert plan.verify_image(image, result) == [r.name for r in plan.regions]
+    assert_backend_clean(result, blk, rng)
