@@ -7,6 +7,7 @@ test_guest_vhsm.py with the same scripts points at vhsm.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,26 @@ def test_virtio_modules_load_in_dependency_order(guest_env: GuestEnv) -> None:
     names = [m.name for m in modules_in_load_order(guest_env.kernel.modules_dir, ["virtio_blk"])]
     assert names[-1] == "virtio_blk"
     assert names.index("virtio_ring") < names.index("virtio")
+
+
+def test_boot_stops_when_backend_dies(guest_env: GuestEnv, tmp_path: Path, sock_dir: Path) -> None:
+    plan = BlkPlan()
+    image = plan.prepare_image(tmp_path / "disk.img")
+    sock = sock_dir / "blk.sock"
+    with running_backend(qsd_blk_argv(image, sock), sock, tmp_path / "qsd.log") as qsd:
+        killer = threading.Timer(0.5, qsd.proc.kill)
+        killer.start()
+        try:
+            result = boot_guest(
+                guest_env,
+                script="sleep 600\n",
+                devices=[vhost_user_blk(sock)],
+                backends=[qsd],
+                timeout=120,
+                workdir=tmp_path / "guest",
+            )
+        finally:
+            killer.cancel()
+    # QEMU usually has connected by then (back-end gone mid-boot); if not, it fails to start.
+    assert result.status in {"backend-exited", "no-result"}, result.report()
+    assert not result.passed
