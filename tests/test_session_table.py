@@ -11,6 +11,17 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.test_session import (
+    ALL_PROTOCOL,
+    EVENT_IDX,
+    V1,
+    VF30,
+    Device,
+    efd,
+    negotiate,
+    req,
+    start_ring,
+)
 from vhsm.errors import ProtocolViolation
 from vhsm.session import Session, SessionState, VringMachineState
 from vhsm.session.machines import MachineSpec, load_machine_spec
@@ -31,17 +42,6 @@ from vhsm.wire import (
     VhostUserVringFd,
     VhostUserVringState,
     VirtioFeature,
-)
-from tests.test_session import (
-    ALL_PROTOCOL,
-    EVENT_IDX,
-    V1,
-    VF30,
-    Device,
-    efd,
-    negotiate,
-    req,
-    start_ring,
 )
 
 R = FrontendReq
