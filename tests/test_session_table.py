@@ -10,8 +10,7 @@ import os
 from collections.abc import Callable
 
 import pytest
-
-from tests.test_session import (
+from test_session import (
     ALL_PROTOCOL,
     EVENT_IDX,
     V1,
@@ -22,6 +21,7 @@ from tests.test_session import (
     req,
     start_ring,
 )
+
 from vhsm.errors import ProtocolViolation
 from vhsm.session import Session, SessionState, VringMachineState
 from vhsm.session.machines import MachineSpec, load_machine_spec
