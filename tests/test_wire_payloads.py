@@ -7,7 +7,11 @@ from uuid import UUID
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wire_strategies import STRATEGIES, XEN_STRATEGIES, example
+
+try:
+    from tests.wire_strategies import STRATEGIES, XEN_STRATEGIES, example
+except ImportError:  # tests/ is not a package
+    from wire_strategies import STRATEGIES, XEN_STRATEGIES, example  # type: ignore[no-redef]
 
 from vhsm.errors import WireError
 from vhsm.wire import enums

@@ -120,21 +120,25 @@ def _decode_payload(
     """Decode the body; return the payload and whether it is an alternative form."""
     if is_reply:
         candidates = (spec.reply_payload, *spec.reply_payload_alt)
+        primary = 0
     elif postcopy and spec.postcopy_payload is not None:
-        candidates = (spec.payload, spec.postcopy_payload)
+        candidates = (spec.postcopy_payload, spec.payload)  # the u64 ack fits size 8 only
+        primary = 1
     else:
         candidates = (spec.payload,)
+        primary = 0
     size = len(body)
     for position, cls in enumerate(candidates):
         if _fits(cls, size, xen):
+            alt = position != primary
             if cls is None:
-                return None, position > 0
-            return cls.from_bytes(body, spec.name, xen), position > 0
-    primary = candidates[0]
-    if primary is None:
+                return None, alt
+            return cls.from_bytes(body, spec.name, xen), alt
+    main = candidates[primary]
+    if main is None:
         raise WireError(spec.name, "size", size, "0 bytes", "VU-FRAME-006")
-    primary.from_bytes(body, spec.name, xen)  # raises the precise size error
-    raise WireError(spec.name, "size", size, f"a {primary.__name__}", "VU-FRAME-006")
+    main.from_bytes(body, spec.name, xen)  # raises the precise size error
+    raise WireError(spec.name, "size", size, f"a {main.__name__}", "VU-FRAME-006")
 
 
 def _expected_fds(spec: RequestSpec, payload: Payload | None, is_reply: bool, alt: bool) -> str:
