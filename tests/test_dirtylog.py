@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -202,3 +203,27 @@ def test_marks_match_a_page_model(
             d.mark(gpa, length)
             expected |= pages(gpa, length)
     assert bits_of(read_log(peek)) == expected
+
+
+def test_concurrent_marks_into_shared_bytes_lose_no_bit() -> None:
+    # two logs over the same file stand in for two back-end processes/threads without a
+    # common lock: only the atomic OR keeps every bit
+    fd = memfd(LOG_SIZE)
+    peek = os.dup(fd)
+    one = DirtyLog.from_fd(VhostUserLog(LOG_SIZE, 0), fd)
+    two = DirtyLog.from_fd(VhostUserLog(LOG_SIZE, 0), os.dup(peek))
+
+    def run(d: DirtyLog, parity: int) -> None:
+        for _ in range(20):
+            for page in range(parity, LOG_SIZE * 8, 2):
+                d.mark(page * LOG_PAGE_SIZE, 1)
+
+    threads = [threading.Thread(target=run, args=(d, p)) for d, p in ((one, 0), (two, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert os.pread(peek, LOG_SIZE, 0) == b"\xff" * LOG_SIZE
+    one.close()
+    two.close()
+    os.close(peek)

@@ -500,3 +500,43 @@ def test_random_layouts(sizes: list[int], gaps: list[int], addrs: list[int]) -> 
                     mem.translate(a, 1)
     finally:
         GuestMemoryAtomic(mem).close()
+
+
+def test_many_replacements_while_workers_read() -> None:
+    def snapshot(tag: int) -> GuestMemory:
+        return GuestMemory.from_table(
+            [Region(0, 0x1000, UVA, 0)], [memfd(0x1000, bytes([tag]) * 16)]
+        )
+
+    atomic = GuestMemoryAtomic(snapshot(0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0, 0]
+
+    def worker(n: int) -> None:
+        try:
+            while not stop.is_set() or reads[n] < 50:
+                with atomic.lease() as mem:
+                    view = mem.translate(0, 16)
+                    data = bytes(view)
+                    assert data == data[:1] * 16
+                    view.release()
+                reads[n] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    old = []
+    for tag in range(1, 60):
+        old.append(atomic.replace(snapshot(tag)))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    # every replaced snapshot's mapping got closed once its last lease ended
+    assert all(
+        isinstance(r.mapping, MmapMapping) and r.mapping.closed for s in old for r in s.regions
+    )
+    atomic.close()
