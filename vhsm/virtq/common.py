@@ -1,0 +1,171 @@
+"""Pieces shared by the split and packed rings: flags, protocols, event maths, address lookup."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from vhsm.errors import GuestMemoryError, VirtqError
+
+# Descriptor flags (the same bits in split and packed descriptors).
+VIRTQ_DESC_F_NEXT = 0x1
+VIRTQ_DESC_F_WRITE = 0x2
+VIRTQ_DESC_F_INDIRECT = 0x4
+# Packed ring descriptor ownership bits (§9).
+VIRTQ_DESC_F_AVAIL = 0x80
+VIRTQ_DESC_F_USED = 0x8000
+# Split ring notification suppression flags (§8).
+VRING_AVAIL_F_NO_INTERRUPT = 0x1
+VRING_USED_F_NO_NOTIFY = 0x1
+# Packed ring event suppression flags (§9).
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2
+
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+
+# numpy views of ring memory (little-endian, as VIRTIO_F_VERSION_1 requires).
+SPLIT_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+
+_fence_lock = threading.Lock()
+_logger = logging.getLogger("vhsm.virtq")
+
+
+def log_failure(queue: int, exc: Exception) -> None:
+    """Report a dirty-log mark that failed (log too small): the data path carries on."""
+    _logger.warning("queue %d: dirty log not updated: %s", queue, exc)
+
+
+def memory_barrier() -> None:
+    """Full memory barrier: a lock round trip is an atomic read-modify-write (a fence on x86).
+
+    Needed between publishing an index and re-reading the peer's event word (store -> load).
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """True iff ``event`` lies in the window ``[old, new)`` modulo 2^16 (virtio event-idx rule)."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class MappedRegionLike(Protocol):
+    """What the virtqueue needs from one mapped guest memory region."""
+
+    @property
+    def guest_phys_addr(self) -> int:
+        """First guest-physical address of the region."""
+
+    @property
+    def memory_size(self) -> int:
+        """Size of the region in bytes."""
+
+    @property
+    def view(self) -> memoryview:
+        """Writable view of the region's bytes."""
+
+
+class GuestMemoryLike(Protocol):
+    """The part of ``vhsm.memory.GuestMemory`` the rings use."""
+
+    @property
+    def regions(self) -> Sequence[MappedRegionLike]:
+        """The mapped regions."""
+
+    def translate(self, gpa: int, length: int) -> memoryview:
+        """Writable view of ``[gpa, gpa+length)``; GuestMemoryError unless inside one region."""
+
+
+class DirtyLogLike(Protocol):
+    """The part of ``vhsm.dirtylog.DirtyLog`` the rings use."""
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Set the dirty bits of every 4 KiB page in ``[gpa, gpa+length)``."""
+
+
+class AddressSpace:
+    """Guest-physical lookups for buffers, with the biggest region checked inline by callers.
+
+    Built once per memory snapshot; a buffer spanning regions is split into pieces
+    (memory ``gather`` when available), anything unmapped raises VirtqError.
+    """
+
+    __slots__ = ("bounds", "memory", "primary", "regions")
+
+    def __init__(self, memory: GuestMemoryLike) -> None:
+        self.memory = memory
+        regs: list[tuple[int, int, memoryview]] = []
+        for r in memory.regions:
+            view = r.view
+            start = r.guest_phys_addr
+            regs.append((start, start + min(r.memory_size, len(view)), view))
+        regs.sort(key=lambda t: t[0])
+        self.regions: tuple[tuple[int, int, memoryview], ...] = tuple(regs)
+        self.primary: tuple[int, int, memoryview] = (
+            max(regs, key=lambda t: t[1] - t[0]) if regs else (1, 0, memoryview(bytearray()))
+        )
+        self.bounds = np.array([(s, e) for s, e, _ in regs], dtype=np.uint64).reshape(-1, 2)
+
+    def pieces(self, queue: int, head: int, addr: int, length: int) -> list[memoryview]:
+        """Views of ``[addr, addr+length)`` split at region borders; VirtqError if unmapped."""
+        out: list[memoryview] = []
+        while length > 0:
+            for start, end, view in self.regions:
+                if start <= addr < end:
+                    n = min(length, end - addr)
+                    off = addr - start
+                    out.append(view[off : off + n])
+                    addr += n
+                    length -= n
+                    break
+            else:
+                raise VirtqError(queue, f"buffer at {addr:#x} outside guest memory", head)
+        return out
+
+    def view(self, queue: int, head: int, addr: int, length: int) -> memoryview:
+        """One view of ``[addr, addr+length)`` (descriptor tables must not straddle regions)."""
+        for start, end, view in self.regions:
+            if start <= addr and addr + length <= end:
+                off = addr - start
+                return view[off : off + length]
+        try:
+            return self.memory.translate(addr, length)
+        except GuestMemoryError as exc:
+            raise VirtqError(queue, f"table at {addr:#x}+{length:#x}: {exc}", head) from None
+
+    def locate(self, addrs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised lookup: (region index or -1, byte offset in that region) per buffer."""
+        region = np.full(addrs.shape, -1, dtype=np.int64)
+        for i, (start, end) in enumerate(self.bounds.tolist()):
+            inside = (addrs >= start) & (addrs <= end) & (lens <= np.uint64(end) - addrs)
+            region[inside & (region < 0)] = i
+        starts = self.bounds[:, 0] if len(self.bounds) else np.zeros(1, dtype=np.uint64)
+        offsets = (addrs - starts[np.maximum(region, 0)]).astype(np.int64)
+        return region, offsets
+
+
+def check_queue_size(size: int, *, packed: bool) -> None:
+    """Reject a queue size the ring layout cannot have (§8, §9)."""
+    if not 1 <= size <= MAX_QUEUE_SIZE:
+        raise ValueError(f"queue size {size} not in 1..{MAX_QUEUE_SIZE}")
+    if not packed and size & (size - 1):
+        raise ValueError(f"split queue size {size} is not a power of two")
+
+
+def check_area(name: str, view: memoryview, size: int, align: int) -> None:
+    """Check that a ring area view is long enough and suitably aligned."""
+    if view.nbytes < size:
+        raise ValueError(f"{name} area is {view.nbytes} bytes, needs {size}")
+    if view.readonly:
+        raise ValueError(f"{name} area is read-only")
+    address = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data) if size else 0
+    if address % align:
+        raise ValueError(f"{name} area at host address {address:#x} not {align}-byte aligned")

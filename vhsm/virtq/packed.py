@@ -1,0 +1,606 @@
+"""Device side of a packed virtqueue (§9): one descriptor ring with wrap counters.
+
+Same error policy as the split ring: a bad chain is consumed and raises
+``VirtqError(queue, detail, head)`` where ``head`` is the chain's buffer id (complete
+it with length 0), or ``None`` when there is no id that may be completed (a buffer id
+already in flight). Used descriptors are published by writing their flags word last.
+Ring words (flags, event suppression) are single aligned ``memoryview.cast("H")`` items.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.virtq.batch import Batch
+from vhsm.virtq.chain import DescriptorChain
+from vhsm.virtq.common import (
+    PACKED_DESC_DTYPE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
+    AddressSpace,
+    DirtyLogLike,
+    GuestMemoryLike,
+    check_area,
+    check_queue_size,
+    memory_barrier,
+)
+from vhsm.virtq.common import log_failure as _log_failure
+
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE = VIRTQ_DESC_F_WRITE
+_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_AVAIL = VIRTQ_DESC_F_AVAIL
+_USED = VIRTQ_DESC_F_USED
+_MAX_CHAIN_BYTES = 0xFFFFFFFF
+_EMPTY: tuple[()] = ()
+_NEVER = -(1 << 62)  # _since_signal before the first needs_notification
+
+
+def packed_area_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor ring, driver event area and device event area."""
+    return 16 * size, 4, 4
+
+
+class PackedQueue:
+    """Device-side packed ring over the descriptor ring and both event suppression areas."""
+
+    __slots__ = (
+        "_avail_wrap",
+        "_counts",
+        "_counts_np",
+        "_desc",
+        "_desc_h",
+        "_desc_i",
+        "_desc_np",
+        "_desc_q",
+        "_device_h",
+        "_driver_h",
+        "_event_idx",
+        "_indirect",
+        "_log",
+        "_log_desc_gpa",
+        "_log_event_gpa",
+        "_next_avail",
+        "_next_used",
+        "_since_signal",
+        "_size",
+        "_space",
+        "_used_wrap",
+        "_wlog",
+        "index",
+    )
+
+    def __init__(
+        self,
+        memory: GuestMemoryLike,
+        size: int,
+        desc: memoryview,
+        driver_area: memoryview,
+        device_area: memoryview,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = False,
+        base: int = 0x80008000,
+        log: DirtyLogLike | None = None,
+        log_desc_gpa: int | None = None,
+        log_event_gpa: int | None = None,
+    ) -> None:
+        """Wrap the areas (``driver_area`` is SET_VRING_ADDR's avail, ``device_area`` its used)."""
+        check_queue_size(size, packed=True)
+        check_area("descriptor", desc, 16 * size, 16)
+        check_area("driver event", driver_area, 4, 4)
+        check_area("device event", device_area, 4, 4)
+        self.index = index
+        self._size = size
+        self._space = AddressSpace(memory)
+        self._desc = desc[: 16 * size]
+        self._desc_q = self._desc.cast("Q")
+        self._desc_i = self._desc.cast("I")
+        self._desc_h = self._desc.cast("H")
+        self._desc_np = np.frombuffer(self._desc, dtype=PACKED_DESC_DTYPE)
+        self._driver_h = driver_area[:4].cast("H")
+        self._device_h = device_area[:4].cast("H")
+        self._event_idx = event_idx
+        self._indirect = indirect
+        self._counts = array("H", bytes(2 * 65536))  # descriptors per in-flight buffer id
+        self._counts_np = np.frombuffer(self._counts, dtype=np.uint16)
+        self._wlog: dict[int, tuple[int, int] | list[tuple[int, int]]] = {}
+        self._log = log
+        self._log_desc_gpa = log_desc_gpa
+        self._log_event_gpa = log_event_gpa
+        self._since_signal = _NEVER
+        self._next_avail = 0
+        self._avail_wrap = 1
+        self._next_used = 0
+        self._used_wrap = 1
+        self.set_base(base)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def size(self) -> int:
+        """Queue size N."""
+        return self._size
+
+    @property
+    def next_avail(self) -> int:
+        """Descriptor-ring index the device reads next."""
+        return self._next_avail
+
+    @property
+    def avail_wrap(self) -> int:
+        """Driver ring wrap counter the device expects."""
+        return self._avail_wrap
+
+    @property
+    def next_used(self) -> int:
+        """Descriptor-ring index the device writes the next used descriptor to."""
+        return self._next_used
+
+    @property
+    def used_wrap(self) -> int:
+        """Device ring wrap counter."""
+        return self._used_wrap
+
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_RING_EVENT_IDX (descriptor-specific events) is in effect."""
+        return self._event_idx
+
+    def set_event_idx(self, enabled: bool) -> None:
+        """Turn descriptor event suppression on or off."""
+        self._event_idx = enabled
+
+    def set_indirect(self, enabled: bool) -> None:
+        """Allow or refuse INDIRECT descriptors (VIRTIO_F_RING_INDIRECT_DESC)."""
+        self._indirect = enabled
+
+    def get_base(self) -> int:
+        """GET_VRING_BASE ``num`` (§5.3): avail idx | wrap << 15 | used idx << 16 | wrap << 31."""
+        return (
+            self._next_avail
+            | self._avail_wrap << 15
+            | self._next_used << 16
+            | self._used_wrap << 31
+        )
+
+    def set_base(self, num: int) -> None:
+        """Apply SET_VRING_BASE ``num``; upper 16 bits zero ([DPDK] form) means used = avail."""
+        if not 0 <= num <= 0xFFFFFFFF:
+            raise ValueError(f"packed ring base {num:#x} does not fit in 32 bits")
+        lo = num & 0xFFFF
+        hi = num >> 16 or lo
+        for name, half in (("avail", lo), ("used", hi)):
+            if half & 0x7FFF >= self._size:
+                raise ValueError(f"packed {name} index {half & 0x7FFF} >= queue size {self._size}")
+        self._next_avail = lo & 0x7FFF
+        self._avail_wrap = lo >> 15
+        self._next_used = hi & 0x7FFF
+        self._used_wrap = hi >> 15
+        self._since_signal = _NEVER
+
+    def set_log(
+        self,
+        log: DirtyLogLike | None,
+        log_desc_gpa: int | None = None,
+        log_event_gpa: int | None = None,
+    ) -> None:
+        """Attach the dirty log; ring GPAs are given when the ring LOG flag is set."""
+        self._log = log
+        self._log_desc_gpa = log_desc_gpa
+        self._log_event_gpa = log_event_gpa
+
+    def has_available(self) -> bool:
+        """Whether the descriptor at the next avail position is available."""
+        fl: int = self._desc_h[(self._next_avail << 3) + 7]
+        w = self._avail_wrap
+        return (fl >> 7) & 1 == w and (fl >> 15) & 1 != w
+
+    def release(self) -> None:
+        """Drop every view of guest memory."""
+        for name in ("_desc_q", "_desc_i", "_desc_h", "_driver_h", "_device_h"):
+            getattr(self, name).release()
+        self._desc_np = np.zeros(0, dtype=PACKED_DESC_DTYPE)
+
+    # ------------------------------------------------------------------ pop
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain, or None; VirtqError for a bad chain (consumed)."""
+        p = self._next_avail
+        fl: int = self._desc_h[(p << 3) + 7]
+        w = self._avail_wrap
+        if (fl >> 7) & 1 != w or (fl >> 15) & 1 == w:
+            return None
+        if fl & 5:
+            return self._walk()
+        x: int = self._desc_q[(p << 1) + 1]  # len | id << 32 (read after the flags)
+        addr: int = self._desc_q[p << 1]
+        p += 1
+        if p == self._size:
+            p = 0
+            self._avail_wrap = w ^ 1
+        self._next_avail = p
+        return self._single(fl, addr, x & 0xFFFFFFFF, (x >> 32) & 0xFFFF)
+
+    pop_descriptor_chain = pop
+
+    def _single(self, fl: int, addr: int, ln: int, bid: int) -> DescriptorChain:
+        """A consumed one-descriptor buffer: record it in flight and map it."""
+        counts = self._counts
+        if counts[bid]:
+            raise VirtqError(self.index, f"buffer id {bid} already in flight", None)
+        counts[bid] = 1
+        rs, re_, rv = self._space.primary
+        off = addr - rs
+        if off >= 0 and addr + ln <= re_ and ln:
+            if fl & _WRITE:
+                self._wlog[bid] = (addr, ln)
+                return DescriptorChain(bid, _EMPTY, (rv[off : off + ln],), 0, ln)
+            return DescriptorChain(bid, (rv[off : off + ln],), _EMPTY, ln, 0)
+        return self._buffers(bid, [(fl, addr, ln)])
+
+    def __iter__(self) -> Iterator[DescriptorChain]:
+        """Yield available chains until none is available (a bad chain raises, consumed)."""
+        dh, dq = self._desc_h, self._desc_q
+        size = self._size
+        counts, wlog = self._counts, self._wlog
+        rs, re_, rv = self._space.primary
+        chain_cls = DescriptorChain
+        empty = _EMPTY
+        while True:
+            p = self._next_avail
+            fl: int = dh[(p << 3) + 7]
+            w = self._avail_wrap
+            if (fl >> 7) & 1 != w or (fl >> 15) & 1 == w:
+                return
+            if fl & 5:
+                yield self._walk()
+                continue
+            x: int = dq[(p << 1) + 1]
+            addr: int = dq[p << 1]
+            p += 1
+            if p == size:
+                p = 0
+                self._avail_wrap = w ^ 1
+            self._next_avail = p
+            ln = x & 0xFFFFFFFF
+            bid = (x >> 32) & 0xFFFF
+            off = addr - rs
+            if counts[bid] or not ln or off < 0 or addr + ln > re_:
+                yield self._single(fl, addr, ln, bid)
+                continue
+            counts[bid] = 1
+            if fl & _WRITE:
+                wlog[bid] = (addr, ln)
+                yield chain_cls(bid, empty, (rv[off : off + ln],), 0, ln)
+            else:
+                yield chain_cls(bid, (rv[off : off + ln],), empty, ln, 0)
+
+    def _walk(self) -> DescriptorChain:
+        """Consume the chain at next avail (flags scanned first, then buffers translated)."""
+        q = self.index
+        size = self._size
+        dh, dq, di = self._desc_h, self._desc_q, self._desc_i
+        p = self._next_avail
+        w = self._avail_wrap
+        descs: list[tuple[int, int, int]] = []
+        error: str | None = None
+        while True:
+            fl: int = dh[(p << 3) + 7]
+            if (fl >> 7) & 1 != w or (fl >> 15) & 1 == w:
+                error = "chain continues into a descriptor that is not available"
+                break
+            descs.append((fl, dq[p << 1], di[(p << 2) + 2]))
+            bid: int = dh[(p << 3) + 6]
+            p += 1
+            if p == size:
+                p = 0
+                w ^= 1
+            if not fl & _NEXT:
+                break
+            if len(descs) >= size:
+                error = f"chain longer than the queue size ({size})"
+                break
+        if not descs:  # pragma: no cover - the caller checked the first descriptor
+            raise VirtqError(q, "no available descriptor")
+        self._next_avail = p
+        self._avail_wrap = w
+        if self._counts[bid]:
+            raise VirtqError(q, f"buffer id {bid} already in flight", None)
+        self._counts[bid] = len(descs)
+        if error is not None:
+            raise VirtqError(q, error, bid)
+        return self._buffers(bid, descs)
+
+    def _buffers(self, bid: int, descs: list[tuple[int, int, int]]) -> DescriptorChain:
+        """Validate and translate the descriptors of buffer ``bid`` (already consumed)."""
+        q = self.index
+        space = self._space
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        wgpas: list[tuple[int, int]] = []
+        rlen = wlen = 0
+        seen_write = False
+        if len(descs) == 1 and descs[0][0] & _INDIRECT:
+            fl, addr, ln = descs[0]
+            if not self._indirect:
+                raise VirtqError(q, "INDIRECT without VIRTIO_F_RING_INDIRECT_DESC", bid)
+            if fl & _NEXT:
+                raise VirtqError(q, "descriptor has both INDIRECT and NEXT", bid)
+            if ln == 0 or ln % 16 or ln // 16 > self._size:
+                raise VirtqError(
+                    q,
+                    f"indirect table length {ln} not a multiple of 16 in 16..{16 * self._size}",
+                    bid,
+                )
+            table = space.view(q, bid, addr, ln)
+            tq, ti, th = table.cast("Q"), table.cast("I"), table.cast("H")
+            descs = []
+            for i in range(ln // 16):
+                tfl: int = th[(i << 3) + 7]
+                if tfl & _INDIRECT:
+                    raise VirtqError(q, "nested indirect descriptor", bid)
+                descs.append((tfl & ~_NEXT, tq[i << 1], ti[(i << 2) + 2]))
+        rs, re_, rv = space.primary
+        for fl, addr, ln in descs:
+            if fl & _INDIRECT:
+                raise VirtqError(q, "indirect descriptor inside a multi-descriptor chain", bid)
+            if fl & _WRITE:
+                seen_write = True
+                if ln:
+                    if rs <= addr and addr + ln <= re_:
+                        off = addr - rs
+                        writable.append(rv[off : off + ln])
+                    else:
+                        writable.extend(space.pieces(q, bid, addr, ln))
+                    wlen += ln
+                    wgpas.append((addr, ln))
+            else:
+                if seen_write:
+                    raise VirtqError(q, "device-readable descriptor after a writable one", bid)
+                if ln:
+                    if rs <= addr and addr + ln <= re_:
+                        off = addr - rs
+                        readable.append(rv[off : off + ln])
+                    else:
+                        readable.extend(space.pieces(q, bid, addr, ln))
+                    rlen += ln
+        if rlen + wlen > _MAX_CHAIN_BYTES:
+            raise VirtqError(q, f"chain length {rlen + wlen} >= 2^32 bytes", bid)
+        if wgpas:
+            self._wlog[bid] = wgpas
+        return DescriptorChain(bid, readable, writable, rlen, wlen)
+
+    # ----------------------------------------------------------------- used
+    def add_used(self, bid: int, length: int) -> None:
+        """Write one used descriptor (len, id and flags in one store) and skip its chain."""
+        if length >> 32:
+            raise ValueError(f"used length {length} does not fit in 32 bits")
+        counts = self._counts
+        count = counts[bid] if 0 <= bid <= 0xFFFF else 0
+        if not count:
+            raise VirtqError(self.index, f"buffer id {bid} is not in flight", bid)
+        counts[bid] = 0
+        p = self._next_used
+        flags = (0x8080 if self._used_wrap else 0) | (_WRITE if length else 0)
+        # len, id and flags in one aligned 8-byte store: the flags word publishes the rest.
+        self._desc_q[(p << 1) + 1] = length | bid << 32 | flags << 48
+        wlog = self._wlog
+        if wlog:
+            wg = wlog.pop(bid, None)
+            if self._log is not None:
+                self._log_used(wg, length, p, 1)
+        elif self._log is not None:
+            self._log_used(None, length, p, 1)
+        p += count
+        if p >= self._size:
+            p -= self._size
+            self._used_wrap ^= 1
+        self._next_used = p
+        self._since_signal += count
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Write many used descriptors: ids and lens of all, then their flags words."""
+        ida = np.asarray(ids, dtype=np.int64)
+        lna = np.asarray(lens, dtype=np.int64)
+        k = len(ida)
+        if k != len(lna):
+            raise ValueError(f"{k} ids but {len(lna)} lengths")
+        if k == 0:
+            return
+        if lna.min() < 0 or lna.max() > 0xFFFFFFFF:
+            raise ValueError("used length does not fit in 32 bits")
+        if ida.min() < 0 or ida.max() > 0xFFFF:
+            raise VirtqError(self.index, "used buffer id out of 16-bit range")
+        counts = self._counts_np[ida].astype(np.int64)
+        if not counts.all() or len(np.unique(ida)) != k:
+            bad = int(ida[counts == 0][0]) if not counts.all() else None
+            raise VirtqError(self.index, "used buffer id not in flight (or repeated)", bad)
+        size = self._size
+        start = np.cumsum(counts) - counts + self._next_used
+        wraps = (start // size) & 1
+        pos = start % size
+        dn = self._desc_np
+        dn["len"][pos] = lna
+        dn["id"][pos] = ida
+        on = np.where(wraps == 0, self._used_wrap, self._used_wrap ^ 1)
+        flags = np.where(on == 1, _AVAIL | _USED, 0) | np.where(lna > 0, _WRITE, 0)
+        dn["flags"][pos] = flags
+        self._counts_np[ida] = 0
+        total = int(counts.sum())
+        end = self._next_used + total
+        self._used_wrap ^= (end // size) & 1
+        self._next_used = end % size
+        self._since_signal += total
+        if self._wlog or self._log is not None:
+            wl = self._wlog
+            for i, (bid, ln) in enumerate(zip(ida.tolist(), lna.tolist(), strict=True)):
+                wg = wl.pop(bid, None)
+                if self._log is not None:
+                    self._log_used(wg, ln, int(pos[i]), 1)
+
+    def _log_used(
+        self, wg: tuple[int, int] | list[tuple[int, int]] | None, length: int, p: int, k: int
+    ) -> None:
+        """Mark written buffers and the used descriptors in the dirty log."""
+        log = self._log
+        assert log is not None
+        remaining = length
+        pieces: Iterable[tuple[int, int]] = (
+            () if wg is None else [wg] if isinstance(wg, tuple) else wg
+        )
+        try:
+            for gpa, ln in pieces:
+                if not remaining:
+                    break
+                n = min(ln, remaining)
+                log.mark(gpa, n)
+                remaining -= n
+            if self._log_desc_gpa is not None:
+                log.mark(self._log_desc_gpa + 16 * p, 16 * k)
+        except GuestMemoryError as exc:
+            _log_failure(self.index, exc)
+
+    # ------------------------------------------------------------- batches
+    def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
+        """Consume up to ``max_chains`` available buffers at once (numpy over the ring)."""
+        space = self._space
+        parts: list[Batch] = []
+        taken = 0
+        flags_all = self._desc_np["flags"]
+        size = self._size
+        while taken < max_chains:
+            p = self._next_avail
+            w = self._avail_wrap
+            n = min(size - p, max_chains - taken)
+            fl = flags_all[p : p + n]
+            ok = (
+                (((fl >> 7) & 1) == w) & (((fl >> 15) & 1) != w) & ((fl & (_NEXT | _INDIRECT)) == 0)
+            )
+            run = n if ok.all() else int(np.argmin(ok))
+            if run:
+                seg = self._desc_np[p : p + run]
+                ids = seg["id"].astype(np.int64)
+                addrs = seg["addr"].copy()
+                lens = seg["len"].astype(np.uint64)
+                sflags = seg["flags"].copy()
+                p += run
+                if p == size:
+                    p = 0
+                    self._avail_wrap = w ^ 1
+                self._next_avail = p
+                taken += run
+                parts.append(self._simple(space, ids, addrs, lens, sflags))
+                continue
+            if not self.has_available():
+                break
+            batch = Batch(space)
+            try:
+                chain = self.pop()
+                if chain is None:  # pragma: no cover - checked just above
+                    break
+                batch.chains.append(chain)
+            except VirtqError as exc:
+                batch.errors.append(exc)
+            parts.append(batch)
+            taken += 1
+        return Batch.concat(space, parts)
+
+    def _simple(
+        self,
+        space: AddressSpace,
+        ids: np.ndarray,
+        addrs: np.ndarray,
+        lens: np.ndarray,
+        flags: np.ndarray,
+    ) -> Batch:
+        """Record a run of single-descriptor buffers as in flight and locate their bytes."""
+        q = self.index
+        _, first = np.unique(ids, return_index=True)
+        dup = np.ones(len(ids), dtype=bool)
+        dup[first] = False
+        dup |= self._counts_np[ids] != 0
+        fresh = ~dup
+        self._counts_np[ids[fresh]] = 1
+        region, offsets = space.locate(addrs, lens)
+        good = fresh & (region >= 0) & (lens > 0)
+        batch = Batch(
+            space,
+            ids[good].astype(np.uint16),
+            addrs[good],
+            lens[good].astype(np.uint32),
+            (flags[good] & _WRITE) != 0,
+            region[good],
+            offsets[good],
+        )
+        if not good.all():
+            for i in np.flatnonzero(~good).tolist():
+                bid = int(ids[i])
+                if dup[i]:
+                    batch.errors.append(VirtqError(q, f"buffer id {bid} already in flight", None))
+                    continue
+                try:
+                    batch.chains.append(
+                        self._buffers(bid, [(int(flags[i]), int(addrs[i]), int(lens[i]))])
+                    )
+                except VirtqError as exc:
+                    batch.errors.append(exc)
+        if self._log is not None:
+            wr = good & ((flags & _WRITE) != 0)
+            for bid, a, ln in zip(
+                ids[wr].tolist(), addrs[wr].tolist(), lens[wr].tolist(), strict=True
+            ):
+                self._wlog[bid] = (a, ln)
+        return batch
+
+    # -------------------------------------------------------- notifications
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now (driver event area)."""
+        memory_barrier()
+        flags = self._driver_h[1] & 3
+        advanced = self._since_signal
+        self._since_signal = 0
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self._event_idx or advanced < 0:
+            return True
+        off_wrap: int = self._driver_h[0]
+        event = off_wrap & 0x7FFF
+        new = self._next_used
+        if off_wrap >> 15 != self._used_wrap:
+            event -= self._size
+        old = new - advanced
+        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def enable_notification(self) -> bool:
+        """Ask the driver for kicks; True if a buffer is available already (race-free re-check)."""
+        dev = self._device_h
+        if self._event_idx:
+            dev[0] = self._next_avail | self._avail_wrap << 15
+            dev[1] = RING_EVENT_FLAGS_DESC
+        else:
+            dev[1] = RING_EVENT_FLAGS_ENABLE
+        self._log_event()
+        memory_barrier()
+        return self.has_available()
+
+    def disable_notification(self) -> None:
+        """Tell the driver no kicks are needed."""
+        if self._device_h[1] != RING_EVENT_FLAGS_DISABLE:
+            self._device_h[1] = RING_EVENT_FLAGS_DISABLE
+            self._log_event()
+
+    def _log_event(self) -> None:
+        if self._log is not None and self._log_event_gpa is not None:
+            self._log.mark(self._log_event_gpa, 4)

@@ -1,0 +1,510 @@
+"""Device side of a split virtqueue (§8): pop available chains, publish used elements.
+
+Error policy (§11.3 R9): everything the guest wrote is checked. A bad chain raises
+``VirtqError(queue, detail, head)`` *after* it has been consumed (next avail moved
+past it), so the queue stays usable for the following chains; the caller (the vring)
+completes it with length 0 when ``head`` is a valid index and signals the err fd.
+An avail index that moved by more than the queue size raises with ``head=None``
+without consuming anything (the ring is broken until the driver fixes it).
+
+Every 16-bit ring word (flags, idx, event words) is read or written as one aligned
+item of a ``memoryview.cast("H")``; used elements are written before the used index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.virtq.batch import Batch
+from vhsm.virtq.chain import DescriptorChain
+from vhsm.virtq.common import (
+    SPLIT_DESC_DTYPE,
+    USED_ELEM_DTYPE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+    AddressSpace,
+    DirtyLogLike,
+    GuestMemoryLike,
+    check_area,
+    check_queue_size,
+    log_failure,
+    memory_barrier,
+)
+
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE = VIRTQ_DESC_F_WRITE
+_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_MAX_CHAIN_BYTES = 0xFFFFFFFF
+_EMPTY: tuple[()] = ()
+_SIMPLE_MASK = (_NEXT | _INDIRECT) << 32
+_WRITE_BIT = _WRITE << 32
+
+
+def split_area_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring (with event words)."""
+    return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+class SplitQueue:
+    """Device-side split ring over three writable memoryviews of guest memory."""
+
+    __slots__ = (
+        "_avail",
+        "_avail_h",
+        "_avail_np",
+        "_avail_shadow",
+        "_desc",
+        "_desc_h",
+        "_desc_i",
+        "_desc_np",
+        "_desc_q",
+        "_event_idx",
+        "_indirect",
+        "_log",
+        "_log_used_gpa",
+        "_mask",
+        "_next_avail",
+        "_next_used",
+        "_signalled_used",
+        "_size",
+        "_space",
+        "_used",
+        "_used_event_i",
+        "_used_h",
+        "_used_np",
+        "_used_q",
+        "index",
+        "notify_on_empty",
+    )
+
+    def __init__(
+        self,
+        memory: GuestMemoryLike,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        index: int = 0,
+        event_idx: bool = False,
+        indirect: bool = False,
+        next_avail: int = 0,
+        next_used: int | None = None,
+        log: DirtyLogLike | None = None,
+        log_used_gpa: int | None = None,
+    ) -> None:
+        """Wrap the ring areas; ``next_used=None`` reads the used index from guest memory."""
+        check_queue_size(size, packed=False)
+        dsize, asize, usize = split_area_sizes(size)
+        check_area("descriptor", desc, dsize, 16)
+        check_area("available", avail, asize, 2)
+        check_area("used", used, usize, 4)
+        self.index = index
+        self.notify_on_empty = False
+        self._size = size
+        self._mask = size - 1
+        self._space = AddressSpace(memory)
+        self._desc = desc[:dsize]
+        self._avail = avail[:asize]
+        self._used = used[:usize]
+        self._desc_q = self._desc.cast("Q")
+        self._desc_i = self._desc.cast("I")
+        self._desc_h = self._desc.cast("H")
+        self._avail_h = self._avail.cast("H")
+        self._used_h = self._used.cast("H")
+        self._used_q = self._used[4 : 4 + 8 * size].cast("Q")
+        self._desc_np = np.frombuffer(self._desc, dtype=SPLIT_DESC_DTYPE)
+        self._avail_np = np.frombuffer(self._avail, dtype="<u2")
+        self._used_np = np.frombuffer(self._used[4 : 4 + 8 * size], dtype=USED_ELEM_DTYPE)
+        self._used_event_i = 2 + size  # avail ring word index of used_event
+        self._event_idx = event_idx
+        self._indirect = indirect
+        self._next_avail = next_avail & 0xFFFF
+        self._avail_shadow = self._next_avail
+        self._next_used = self._used_h[1] if next_used is None else next_used & 0xFFFF
+        self._signalled_used: int | None = None
+        self._log = log
+        self._log_used_gpa = log_used_gpa
+
+    # ----------------------------------------------------------------- state
+    @property
+    def size(self) -> int:
+        """Queue size N."""
+        return self._size
+
+    @property
+    def next_avail(self) -> int:
+        """Free-running index of the next available-ring entry to process."""
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """Free-running index of the next used-ring entry to write."""
+        return self._next_used
+
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_RING_EVENT_IDX is in effect."""
+        return self._event_idx
+
+    def set_event_idx(self, enabled: bool) -> None:
+        """Turn event-index notification suppression on or off."""
+        self._event_idx = enabled
+        self._signalled_used = None
+
+    def set_indirect(self, enabled: bool) -> None:
+        """Allow or refuse INDIRECT descriptors (VIRTIO_F_RING_INDIRECT_DESC)."""
+        self._indirect = enabled
+
+    def set_next_avail(self, value: int) -> None:
+        """Set the next available index (SET_VRING_BASE)."""
+        self._next_avail = value & 0xFFFF
+        self._avail_shadow = self._next_avail
+
+    def set_next_used(self, value: int) -> None:
+        """Set the next used index (device-private; the ring word is written on the next add)."""
+        self._next_used = value & 0xFFFF
+        self._signalled_used = None
+
+    def get_base(self) -> int:
+        """The GET_VRING_BASE ``num`` (§5.3): the next available index."""
+        return self._next_avail
+
+    def set_base(self, num: int) -> None:
+        """Apply a SET_VRING_BASE ``num`` (§5.3); bits 16-31 are reserved."""
+        if num >> 16:
+            raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
+        self.set_next_avail(num)
+
+    def set_log(self, log: DirtyLogLike | None, log_used_gpa: int | None = None) -> None:
+        """Attach (or detach) the dirty log; ``log_used_gpa`` is set when the ring LOG flag is."""
+        self._log = log
+        self._log_used_gpa = log_used_gpa
+
+    def avail_idx(self) -> int:
+        """The driver's avail index as currently in guest memory."""
+        return self._avail_h[1]
+
+    def used_idx(self) -> int:
+        """The used index as currently in guest memory."""
+        return self._used_h[1]
+
+    def has_available(self) -> bool:
+        """Whether the driver has published entries not yet popped."""
+        return self._avail_h[1] != self._next_avail
+
+    def release(self) -> None:
+        """Drop every view of guest memory (before the mapping is closed)."""
+        for name in ("_desc_q", "_desc_i", "_desc_h", "_avail_h", "_used_h", "_used_q"):
+            getattr(self, name).release()
+        self._desc_np = np.zeros(0, dtype=SPLIT_DESC_DTYPE)
+        self._avail_np = np.zeros(0, dtype="<u2")
+        self._used_np = np.zeros(0, dtype=USED_ELEM_DTYPE)
+
+    # ------------------------------------------------------------------ pop
+    def _avail_count(self) -> int:
+        """Entries published and not popped; VirtqError if the index moved too far."""
+        ai: int = self._avail_h[1]
+        n = (ai - self._next_avail) & 0xFFFF
+        if n > self._size:
+            raise VirtqError(
+                self.index,
+                f"avail idx {ai} moved {n} entries past next avail {self._next_avail}"
+                f" (queue size {self._size})",
+            )
+        self._avail_shadow = ai
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain, or None; VirtqError for a bad chain (consumed)."""
+        na = self._next_avail
+        if na == self._avail_shadow and not self._avail_count():
+            return None
+        head: int = self._avail_h[2 + (na & self._mask)]
+        self._next_avail = (na + 1) & 0xFFFF
+        if head < self._size:
+            w: int = self._desc_q[(head << 1) + 1]  # len | flags << 32 | next << 48
+            if not w & _SIMPLE_MASK and w & 0xFFFFFFFF:  # one direct descriptor: fast path
+                addr: int = self._desc_q[head << 1]
+                ln = w & 0xFFFFFFFF
+                rs, re_, rv = self._space.primary
+                off = addr - rs
+                if off >= 0 and addr + ln <= re_:
+                    if w & _WRITE_BIT:
+                        return DescriptorChain(head, _EMPTY, (rv[off : off + ln],), 0, ln)
+                    return DescriptorChain(head, (rv[off : off + ln],), _EMPTY, ln, 0)
+        return self._walk(head)
+
+    pop_descriptor_chain = pop
+
+    def __iter__(self) -> Iterator[DescriptorChain]:
+        """Yield available chains until the ring is empty (the fast way to drain a burst).
+
+        A bad chain raises VirtqError out of the loop, already consumed: iterate again to
+        continue with the following chains.
+        """
+        avail_h, dq = self._avail_h, self._desc_q
+        mask, size = self._mask, self._size
+        rs, re_, rv = self._space.primary
+        chain_cls = DescriptorChain
+        empty = _EMPTY
+        while True:
+            na = self._next_avail
+            if na == self._avail_shadow and not self._avail_count():
+                return
+            head: int = avail_h[2 + (na & mask)]
+            self._next_avail = (na + 1) & 0xFFFF
+            if head < size:
+                w: int = dq[(head << 1) + 1]
+                if not w & _SIMPLE_MASK and w & 0xFFFFFFFF:
+                    addr: int = dq[head << 1]
+                    ln = w & 0xFFFFFFFF
+                    off = addr - rs
+                    if off >= 0 and addr + ln <= re_:
+                        if w & _WRITE_BIT:
+                            yield chain_cls(head, empty, (rv[off : off + ln],), 0, ln)
+                        else:
+                            yield chain_cls(head, (rv[off : off + ln],), empty, ln, 0)
+                        continue
+            yield self._walk(head)
+
+    def _walk(self, head: int, wgpas: list[tuple[int, int]] | None = None) -> DescriptorChain:
+        """Follow a chain (NEXT links, one indirect table) validating every descriptor.
+
+        ``wgpas`` collects (gpa, len) of the writable descriptors (for dirty logging).
+        """
+        q = self.index
+        size = self._size
+        if head >= size:
+            raise VirtqError(q, f"head {head} >= queue size {size}", head)
+        space = self._space
+        rs, re_, rv = space.primary
+        dq = self._desc_q
+        limit = size
+        idx = head
+        count = 0
+        indirect = False
+        seen_write = False
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        while True:
+            count += 1
+            if count > limit:
+                where = "indirect table" if indirect else "queue size"
+                raise VirtqError(q, f"chain longer than the {where} ({limit}): loop?", head)
+            addr: int = dq[idx << 1]
+            w: int = dq[(idx << 1) + 1]
+            ln = w & 0xFFFFFFFF
+            fl = (w >> 32) & 0xFFFF
+            if fl & _INDIRECT:
+                if indirect:
+                    raise VirtqError(q, "nested indirect descriptor", head)
+                if not self._indirect:
+                    raise VirtqError(q, "INDIRECT without VIRTIO_F_RING_INDIRECT_DESC", head)
+                if fl & _NEXT:
+                    raise VirtqError(q, "descriptor has both INDIRECT and NEXT", head)
+                if ln == 0 or ln % 16 or ln // 16 > size:
+                    raise VirtqError(
+                        q,
+                        f"indirect table length {ln} not a multiple of 16 in 16..{16 * size}",
+                        head,
+                    )
+                dq = space.view(q, head, addr, ln).cast("Q")
+                indirect = True
+                limit = ln // 16
+                idx = count = 0
+                continue
+            if fl & _WRITE:
+                seen_write = True
+                if ln:
+                    if rs <= addr and addr + ln <= re_:
+                        off = addr - rs
+                        writable.append(rv[off : off + ln])
+                    else:
+                        writable.extend(space.pieces(q, head, addr, ln))
+                    wlen += ln
+                    if wgpas is not None:
+                        wgpas.append((addr, ln))
+            else:
+                if seen_write:
+                    raise VirtqError(q, "device-readable descriptor after a writable one", head)
+                if ln:
+                    if rs <= addr and addr + ln <= re_:
+                        off = addr - rs
+                        readable.append(rv[off : off + ln])
+                    else:
+                        readable.extend(space.pieces(q, head, addr, ln))
+                    rlen += ln
+            if not fl & _NEXT:
+                break
+            idx = w >> 48
+            if idx >= limit:
+                raise VirtqError(q, f"next index {idx} >= table size {limit}", head)
+        if rlen + wlen > _MAX_CHAIN_BYTES:
+            raise VirtqError(q, f"chain length {rlen + wlen} >= 2^32 bytes", head)
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    def _writable_gpas(self, head: int) -> list[tuple[int, int]]:
+        """Re-walk a completed chain to find what to log (empty if it is now invalid)."""
+        wgpas: list[tuple[int, int]] = []
+        try:
+            self._walk(head, wgpas)
+        except VirtqError:
+            return []
+        return wgpas
+
+    # ----------------------------------------------------------------- used
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element (element first, then the used index)."""
+        if not 0 <= head < self._size:
+            raise VirtqError(self.index, f"used id {head} >= queue size {self._size}", head)
+        nu = self._next_used
+        p = nu & self._mask
+        try:
+            self._used_q[p] = head | length << 32  # id and len in one store
+        except (ValueError, TypeError):
+            raise ValueError(f"used length {length!r} is not a 32-bit unsigned int") from None
+        nu = (nu + 1) & 0xFFFF
+        self._next_used = nu
+        self._used_h[1] = nu
+        if self._log is not None:
+            self._log_used(((head, length),), p, 1)
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Publish many used elements with one used-index update."""
+        ida = np.asarray(ids, dtype=np.int64)
+        lna = np.asarray(lens, dtype=np.int64)
+        k = len(ida)
+        if k != len(lna):
+            raise ValueError(f"{k} ids but {len(lna)} lengths")
+        if k == 0:
+            return
+        if k > self._size:
+            raise ValueError(f"{k} used elements exceed queue size {self._size}")
+        if ida.min() < 0 or ida.max() >= self._size:
+            bad = int(ida[(ida < 0) | (ida >= self._size)][0])
+            raise VirtqError(self.index, f"used id {bad} >= queue size {self._size}", bad)
+        if lna.min() < 0 or lna.max() > 0xFFFFFFFF:
+            raise ValueError("used length does not fit in 32 bits")
+        nu = self._next_used
+        p = nu & self._mask
+        first = min(k, self._size - p)
+        un = self._used_np
+        un["id"][p : p + first] = ida[:first]
+        un["len"][p : p + first] = lna[:first]
+        if first < k:
+            un["id"][: k - first] = ida[first:]
+            un["len"][: k - first] = lna[first:]
+        nu = (nu + k) & 0xFFFF
+        self._next_used = nu
+        self._used_h[1] = nu
+        if self._log is not None:
+            self._log_used(zip(ida.tolist(), lna.tolist(), strict=True), p, k)
+
+    def _log_used(self, elems: Iterable[tuple[int, int]], p: int, k: int) -> None:
+        """Mark the written buffers and used-ring bytes in the dirty log."""
+        log = self._log
+        assert log is not None
+        try:
+            for head, length in elems:
+                remaining = length
+                for gpa, ln in self._writable_gpas(head) if remaining else ():
+                    n = min(ln, remaining)
+                    log.mark(gpa, n)
+                    remaining -= n
+                    if not remaining:
+                        break
+            base = self._log_used_gpa
+            if base is not None:
+                first = min(k, self._size - p)
+                log.mark(base + 4 + 8 * p, 8 * first)
+                if first < k:
+                    log.mark(base + 4, 8 * (k - first))
+                log.mark(base + 2, 2)
+        except GuestMemoryError as exc:
+            log_failure(self.index, exc)
+
+    # ------------------------------------------------------------- batches
+    def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
+        """Consume up to ``max_chains`` available entries at once (numpy, §8)."""
+        space = self._space
+        na = self._next_avail
+        n = min(self._avail_count(), max_chains)
+        if n <= 0:
+            return Batch(space)
+        size = self._size
+        pos = (np.arange(na, na + n, dtype=np.int64) & self._mask) + 2
+        heads = self._avail_np[pos].astype(np.int64)
+        self._next_avail = (na + n) & 0xFFFF
+        valid = heads < size
+        d = self._desc_np[np.where(valid, heads, 0)]
+        flags = d["flags"]
+        addrs = d["addr"]
+        lens = d["len"].astype(np.uint64)
+        simple = valid & ((flags & (_NEXT | _INDIRECT)) == 0) & (lens > 0)
+        region, offsets = space.locate(addrs, lens)
+        good = simple & (region >= 0)
+        batch = Batch(
+            space,
+            heads[good].astype(np.uint16),
+            addrs[good],
+            lens[good].astype(np.uint32),
+            (flags[good] & _WRITE) != 0,
+            region[good],
+            offsets[good],
+        )
+        if not good.all():
+            for head in heads[~good].tolist():
+                try:
+                    batch.chains.append(self._walk(head))
+                except VirtqError as exc:
+                    batch.errors.append(exc)
+        return batch
+
+    # -------------------------------------------------------- notifications
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now (event idx or flags)."""
+        nu = self._next_used
+        if self._event_idx:
+            old = self._signalled_used
+            self._signalled_used = nu
+            memory_barrier()
+            if old is None:
+                return True
+            event: int = self._avail_h[self._used_event_i]
+            if ((nu - event - 1) & 0xFFFF) < ((nu - old) & 0xFFFF):
+                return True
+        elif not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT:
+            return True
+        return self.notify_on_empty and self._avail_h[1] == self._next_avail
+
+    def enable_notification(self) -> bool:
+        """Ask the driver for kicks again; True if more work arrived meanwhile (re-check)."""
+        if self._event_idx:
+            self._used_h[2 + 4 * self._size] = self._next_avail
+            if self._log is not None and self._log_used_gpa is not None:
+                self._log.mark(self._log_used_gpa + 4 + 8 * self._size, 2)
+        else:
+            self._set_used_flags(0)
+        memory_barrier()
+        return self._avail_h[1] != self._next_avail
+
+    def disable_notification(self) -> None:
+        """Tell the driver kicks are not needed (a hint; ignored under event idx)."""
+        if not self._event_idx:
+            self._set_used_flags(VRING_USED_F_NO_NOTIFY)
+
+    def _set_used_flags(self, value: int) -> None:
+        if self._used_h[0] != value:
+            self._used_h[0] = value
+            if self._log is not None and self._log_used_gpa is not None:
+                self._log.mark(self._log_used_gpa, 2)
