@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 try:
     from tests.wire_strategies import example
 except ImportError:  # tests/ is not a package
-    from wire_strategies import example  # type: ignore[no-redef]
+    from wire_strategies import example  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 from vhsm.errors import FramingError
 from vhsm.specs import load_spec
@@ -98,20 +98,20 @@ class FakeUnixStream:
     segment, and a read ends after a segment that carried fds."""
 
     def __init__(self, segments: list[tuple[bytes, list[int]]]) -> None:
-        self.segments = [[bytearray(data), fds] for data, fds in segments]
+        self.segments = [(bytearray(data), list(fds)) for data, fds in segments]
 
     def recv(self, n: int) -> tuple[bytes, list[int]]:
         out = bytearray()
         got: list[int] = []
         while self.segments and len(out) < n:
-            seg = self.segments[0]
-            take = min(n - len(out), len(seg[0]))
-            out += seg[0][:take]
-            del seg[0][:take]
-            had_fds = bool(seg[1])
-            got += seg[1]
-            seg[1] = []
-            if not seg[0]:
+            data, fds = self.segments[0]
+            take = min(n - len(out), len(data))
+            out += data[:take]
+            del data[:take]
+            had_fds = bool(fds)
+            got += fds
+            fds.clear()
+            if not data:
                 self.segments.pop(0)
             if had_fds:
                 break

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 try:
     from tests.wire_strategies import STRATEGIES, example
 except ImportError:  # tests/ is not a package
-    from wire_strategies import STRATEGIES, example  # type: ignore[no-redef]
+    from wire_strategies import STRATEGIES, example  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 from vhsm.wire import (
     BlkFeature,
@@ -32,7 +32,7 @@ from vhsm.wire import payloads as p
 from vhsm.wire.framing import HEADER, decode_message
 
 DATA = Path(__file__).parent / "data"
-ALL = sorted(p.PAYLOAD_CLASSES.values(), key=lambda c: c.__name__)
+ALL = [p.PAYLOAD_CLASSES[name] for name in sorted(p.PAYLOAD_CLASSES)]
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
