@@ -18,7 +18,9 @@ from vhsm.errors import VhsmError
 
 #: Command modules, in the order `vhsm --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "vhsm.commands.decode",
+    "vhsm.commands.audit",
+    "vhsm.commands.diagram",
+    "vhsm.commands.serve",
 )
 
 
