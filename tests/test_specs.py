@@ -1,0 +1,101 @@
+"""specs/ is found from a checkout, an editable install and an installed wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from vhsm.errors import VhsmError
+from vhsm.session import all_rules
+from vhsm.session.machines import load_machine_spec
+from vhsm.specs import load_spec, specs_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_checkout_specs_are_found() -> None:
+    assert specs_dir() == ROOT / "specs"
+    assert {p.stem for p in specs_dir().glob("*.yaml")} == {"requests", "session", "vring", "rules"}
+
+
+def test_unknown_spec_is_a_clear_error() -> None:
+    with pytest.raises(VhsmError, match="spec 'nope' not found"):
+        load_spec("nope")
+
+
+def test_every_rule_a_machine_names_exists() -> None:
+    rules = all_rules()
+    for machine in ("session", "vring"):
+        spec = load_machine_spec(machine)
+        named = [c["rule"] for c in spec.conditions.values() if "rule" in c]
+        named += list(spec.invalid_state_rules.values()) + list(spec.selector_rules.values())
+        assert set(named) <= set(rules), set(named) - set(rules)
+    for entry in load_spec("requests")["frontend"]:
+        for check in entry.get("checks", []):
+            assert check["rule"] in rules
+
+
+def test_rules_cover_every_item_of_section_11() -> None:
+    items = {r.item for r in all_rules().values() if r.item}
+    expected = (
+        {f"F{i}" for i in range(1, 9)}
+        | {f"N{i}" for i in range(1, 11)}
+        | {f"R{i}" for i in range(1, 10)}
+        | {f"M{i}" for i in range(1, 14)}
+        | {f"P{i}" for i in range(1, 10)}
+    )
+    assert expected <= items
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_specs(tmp_path: Path) -> None:
+    """Build the wheel, install it alone into a directory, and load the specs from there."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("vhsm-*.whl")
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    probe = (
+        "import vhsm.specs as s, vhsm.session as se; "
+        "print(s.specs_dir()); print(len(se.all_rules())); "
+        "from vhsm.session.machines import load_machine_spec as m; print(m('vring').initial.name)"
+    )
+    deps = sysconfig.get_paths()["purelib"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path[:0] = [{str(target)!r}, {deps!r}]; {probe}",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert out[0] == str(target / "vhsm" / "specs")
+    assert int(out[1]) == len(all_rules())
+    assert out[2] == "STOPPED_DISABLED"
