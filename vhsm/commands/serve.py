@@ -1,0 +1,150 @@
+"""`vhsm serve rng|blk|net`: run a reference device on a vhost-user socket.
+
+Keeps serving across front-end reconnects until SIGINT/SIGTERM (or, with
+`--once`, until the first connection ends), then removes the socket file.
+The devices are imported only when their sub-command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from vhsm.errors import VhsmError
+
+if TYPE_CHECKING:
+    from vhsm.backend import VhostUserBackend
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add `serve` and its device sub-commands."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a reference device (rng, blk, net) on a vhost-user socket",
+        description="Serve a reference device on a vhost-user socket until interrupted.",
+    )
+    devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    rng = devices.add_parser("rng", help="virtio-rng (entropy from os.urandom)")
+    _common(rng)
+    blk = devices.add_parser("blk", help="virtio-blk over an image file")
+    _common(blk)
+    blk.add_argument("--file", required=True, metavar="IMG", help="raw disk image")
+    blk.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
+    blk.add_argument("--queues", type=_positive, default=1, metavar="N", help="request queues")
+    net = devices.add_parser("net", help="virtio-net without a host network")
+    _common(net)
+    net.add_argument(
+        "--mode",
+        choices=["sink", "loopback"],
+        default="loopback",
+        help="sink: drop transmitted frames; loopback: receive what was sent (default)",
+    )
+    net.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
+    parser.set_defaults(func=run)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket path")
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to a front-end listening at PATH instead of listening",
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="exit when the first front-end disconnects"
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"{value} not in 1..65535")
+    return value
+
+
+def make_backend(args: argparse.Namespace) -> VhostUserBackend:
+    """Build the device the arguments name (imported lazily)."""
+    if args.device == "rng":
+        from vhsm.devices.rng import RngBackend
+
+        return RngBackend()
+    if args.device == "blk":
+        from vhsm.devices.blk import BlkBackend
+
+        image = Path(args.file)
+        if not image.exists():
+            raise VhsmError(f"image {image} does not exist")
+        try:
+            return BlkBackend(str(image), read_only=args.read_only, num_queues=args.queues)
+        except OSError as err:
+            raise VhsmError(f"cannot open image {image}: {err.strerror or err}") from err
+    if args.device == "net":
+        net = importlib.import_module("vhsm.devices.net")
+        backend: VhostUserBackend = net.NetBackend(mode=args.mode, queue_pairs=args.queues)
+        return backend
+    raise VhsmError(f"unknown device {args.device!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until a signal (or `--once`); return the exit status."""
+    from vhsm.daemon import Listener, VhostUserDaemon
+
+    path = Path(args.socket)
+    if not args.client and not path.parent.is_dir():
+        raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
+    backend = make_backend(args)
+    daemon = VhostUserDaemon(f"vhsm-{args.device}", backend)
+    handle = daemon.shutdown_handle()
+    restore = _install_signals(lambda: handle.shutdown())
+    try:
+        if args.client:
+            daemon.start_client(path, once=args.once, connect_timeout=None)
+            log.info("serving %s as a client of %s", args.device, path)
+        else:
+            daemon.start(Listener(path), once=args.once)
+            log.info("serving %s on %s", args.device, path)
+        while not daemon.wait(0.5):
+            pass
+    finally:
+        daemon.stop()
+        restore()
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if daemon.last_error is not None:
+        log.error("stopped after an internal error: %s", daemon.last_error)
+        return 1
+    return 0
+
+
+def _install_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Route SIGINT/SIGTERM to `stop` (main thread only); return the restorer."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+    return restore
+
+
+__all__ = ["make_backend", "register", "run"]

@@ -1,0 +1,421 @@
+"""`VhostUserDaemon` and `Listener`: sockets, the control thread, reconnects, shutdown.
+
+One front-end at a time: the accept thread hands each connection to a
+control thread that reads messages, feeds them to a fresh `Session` and sends
+the replies. A second front-end connecting while one is served is accepted
+and closed at once, with a log line (QEMU then retries or fails visibly,
+instead of hanging in a backlog). When a connection ends, for any reason
+(EOF, a protocol violation, a framing error), everything tied to it is reset
+and the next connection is accepted: QEMU's reconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vhsm.backend_channel import mark_control_thread
+from vhsm.device_plane import DevicePlane
+from vhsm.errors import FramingError, ProtocolViolation, VhsmError
+from vhsm.memory import GuestMemoryAtomic
+from vhsm.session import Session
+from vhsm.transport import MessageReader, PeerClosed, send_message
+from vhsm.wire import Decoder, ProtocolFeature
+
+if TYPE_CHECKING:
+    from vhsm.backend import VhostUserBackend
+    from vhsm.worker import VringEpollHandler
+
+log = logging.getLogger(__name__)
+
+#: Client mode: first and largest pause between connection attempts (seconds).
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
+class Listener:
+    """A listening unix socket at `path`, mode 0600.
+
+    An existing path is replaced only when it is a stale socket (nobody
+    listening); a live socket raises "socket in use", anything else raises too.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, backlog: int = 4) -> None:
+        self.path = Path(path)
+        _remove_stale(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            sock.listen(backlog)
+        except OSError as err:
+            sock.close()
+            raise VhsmError(f"cannot listen on {self.path}: {err.strerror or err}") from err
+        self.sock = sock
+        self._ino = os.stat(self.path).st_ino
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The listening socket's fd."""
+        return self.sock.fileno()
+
+    def accept(self) -> socket.socket:
+        """Accept one connection (blocking)."""
+        conn, _ = self.sock.accept()
+        return conn
+
+    def close(self) -> None:
+        """Close the socket and remove the path if it is still ours (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._ino:
+                self.path.unlink()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove_stale(path: Path) -> None:
+    """Unlink `path` if it is a socket nobody listens on; raise if it is anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise VhsmError(f"cannot use {path}: {err.strerror or err}") from err
+    if not stat.S_ISSOCK(mode):
+        raise VhsmError(f"{path} exists and is not a socket: refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("removing stale socket %s", path)
+        path.unlink()
+        return
+    except OSError as err:
+        raise VhsmError(f"cannot probe {path}: {err.strerror or err}") from err
+    finally:
+        probe.close()
+    raise VhsmError(f"socket in use: {path} (another back-end is listening)")
+
+
+class ShutdownHandle:
+    """Stops a daemon from any thread or a signal handler (writes an eventfd)."""
+
+    def __init__(self, daemon: VhostUserDaemon) -> None:
+        self._daemon = daemon
+
+    def shutdown(self) -> None:
+        """Request the stop; `wait()` returns soon after (then call `stop()` to clean up)."""
+        self._daemon._request_shutdown()
+
+
+class VhostUserDaemon:
+    """Serves one back-end to one front-end at a time, across reconnects.
+
+    Args:
+        name: shown in thread names and logs.
+        backend: the device.
+        memory: the guest memory holder shared with the device (created when omitted).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backend: VhostUserBackend,
+        memory: GuestMemoryAtomic | None = None,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.memory = memory if memory is not None else GuestMemoryAtomic()
+        self.plane = DevicePlane(backend, self.memory)
+        self._shutdown_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._conn: socket.socket | None = None
+        self._listener: Listener | None = None
+        self._own_listener = False
+        self._done = threading.Event()
+        self._started = False
+        self._stopped = False
+        self.connections = 0
+        self.last_error: BaseException | None = None
+
+    # --- public API -----------------------------------------------------------------
+    def get_epoll_handlers(self) -> list[VringEpollHandler]:
+        """The worker event loops, one per entry of `backend.queues_per_thread()`."""
+        return list(self.plane.handlers)
+
+    def shutdown_handle(self) -> ShutdownHandle:
+        """A handle whose `shutdown()` stops the daemon, safe from any thread or signal."""
+        return ShutdownHandle(self)
+
+    def start(self, listener: Listener, *, once: bool = False) -> None:
+        """Start the workers and accept front-ends on `listener` in the background.
+
+        `once`: end after the first connection closes. The daemon closes the
+        listener (and removes its path) on stop.
+        """
+        self._begin()
+        self._listener = listener
+        self._spawn(self._accept_loop, f"{self.name}-accept", listener, once)
+
+    def start_client(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        once: bool = False,
+        connect_timeout: float | None = 10.0,
+    ) -> None:
+        """Connect out to a front-end listening at `path` (retrying with back-off), then serve.
+
+        The first connection is made here (VhsmError after `connect_timeout`
+        seconds, None: forever); later reconnects retry in the background.
+        """
+        sock = self._connect(Path(path), connect_timeout)
+        if sock is None:
+            raise VhsmError("daemon stopped while connecting")
+        self._begin()
+        self._spawn(self._client_loop, f"{self.name}-client", Path(path), sock, once)
+
+    def serve(self, path: str | os.PathLike[str], *, once: bool = False) -> None:
+        """Listen at `path` and serve until stopped (or, with `once`, one connection)."""
+        listener = Listener(path)
+        self._own_listener = True
+        try:
+            self.start(listener, once=once)
+            self.wait()
+        finally:
+            self.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the daemon ended (stop, shutdown handle, or `once` done); True if so."""
+        return self._done.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop serving: close the connection, reset the device state, join every thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            conn = self._conn
+        self.shutdown_handle().shutdown()
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        current = threading.current_thread()
+        for thread in list(self._threads):
+            if thread is not current:
+                thread.join()
+        self.plane.stop_workers()
+        if self._listener is not None:
+            self._listener.close()
+        self.plane.close()
+        with self._lock:
+            fd, self._shutdown_fd = self._shutdown_fd, -1
+        os.close(fd)
+        self._done.set()
+
+    @property
+    def serving(self) -> bool:
+        """Whether a front-end is connected right now."""
+        return self._conn is not None
+
+    # --- threads ---------------------------------------------------------------------
+    def _begin(self) -> None:
+        with self._lock:
+            if self._started or self._stopped:
+                raise VhsmError(f"daemon {self.name} already started")
+            self._started = True
+        self.plane.start_workers()
+
+    def _spawn(self, target: object, name: str, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(thread)
+        thread.start()
+
+    def _shutting_down(self) -> bool:
+        readable, _, _ = select.select([self._shutdown_fd], [], [], 0)
+        return bool(readable)
+
+    def _accept_loop(self, listener: Listener, once: bool) -> None:
+        active: threading.Thread | None = None
+        try:
+            while True:
+                readable, _, _ = select.select([listener.fileno(), self._shutdown_fd], [], [])
+                if self._shutdown_fd in readable:
+                    break
+                try:
+                    conn = listener.accept()
+                except OSError as err:
+                    if err.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
+                        continue
+                    raise
+                if active is not None and active.is_alive():
+                    log.warning(
+                        "%s: refusing a second front-end on %s (one is being served)",
+                        self.name,
+                        listener.path,
+                    )
+                    conn.close()
+                    continue
+                if active is not None and once:
+                    conn.close()
+                    break
+                active = threading.Thread(
+                    target=self._connection_thread,
+                    args=(conn, once),
+                    name=f"{self.name}-control",
+                    daemon=True,
+                )
+                self._threads.append(active)
+                active.start()
+        except Exception as err:
+            self.last_error = err
+            log.exception("%s: accept loop failed", self.name)
+            self._finish()
+
+    def _connection_thread(self, conn: socket.socket, once: bool) -> None:
+        self._handle_connection(conn)
+        if once:
+            self._finish()
+
+    def _client_loop(self, path: Path, sock: socket.socket, once: bool) -> None:
+        current: socket.socket | None = sock
+        while current is not None:
+            self._handle_connection(current)
+            if once or self._shutting_down():
+                break
+            current = self._connect(path, None)
+        self._finish()
+
+    def _request_shutdown(self) -> None:
+        # No lock: this runs in signal handlers, which may interrupt a holder of the lock.
+        fd = self._shutdown_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+
+    def _finish(self) -> None:
+        """End the daemon from inside one of its threads (`wait` returns; `stop` cleans up)."""
+        self.shutdown_handle().shutdown()
+        self._done.set()
+
+    def _connect(self, path: Path, timeout: float | None) -> socket.socket | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = RETRY_FIRST
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(str(path))
+                return sock
+            except OSError as err:
+                sock.close()
+                if err.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                    raise VhsmError(f"cannot connect to {path}: {err.strerror or err}") from err
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    raise VhsmError(
+                        f"cannot connect to {path}: {err.strerror or err} (gave up after "
+                        f"{timeout:g}s)"
+                    ) from err
+            readable, _, _ = select.select([self._shutdown_fd], [], [], pause)
+            if readable:
+                return None
+            pause = min(pause * 2, RETRY_MAX)
+
+    # --- one connection -----------------------------------------------------------
+    def _handle_connection(self, conn: socket.socket) -> None:
+        """Run one front-end's session on this thread until it ends; then reset."""
+        with self._lock:
+            if self._stopped:
+                conn.close()
+                return
+            self._conn = conn
+            self.connections += 1
+        mark_control_thread(True)
+        session = Session(self.backend, self.plane)
+        self.plane.attach(session)
+        decoder = Decoder()
+        reader = MessageReader(conn, decoder)
+        _call_hook("connected", self.backend.connected)
+        log.info("%s: front-end connected", self.name)
+        try:
+            self._message_loop(session, reader, decoder)
+        finally:
+            reader.close()
+            with contextlib.suppress(VhsmError):
+                decoder.close()
+            with self._lock:
+                self._conn = None
+            conn.close()
+            self.plane.reset()
+            _call_hook("disconnected", self.backend.disconnected)
+            mark_control_thread(False)
+            log.info("%s: front-end disconnected; session reset", self.name)
+
+    def _message_loop(self, session: Session, reader: MessageReader, decoder: Decoder) -> None:
+        msg = None
+        try:
+            while True:
+                msg = reader.read()
+                reply = session.handle(msg)
+                if session.acked_protocol_features & ProtocolFeature.XEN_MMAP:
+                    decoder.xen_mmap = True
+                if reply is not None:
+                    send_message(reader.sock, reply)  # reply fds are borrowed: not closed
+        except PeerClosed:
+            log.info("%s: front-end closed the connection", self.name)
+        except FramingError as err:
+            log.error(
+                "%s: closing the connection: framing error %s on %s (state %s): %s",
+                self.name,
+                err.rule_id,
+                err.request,
+                session.state.name,
+                err.detail,
+            )
+        except ProtocolViolation as err:
+            log.error(
+                "%s: closing the connection: %s violated by %s in state %s: %s",
+                self.name,
+                err.rule_id,
+                err.request,
+                err.state,
+                err.detail,
+            )
+        except OSError as err:
+            if not self._stopped:
+                log.warning("%s: connection error: %s", self.name, err)
+        except VhsmError as err:
+            log.error("%s: closing the connection: %s", self.name, err)
+        except Exception as err:
+            self.last_error = err
+            name = msg.name if msg is not None else "-"
+            log.exception(
+                "%s: closing the connection after an internal error handling %s", self.name, name
+            )
+
+
+def _call_hook(name: str, hook: object) -> None:
+    try:
+        hook()  # type: ignore[operator]
+    except Exception:
+        log.exception("back-end hook %s failed", name)
+
+
+__all__ = ["Listener", "ShutdownHandle", "VhostUserDaemon"]
