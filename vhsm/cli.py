@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vhsm.commands.audit",
     "vhsm.commands.diagram",
     "vhsm.commands.serve",
+    "vhsm.commands.demo",
 )
 
 

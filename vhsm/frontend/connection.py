@@ -143,13 +143,13 @@ class Connection:
     def send(self, msg: Message) -> None:
         """Encode and send a message with its fds (still owned by the caller), record it."""
         data = encode(msg)
+        self.recorder.message(attrs.evolve(msg, raw=data), F2B, self.conn)  # before the peer acts
         send_with_fds(self.sock, data, msg.fds)
-        self.recorder.message(attrs.evolve(msg, raw=data), F2B, self.conn)
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (even a broken header) with fds attached, record them."""
-        send_with_fds(self.sock, data, fds)
         self.recorder.raw(data, len(fds), F2B, self.conn, self.channel)
+        send_with_fds(self.sock, data, fds)
 
     def poll(self, timeout: float | None) -> bool:
         """Wait until the socket is readable (or a message is buffered); False on timeout."""
