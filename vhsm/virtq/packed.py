@@ -477,44 +477,42 @@ class PackedQueue:
         """Consume up to ``max_chains`` available buffers at once (numpy over the ring)."""
         space = self._space
         parts: list[Batch] = []
+        other = Batch(space)
         taken = 0
         flags_all = self._desc_np["flags"]
+        dh = self._desc_h
         size = self._size
         while taken < max_chains:
             p = self._next_avail
             w = self._avail_wrap
+            fl0: int = dh[(p << 3) + 7]
+            if (fl0 >> 7) & 1 != w or (fl0 >> 15) & 1 == w:
+                break
+            if fl0 & (_NEXT | _INDIRECT):  # a longer chain: the scalar walker
+                try:
+                    other.chains.append(self._walk())
+                except VirtqError as exc:
+                    other.errors.append(exc)
+                taken += 1
+                continue
             n = min(size - p, max_chains - taken)
             fl = flags_all[p : p + n]
-            ok = (
-                (((fl >> 7) & 1) == w) & (((fl >> 15) & 1) != w) & ((fl & (_NEXT | _INDIRECT)) == 0)
-            )
+            ok = ((fl >> 7) & 1 == w) & ((fl >> 15) & 1 != w) & (fl & (_NEXT | _INDIRECT) == 0)
             run = n if ok.all() else int(np.argmin(ok))
-            if run:
-                seg = self._desc_np[p : p + run]
-                ids = seg["id"].astype(np.int64)
-                addrs = seg["addr"].copy()
-                lens = seg["len"].astype(np.uint64)
-                sflags = seg["flags"].copy()
-                p += run
-                if p == size:
-                    p = 0
-                    self._avail_wrap = w ^ 1
-                self._next_avail = p
-                taken += run
-                parts.append(self._simple(space, ids, addrs, lens, sflags))
-                continue
-            if not self.has_available():
-                break
-            batch = Batch(space)
-            try:
-                chain = self.pop()
-                if chain is None:  # pragma: no cover - checked just above
-                    break
-                batch.chains.append(chain)
-            except VirtqError as exc:
-                batch.errors.append(exc)
-            parts.append(batch)
-            taken += 1
+            seg = self._desc_np[p : p + run]
+            ids = seg["id"].astype(np.int64)
+            addrs = seg["addr"].copy()
+            lens = seg["len"].astype(np.uint64)
+            sflags = seg["flags"].copy()
+            p += run
+            if p == size:
+                p = 0
+                self._avail_wrap = w ^ 1
+            self._next_avail = p
+            taken += run
+            parts.append(self._simple(space, ids, addrs, lens, sflags))
+        if other.chains or other.errors:
+            parts.append(other)
         return Batch.concat(space, parts)
 
     def _simple(

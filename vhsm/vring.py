@@ -1,0 +1,831 @@
+"""Vrings: one virtqueue plus its fds and flags, with rust-vmm's names (VringState/Mutex/RwLock).
+
+The control thread configures a ring (size, addresses, base, fds, features, log);
+worker threads pop chains, add used elements and signal. ``enabled`` and ``started``
+are plain bools set by the control thread and read lock-free by workers (§7.4).
+
+Ring addresses given to :meth:`VringState.set_queue_info` are guest-physical (the
+data plane converts SET_VRING_ADDR's user addresses, §10); they are translated
+through the current memory snapshot into memoryviews, again on every call (the data
+plane calls it after each memory-table change).
+
+Bad chains (§11.3 R9): ``pop`` raises VirtqError after consuming the chain; call
+:meth:`VringState.complete_error` to complete it with length 0 and signal the err fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+
+from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.memory import GuestMemory, GuestMemoryAtomic
+from vhsm.virtq.batch import Batch
+from vhsm.virtq.chain import DescriptorChain
+from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike, check_queue_size
+from vhsm.virtq.packed import PackedQueue
+from vhsm.virtq.split import SplitQueue
+
+log = logging.getLogger(__name__)
+
+_NOTIFY_ON_EMPTY = 1 << 24
+_LOG_ALL = 1 << 26
+_INDIRECT_DESC = 1 << 28
+_EVENT_IDX = 1 << 29
+_RING_PACKED = 1 << 34
+
+Queue = SplitQueue | PackedQueue
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.debug("closing fd %d: %s", fd, exc)
+
+
+def _eventfd_signal(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: a wake-up is pending anyway
+
+
+class VringState:
+    """One ring's state, not thread-safe (wrap it in VringMutex or VringRwLock to share)."""
+
+    def __init__(
+        self,
+        memory: GuestMemoryAtomic | GuestMemory,
+        max_queue_size: int = MAX_QUEUE_SIZE,
+        *,
+        index: int = 0,
+    ) -> None:
+        """Ring ``index`` over ``memory`` (a holder: its current snapshot is used)."""
+        self.memory = memory
+        self.max_queue_size = max_queue_size
+        self.index = index
+        self.enabled = False
+        self.started = False
+        self.queue: Queue | None = None
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr: int | None = None
+        self.addr_set = False
+        self.base = 0
+        self.features = 0
+        self.kick: int | None = None
+        self.call: int | None = None
+        self.err: int | None = None
+        self.log: DirtyLogLike | None = None
+        self.inflight: Any = None
+        self.backend_channel: Any = None
+        self._resubmit: list[int] = []
+
+    # --------------------------------------------------------------- config
+    @property
+    def packed(self) -> bool:
+        """Whether VIRTIO_F_RING_PACKED was negotiated."""
+        return bool(self.features & _RING_PACKED)
+
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_RING_EVENT_IDX was negotiated."""
+        return bool(self.features & _EVENT_IDX)
+
+    def is_enabled(self) -> bool:
+        """Whether the ring is enabled (SET_VRING_ENABLE)."""
+        return self.enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Set the enabled flag."""
+        self.enabled = enabled
+
+    def set_features(self, features: int) -> None:
+        """Apply acked virtio features (layout, indirect, event idx, LOG_ALL)."""
+        layout_changed = (features ^ self.features) & _RING_PACKED
+        self.features = features
+        if layout_changed:
+            self._build(carry=False)
+        elif self.queue is not None:
+            self.queue.set_event_idx(self.event_idx)
+            self.queue.set_indirect(bool(features & _INDIRECT_DESC))
+            if isinstance(self.queue, SplitQueue):
+                self.queue.notify_on_empty = bool(features & _NOTIFY_ON_EMPTY)
+            self._apply_log()
+
+    def set_queue_event_idx(self, enabled: bool) -> None:
+        """Turn event-idx suppression on or off (rust-vmm name)."""
+        self.set_features(self.features | _EVENT_IDX if enabled else self.features & ~_EVENT_IDX)
+
+    def set_queue_size(self, num: int) -> None:
+        """SET_VRING_NUM: ValueError if the layout cannot have that size (R2)."""
+        check_queue_size(num, packed=self.packed)
+        if num > self.max_queue_size:
+            raise ValueError(f"queue size {num} > maximum {self.max_queue_size}")
+        self.size = num
+        if self.addr_set:
+            self._build(carry=False)
+
+    def set_queue_info(self, desc: int, avail: int, used: int, log_addr: int | None = None) -> None:
+        """SET_VRING_ADDR (guest-physical areas; ``log_addr`` when the LOG flag is set).
+
+        Raises:
+            GuestMemoryError: an area is not inside the current memory table (R4).
+        """
+        first = not self.addr_set or (desc, avail, used) != (
+            self.desc_addr,
+            self.avail_addr,
+            self.used_addr,
+        )
+        self.desc_addr, self.avail_addr, self.used_addr = desc, avail, used
+        self.log_addr = log_addr
+        self.addr_set = True
+        if self.size:
+            self._build(carry=not first)
+
+    def update_memory(self, memory: GuestMemoryAtomic | GuestMemory | None = None) -> bool:
+        """Re-translate the areas through a new snapshot; False (ring idle) if unmapped."""
+        if memory is not None:
+            self.memory = memory
+        if not (self.addr_set and self.size):
+            return True
+        try:
+            self._build(carry=True)
+        except GuestMemoryError as exc:
+            log.warning("ring %d: areas not mapped by the new table: %s", self.index, exc)
+            self._drop_queue()
+            return False
+        return True
+
+    def _snapshot(self) -> GuestMemory:
+        mem = self.memory
+        return mem.memory() if isinstance(mem, GuestMemoryAtomic) else mem
+
+    def _build(self, *, carry: bool) -> None:
+        """(Re)create the queue over the current snapshot; keep indices when ``carry``."""
+        if not (self.addr_set and self.size):
+            return
+        old = self.queue
+        base = old.get_base() if carry and old is not None else self.base
+        next_used = old.next_used if carry and isinstance(old, SplitQueue) else None
+        mem = self._snapshot()
+        n = self.size
+        common: dict[str, Any] = {
+            "index": self.index,
+            "event_idx": self.event_idx,
+            "indirect": bool(self.features & _INDIRECT_DESC),
+        }
+        queue: Queue
+        if self.packed:
+            queue = PackedQueue(
+                mem,
+                n,
+                mem.translate(self.desc_addr, 16 * n),
+                mem.translate(self.avail_addr, 4),
+                mem.translate(self.used_addr, 4),
+                base=base,
+                **common,
+            )
+        else:
+            queue = SplitQueue(
+                mem,
+                n,
+                mem.translate(self.desc_addr, 16 * n),
+                mem.translate(self.avail_addr, 6 + 2 * n),
+                mem.translate(self.used_addr, 6 + 8 * n),
+                next_avail=base & 0xFFFF,
+                next_used=next_used,
+                **common,
+            )
+            queue.notify_on_empty = bool(self.features & _NOTIFY_ON_EMPTY)
+        if old is not None:
+            old.release()
+        self.queue = queue
+        self._apply_log()
+
+    def _drop_queue(self) -> None:
+        if self.queue is not None:
+            self.base = self.queue.get_base()
+            self.queue.release()
+            self.queue = None
+
+    def set_log(self, dirty_log: DirtyLogLike | None) -> None:
+        """Attach the dirty log of SET_LOG_BASE (used only while LOG_ALL is acked)."""
+        self.log = dirty_log
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        q = self.queue
+        if q is None:
+            return
+        active = self.log if self.features & _LOG_ALL else None
+        if isinstance(q, SplitQueue):
+            q.set_log(active, self.log_addr)
+        else:
+            q.set_log(active, self.desc_addr if self.log_addr is not None else None, self.log_addr)
+
+    def set_inflight(self, inflight: Any) -> None:
+        """Attach a split ring's inflight region (§7.15): resubmits what it lists as in flight."""
+        self.inflight = inflight
+        self._resubmit = []
+        if inflight is not None and isinstance(self.queue, SplitQueue):
+            self._resubmit = list(inflight.resubmit(self.queue.used_idx()))
+
+    def set_backend_channel(self, channel: Any) -> None:
+        """Back-end request channel, for in-band call/err notifications (§7.16)."""
+        self.backend_channel = channel
+
+    # ----------------------------------------------------------------- base
+    def get_queue_base(self) -> int:
+        """GET_VRING_BASE ``num`` (§5.3)."""
+        return self.queue.get_base() if self.queue is not None else self.base
+
+    def set_queue_base(self, num: int) -> None:
+        """SET_VRING_BASE ``num`` (§5.3); ValueError for reserved bits / bad packed index."""
+        if not self.packed and num >> 16:
+            raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
+        self.base = num
+        q = self.queue
+        if q is not None:
+            q.set_base(num)
+            if isinstance(q, SplitQueue):
+                q.set_next_used(q.used_idx())  # §7.5: the used index comes from guest memory
+
+    def queue_next_avail(self) -> int:
+        """Next avail index (split) / position (packed)."""
+        return self.queue.next_avail if self.queue is not None else self.base & 0x7FFF
+
+    def set_queue_next_avail(self, base: int) -> None:
+        """Set the next avail index (split)."""
+        if isinstance(self.queue, SplitQueue):
+            self.queue.set_next_avail(base)
+        self.base = base & 0xFFFF
+
+    def set_queue_next_used(self, idx: int) -> None:
+        """Set the next used index (split)."""
+        if isinstance(self.queue, SplitQueue):
+            self.queue.set_next_used(idx)
+
+    def queue_used_idx(self) -> int:
+        """The used index in guest memory (split) or the device's next used position."""
+        q = self._require()
+        return q.used_idx() if isinstance(q, SplitQueue) else q.next_used
+
+    # ------------------------------------------------------------------ fds
+    def set_kick(self, fd: int | None) -> None:
+        """Own a new kick eventfd (the previous one is closed)."""
+        if fd != self.kick:
+            _close(self.kick)
+        self.kick = fd
+
+    def get_kick(self) -> int | None:
+        """The kick fd, if any."""
+        return self.kick
+
+    def read_kick(self) -> bool:
+        """Consume a pending kick; returns whether the ring is enabled."""
+        if self.kick is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.kick)
+        return self.enabled
+
+    def set_call(self, fd: int | None) -> None:
+        """Own a new call eventfd (the previous one is closed)."""
+        if fd != self.call:
+            _close(self.call)
+        self.call = fd
+
+    def get_call(self) -> int | None:
+        """The call fd, if any."""
+        return self.call
+
+    def set_err(self, fd: int | None) -> None:
+        """Own a new err eventfd (the previous one is closed)."""
+        if fd != self.err:
+            _close(self.err)
+        self.err = fd
+
+    def get_err(self) -> int | None:
+        """The err fd, if any."""
+        return self.err
+
+    # ------------------------------------------------------------ data path
+    def _require(self) -> Queue:
+        q = self.queue
+        if q is None:
+            raise VirtqError(self.index, "ring not configured (size, addresses, memory)")
+        return q
+
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain (resubmitted inflight heads first); VirtqError if bad."""
+        q = self._require()
+        if self._resubmit and isinstance(q, SplitQueue):
+            return q._walk(self._resubmit.pop(0))
+        chain = q.pop()
+        if chain is not None and self.inflight is not None and isinstance(q, SplitQueue):
+            self.inflight.fetch(chain.head)
+        return chain
+
+    def iter(self) -> Iterator[DescriptorChain]:
+        """Iterate available chains (the queue's fast iterator when no inflight tracking)."""
+        q = self._require()
+        if self.inflight is None and not self._resubmit:
+            return iter(q)
+        return iter(self.pop, None)
+
+    def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
+        """Take up to ``max_chains`` chains at once (numpy arrays, see Batch)."""
+        q = self._require()
+        batch = q.pop_batch(max_chains)
+        if self.inflight is not None and isinstance(q, SplitQueue):
+            for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
+                self.inflight.fetch(head)
+        return batch
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element."""
+        q = self._require()
+        if self.inflight is not None and isinstance(q, SplitQueue):
+
+            def publish() -> int:
+                q.add_used(head, length)
+                return q.next_used
+
+            self.inflight.complete([head], publish)
+            return
+        q.add_used(head, length)
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Publish many used elements at once."""
+        q = self._require()
+        if self.inflight is not None and isinstance(q, SplitQueue):
+            heads = [int(h) for h in ids]
+
+            def publish() -> int:
+                q.add_used_batch(ids, lens)
+                return q.next_used
+
+            self.inflight.complete(heads, publish)
+            return
+        q.add_used_batch(ids, lens)
+
+    def complete_error(self, exc: VirtqError) -> None:
+        """Finish a bad chain: used length 0 when its head may be completed, then signal err."""
+        q = self.queue
+        if q is not None and exc.head is not None:
+            try:
+                self.add_used(exc.head, 0)
+            except VirtqError as again:
+                log.debug("ring %d: bad chain not completed: %s", self.index, again)
+            self.signal_used_queue()
+        self.signal_err()
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now."""
+        return self.queue.needs_notification() if self.queue is not None else False
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again; True if work arrived meanwhile (process it before sleeping)."""
+        return self.queue.enable_notification() if self.queue is not None else False
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick."""
+        if self.queue is not None:
+            self.queue.disable_notification()
+
+    def signal_used_queue(self) -> bool:
+        """Write 1 to the call fd when the driver wants a notification; returns whether sent."""
+        if self.queue is None or not self.queue.needs_notification():
+            return False
+        if self.call is not None:
+            _eventfd_signal(self.call)
+            return True
+        if self.backend_channel is not None:
+            self.backend_channel.vring_call(self.index)
+            return True
+        return False
+
+    def signal_err(self) -> None:
+        """Signal the err fd (or in-band VRING_ERR when there is no fd but a channel)."""
+        if self.err is not None:
+            _eventfd_signal(self.err)
+        elif self.backend_channel is not None:
+            self.backend_channel.vring_err(self.index)
+
+    def reset(self) -> None:
+        """Back to the initial state: fds closed, queue dropped, flags cleared."""
+        for fd in (self.kick, self.call, self.err):
+            _close(fd)
+        self.kick = self.call = self.err = None
+        if self.queue is not None:
+            self.queue.release()
+        self.queue = None
+        self.size = 0
+        self.addr_set = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr = None
+        self.base = 0
+        self.enabled = self.started = False
+        self.inflight = None
+        self._resubmit = []
+
+
+class _Guard:
+    """Context manager yielding the state while ``lock`` is held."""
+
+    __slots__ = ("_lock", "_state")
+
+    def __init__(self, lock: Any, state: VringState) -> None:
+        self._lock = lock
+        self._state = state
+
+    def __enter__(self) -> VringState:
+        self._lock.__enter__()
+        return self._state
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._lock.__exit__(exc_type, exc, tb)
+
+
+class RwLock:
+    """A writer-preferring read-write lock (``read`` and ``write`` are context managers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self.read = _RwSide(self, write=False)
+        self.write = _RwSide(self, write=True)
+
+    def acquire_read(self) -> None:
+        """Block until no writer holds or waits for the lock."""
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        """Release a read hold."""
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        """Block until no reader or writer holds the lock."""
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+
+    def release_write(self) -> None:
+        """Release the write hold."""
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class _RwSide:
+    __slots__ = ("_rw", "_write")
+
+    def __init__(self, rw: RwLock, *, write: bool) -> None:
+        self._rw = rw
+        self._write = write
+
+    def __enter__(self) -> None:
+        if self._write:
+            self._rw.acquire_write()
+        else:
+            self._rw.acquire_read()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._write:
+            self._rw.release_write()
+        else:
+            self._rw.release_read()
+
+
+class _SharedVring:
+    """Convenience methods shared by VringMutex and VringRwLock: each takes the lock once."""
+
+    _state: VringState
+    _rlock: Any
+    _wlock: Any
+
+    def get_ref(self) -> _Guard:
+        """``with vring.get_ref() as state:`` shared access."""
+        return _Guard(self._rlock, self._state)
+
+    def get_mut(self) -> _Guard:
+        """``with vring.get_mut() as state:`` exclusive access."""
+        return _Guard(self._wlock, self._state)
+
+    # plain flags: written by the control thread, read lock-free by workers
+    @property
+    def enabled(self) -> bool:
+        """SET_VRING_ENABLE flag."""
+        return self._state.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._state.enabled = value
+
+    @property
+    def started(self) -> bool:
+        """Started flag (kick fd set / kicked; cleared by GET_VRING_BASE)."""
+        return self._state.started
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self._state.started = value
+
+    @property
+    def index(self) -> int:
+        """Ring index."""
+        return self._state.index
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Set the enabled flag."""
+        self._state.enabled = enabled
+
+    def set_features(self, features: int) -> None:
+        """Apply acked virtio features."""
+        with self._wlock:
+            self._state.set_features(features)
+
+    def set_queue_event_idx(self, enabled: bool) -> None:
+        """Turn event idx on or off."""
+        with self._wlock:
+            self._state.set_queue_event_idx(enabled)
+
+    def set_queue_size(self, num: int) -> None:
+        """SET_VRING_NUM."""
+        with self._wlock:
+            self._state.set_queue_size(num)
+
+    def set_queue_info(self, desc: int, avail: int, used: int, log_addr: int | None = None) -> None:
+        """SET_VRING_ADDR with guest-physical areas."""
+        with self._wlock:
+            self._state.set_queue_info(desc, avail, used, log_addr)
+
+    def update_memory(self, memory: GuestMemoryAtomic | GuestMemory | None = None) -> bool:
+        """Re-translate over a new memory snapshot."""
+        with self._wlock:
+            return self._state.update_memory(memory)
+
+    def set_log(self, dirty_log: DirtyLogLike | None) -> None:
+        """Attach or detach the dirty log."""
+        with self._wlock:
+            self._state.set_log(dirty_log)
+
+    def set_inflight(self, inflight: Any) -> None:
+        """Attach the inflight region."""
+        with self._wlock:
+            self._state.set_inflight(inflight)
+
+    def set_backend_channel(self, channel: Any) -> None:
+        """Back-end request channel for in-band notifications."""
+        with self._wlock:
+            self._state.set_backend_channel(channel)
+
+    def get_queue_base(self) -> int:
+        """GET_VRING_BASE num."""
+        with self._rlock:
+            return self._state.get_queue_base()
+
+    def set_queue_base(self, num: int) -> None:
+        """SET_VRING_BASE num."""
+        with self._wlock:
+            self._state.set_queue_base(num)
+
+    def queue_next_avail(self) -> int:
+        """Next avail index."""
+        with self._rlock:
+            return self._state.queue_next_avail()
+
+    def set_queue_next_avail(self, base: int) -> None:
+        """Set the next avail index."""
+        with self._wlock:
+            self._state.set_queue_next_avail(base)
+
+    def set_queue_next_used(self, idx: int) -> None:
+        """Set the next used index."""
+        with self._wlock:
+            self._state.set_queue_next_used(idx)
+
+    def queue_used_idx(self) -> int:
+        """Used index in guest memory."""
+        with self._rlock:
+            return self._state.queue_used_idx()
+
+    def set_kick(self, fd: int | None) -> None:
+        """Own a new kick fd."""
+        with self._wlock:
+            self._state.set_kick(fd)
+
+    def get_kick(self) -> int | None:
+        """Kick fd."""
+        return self._state.kick
+
+    def read_kick(self) -> bool:
+        """Consume a kick; returns enabled."""
+        return self._state.read_kick()
+
+    def set_call(self, fd: int | None) -> None:
+        """Own a new call fd."""
+        with self._wlock:
+            self._state.set_call(fd)
+
+    def get_call(self) -> int | None:
+        """Call fd."""
+        return self._state.call
+
+    def set_err(self, fd: int | None) -> None:
+        """Own a new err fd."""
+        with self._wlock:
+            self._state.set_err(fd)
+
+    def get_err(self) -> int | None:
+        """Err fd."""
+        return self._state.err
+
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain (VirtqError for a bad one, consumed)."""
+        with self._wlock:
+            return self._state.pop()
+
+    def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
+        """Many chains at once."""
+        with self._wlock:
+            return self._state.pop_batch(max_chains)
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element."""
+        with self._wlock:
+            self._state.add_used(head, length)
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Publish many used elements."""
+        with self._wlock:
+            self._state.add_used_batch(ids, lens)
+
+    def complete_error(self, exc: VirtqError) -> None:
+        """Complete a bad chain with length 0 and signal err."""
+        with self._wlock:
+            self._state.complete_error(exc)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a notification."""
+        with self._wlock:
+            return self._state.needs_notification()
+
+    def enable_notification(self) -> bool:
+        """Re-enable kicks; True if more work arrived."""
+        with self._wlock:
+            return self._state.enable_notification()
+
+    def disable_notification(self) -> None:
+        """Suppress kicks."""
+        with self._wlock:
+            self._state.disable_notification()
+
+    def signal_used_queue(self) -> bool:
+        """Notify the driver if it wants it."""
+        with self._wlock:
+            return self._state.signal_used_queue()
+
+    def signal_err(self) -> None:
+        """Signal the err fd."""
+        with self._rlock:
+            self._state.signal_err()
+
+    def reset(self) -> None:
+        """Back to the initial state."""
+        with self._wlock:
+            self._state.reset()
+
+
+class VringMutex(_SharedVring):
+    """A VringState behind one threading.Lock: ``with vring.lock() as state: ...``."""
+
+    def __init__(
+        self,
+        memory: GuestMemoryAtomic | GuestMemory,
+        max_queue_size: int = MAX_QUEUE_SIZE,
+        *,
+        index: int = 0,
+    ) -> None:
+        """Create the ring state and its lock."""
+        self._state = VringState(memory, max_queue_size, index=index)
+        self._mutex = threading.Lock()
+        self._rlock = self._wlock = self._mutex
+
+    def lock(self) -> _Guard:
+        """Exclusive access to the state (a context manager)."""
+        return _Guard(self._mutex, self._state)
+
+
+class VringRwLock(_SharedVring):
+    """A VringState behind a read-write lock: ``read_lock()`` / ``write_lock()``."""
+
+    def __init__(
+        self,
+        memory: GuestMemoryAtomic | GuestMemory,
+        max_queue_size: int = MAX_QUEUE_SIZE,
+        *,
+        index: int = 0,
+    ) -> None:
+        """Create the ring state and its read-write lock."""
+        self._state = VringState(memory, max_queue_size, index=index)
+        self._rw = RwLock()
+        self._rlock = self._rw.read
+        self._wlock = self._rw.write
+
+    def read_lock(self) -> _Guard:
+        """Shared access to the state."""
+        return _Guard(self._rlock, self._state)
+
+    def write_lock(self) -> _Guard:
+        """Exclusive access to the state."""
+        return _Guard(self._wlock, self._state)
+
+
+class VringT(Protocol):
+    """What devices and the daemon may call on any vring (VringMutex, VringRwLock)."""
+
+    enabled: bool
+    started: bool
+
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain; VirtqError (consumed) for a bad one."""
+
+    def pop_batch(self, max_chains: int = ...) -> Batch:
+        """Many chains at once."""
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element."""
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Publish many used elements."""
+
+    def complete_error(self, exc: VirtqError) -> None:
+        """Complete a bad chain with length 0 and signal err."""
+
+    def signal_used_queue(self) -> bool:
+        """Notify the driver if it wants it."""
+
+    def signal_err(self) -> None:
+        """Signal the err fd."""
+
+    def enable_notification(self) -> bool:
+        """Re-enable kicks; True if more work arrived meanwhile."""
+
+    def disable_notification(self) -> None:
+        """Suppress kicks."""
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a notification."""
+
+    def set_queue_event_idx(self, enabled: bool) -> None:
+        """Turn event idx on or off."""
+
+    def get_queue_base(self) -> int:
+        """GET_VRING_BASE num."""
+
+    def set_queue_base(self, num: int) -> None:
+        """SET_VRING_BASE num."""
+
+    def read_kick(self) -> bool:
+        """Consume a kick; returns enabled."""
+
+    def get_err(self) -> int | None:
+        """The err fd."""
+
+    def reset(self) -> None:
+        """Back to the initial state."""
+
+
+__all__ = ["RwLock", "VringMutex", "VringRwLock", "VringState", "VringT"]
