@@ -29,6 +29,7 @@ from vhsm.frontend.connection import Connection, Recorder
 from vhsm.frontend.memory import FrontendMemory
 from vhsm.frontend.reqchannel import BackendRequestHandler, BackendRequestServer
 from vhsm.frontend.virtqueue import DEFAULT_TIMEOUT, Virtqueue
+from vhsm.transport import PeerClosed
 from vhsm.wire import (
     Channel,
     DeviceStatus,
@@ -594,22 +595,32 @@ class Frontend:
         if not self.connection.peer_closed:
             self.disconnect()
         wait = self.timeout if timeout is None else timeout
-        if self.listener is not None:
-            sock = self.listener.accept_socket(wait)
-        elif self.path is not None:
-            sock = connect_unix(self.path, retry_for=wait)
-        else:
-            raise VhsmError("reconnect needs the back-end's socket path or a listener")
-        self._reset_session_state()
-        self._attach(sock)
+        deadline = time.monotonic() + wait
         opts = dict(self._negotiation)
-        self.negotiate(
-            opts.get("features"),
-            opts.get("protocol_features"),
-            owner_first=bool(opts.get("owner_first", False)),
-            packed=bool(opts.get("packed", False)),
-            backend_req=bool(opts.get("backend_req", True)),
-        )
+        while True:
+            if self.listener is not None:
+                sock = self.listener.accept_socket(wait)
+            elif self.path is not None:
+                sock = connect_unix(self.path, retry_for=wait)
+            else:
+                raise VhsmError("reconnect needs the back-end's socket path or a listener")
+            self._reset_session_state()
+            self._attach(sock)
+            try:
+                self.negotiate(
+                    opts.get("features"),
+                    opts.get("protocol_features"),
+                    owner_first=bool(opts.get("owner_first", False)),
+                    packed=bool(opts.get("packed", False)),
+                    backend_req=bool(opts.get("backend_req", True)),
+                )
+                break
+            except PeerClosed:
+                # a daemon still tearing the old session down refuses the new one: retry
+                self.disconnect()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
         if self.inflight is not None and self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             self.set_inflight_fd()
         self.set_mem_table()

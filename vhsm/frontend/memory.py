@@ -116,6 +116,8 @@ class FrontendMemory:
             if gpa < r.end and r.guest_phys_addr < gpa + size:
                 raise ValueError(f"region {gpa:#x}+{size:#x} overlaps {r.guest_phys_addr:#x}")
         region = GuestRegion(gpa, size, UVA_BASE + gpa if uva is None else uva)
+        if gpa == 0 and size > mmap.PAGESIZE:
+            region.alloc(mmap.PAGESIZE, 1)  # keep guest address 0 out of every buffer
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.guest_phys_addr)
         return region
