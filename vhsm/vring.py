@@ -53,10 +53,8 @@ def _close(fd: int | None) -> None:
 
 
 def _eventfd_signal(fd: int) -> None:
-    try:
+    with contextlib.suppress(BlockingIOError):  # counter saturated: a wake-up is pending
         os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # counter saturated: a wake-up is pending anyway
 
 
 class VringState:

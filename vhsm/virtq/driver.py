@@ -167,6 +167,8 @@ class SplitDriver:
         """Whether the device wants a kick for what was published since the last call."""
         new, old = self.avail_idx, self._kicked
         self._kicked = new
+        if new == old:
+            return False
         memory_barrier()
         if self.event_idx:
             return vring_need_event(self._used_h[2 + 4 * self.size], new, old)
@@ -340,6 +342,8 @@ class PackedDriver:
         """Whether the device wants a kick for what was posted since the last call."""
         added = self._since_kick
         self._since_kick = 0
+        if not added:
+            return False
         memory_barrier()
         flags = self._dev_h[1] & 3
         if flags == RING_EVENT_FLAGS_DISABLE:
