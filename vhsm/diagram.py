@@ -232,12 +232,11 @@ class DiagramMachine(GraphMachine):
     """A `GraphMachine` that only draws: no model, no callbacks, no active-state styling."""
 
     style_attributes = _STYLE
-    machine_attributes = {"directed": "true", "strict": "false", "rankdir": "TB"}
+    machine_attributes = {"rankdir": "TB"}
 
     def __init__(self, spec: MachineSpec, engine: str) -> None:
         if engine not in ENGINES:
             raise VhsmError(f"unknown graph engine {engine!r} (choose {', '.join(ENGINES)})")
-        self.vhsm_engine = engine
         self.vhsm_details = {
             state: wrap_items(items) for state, items in internal_requests(spec).items()
         }
