@@ -19,7 +19,7 @@ from vhsm.session.machines import load_machine_spec
 ROOT = Path(__file__).resolve().parent.parent
 DIAGRAMS = ROOT / "diagrams"
 DATA = ROOT / "tests" / "data"
-REGENERATE = "vhsm diagram --format all --out diagrams (or: make diagrams)"
+REGENERATE = "`vhsm diagram --format all --out diagrams` (or `make diagrams`)"
 TRACES = {"qemu72-blk-sequence.mmd": DATA / "qemu72-blk.jsonl"}
 
 needs_dot = pytest.mark.skipif(
@@ -30,7 +30,7 @@ needs_dot = pytest.mark.skipif(
 
 def _committed(name: str) -> str:
     path = DIAGRAMS / name
-    assert path.is_file(), f"diagrams/{name} is missing: run `{REGENERATE}`"
+    assert path.is_file(), f"diagrams/{name} is missing: run {REGENERATE}"
     return path.read_text(encoding="utf-8")
 
 
@@ -48,7 +48,7 @@ def test_committed_diagram_is_current(machine: str, fmt: str) -> None:
     fresh = diagram.render(machine, fmt).decode("utf-8")
     assert fresh == _committed(name), (
         f"diagrams/{name} is stale (specs/{machine}.yaml or vhsm/diagram.py changed): "
-        f"run `{REGENERATE}`"
+        f"run {REGENERATE}"
     )
 
 
@@ -59,7 +59,7 @@ def test_committed_svg_was_rendered_from_current_dot_source(machine: str) -> Non
     dot = diagram.render(machine, "dot").decode("utf-8")
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     assert diagram.svg_source_digest(svg) == diagram.dot_digest(dot), (
-        f"diagrams/{machine}.svg was not rendered from the current dot source: run `{REGENERATE}`"
+        f"diagrams/{machine}.svg was not rendered from the current dot source: run {REGENERATE}"
     )
 
 
