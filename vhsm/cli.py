@@ -20,6 +20,7 @@ from vhsm.errors import VhsmError
 COMMAND_MODULES: tuple[str, ...] = (
     "vhsm.commands.audit",
     "vhsm.commands.diagram",
+    "vhsm.commands.record",
     "vhsm.commands.serve",
     "vhsm.commands.demo",
 )

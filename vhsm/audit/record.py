@@ -1,0 +1,490 @@
+"""`vhsm record`: a recording relay between a real front-end and a real back-end.
+
+The relay listens where the front-end expects the back-end and, for each
+front-end connection, connects to the back-end. Bytes and fds pass through
+unchanged in both directions, one whole message at a time (its exact bytes,
+its own fds), and each message becomes one transcript line
+(tests/data/README.md). The back-end request channel is relayed too: the
+socket in SET_BACKEND_REQ_FD is swapped for one end of the relay's own socket
+pair, whose traffic is copied to the front-end's socket and recorded with
+``"channel": "backend"``. Connections are served concurrently, numbered in
+accept order; every end of a connection is recorded with who ended it and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterable
+from enum import IntFlag
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from vhsm.daemon import Listener
+from vhsm.frontend.connection import Recorder
+from vhsm.transport import recv_with_fds, send_with_fds
+from vhsm.wire import (
+    HEADER_SIZE,
+    Channel,
+    FrontendReq,
+    HeaderFlags,
+    ProtocolFeature,
+    decode_message,
+    message_to_record,
+)
+from vhsm.wire.framing import HEADER
+
+log = logging.getLogger(__name__)
+
+#: Largest payload the relay buffers to keep a message whole; beyond it bytes pass raw.
+RELAY_MAX_PAYLOAD = 1 << 20
+F2B = "F>B"
+B2F = "B>F"
+
+
+@attrs.frozen
+class Unit:
+    """A piece of one direction of a stream: a whole message, or raw bytes after a framing loss."""
+
+    data: bytes
+    fds: tuple[int, ...]
+    whole: bool = True
+
+
+class MessageSplitter:
+    """Cuts one direction of a stream into whole messages, each with the fds sent with it.
+
+    fds go to the last message whose header starts in the chunk they arrived
+    with (a read ends with the segment that carried fds), else to the message
+    in progress: the rule `vhsm.wire.Decoder` applies. After a size field above
+    `max_payload` the stream cannot be cut any more and passes through raw.
+    """
+
+    def __init__(self, max_payload: int = RELAY_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self.raw = False
+        self.oversized: tuple[int, int] | None = None  # (request, size) that broke framing
+        self._buf = bytearray()
+        self._base = 0
+        self._fds_at: dict[int, list[int]] = {}
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held."""
+        return len(self._buf)
+
+    def feed(self, data: bytes, fds: Iterable[int] = ()) -> list[Unit]:
+        """Add received bytes and fds; return the units now ready to forward."""
+        fds = list(fds)
+        if self.raw:
+            return [Unit(bytes(data), tuple(fds), whole=False)]
+        buf = self._buf
+        start = len(buf)
+        buf += data
+        if fds:
+            self._attach(start, fds)
+        out: list[Unit] = []
+        pos = 0
+        while len(buf) - pos >= HEADER_SIZE:
+            request, _flags, size = HEADER.unpack_from(buf, pos)
+            if size > self.max_payload:
+                self.raw = True
+                self.oversized = (request, size)
+                rest = [fd for held in self._fds_at.values() for fd in held]
+                self._fds_at.clear()
+                out.append(Unit(bytes(buf[pos:]), tuple(rest), whole=False))
+                buf.clear()
+                return out
+            end = pos + HEADER_SIZE + size
+            if end > len(buf):
+                break
+            held = self._fds_at.pop(self._base + pos, [])
+            out.append(Unit(bytes(buf[pos:end]), tuple(held)))
+            pos = end
+        if pos:
+            del buf[:pos]
+            self._base += pos
+        return out
+
+    def _attach(self, chunk_start: int, fds: list[int]) -> None:
+        buf = self._buf
+        target = 0
+        pos = 0
+        while pos < len(buf):
+            if pos >= chunk_start:
+                target = pos
+            if len(buf) - pos < HEADER_SIZE:
+                break
+            size = HEADER.unpack_from(buf, pos)[2]
+            if size > self.max_payload:
+                break
+            pos += HEADER_SIZE + size
+        self._fds_at.setdefault(self._base + target, []).extend(fds)
+
+    def close(self) -> None:
+        """Close every fd still held."""
+        for held in self._fds_at.values():
+            _close_fds(held)
+        self._fds_at.clear()
+        self._buf.clear()
+
+
+@attrs.define(eq=False)
+class _Leg:
+    """One readable socket of a relayed pair and where its bytes go."""
+
+    src: socket.socket
+    dst: socket.socket
+    direction: str
+    channel: Channel
+    side: str  # "F" or "B": who writes into src
+    splitter: MessageSplitter = attrs.field(factory=MessageSplitter)
+    partner: _Leg | None = None
+
+
+class _Ended(Exception):
+    """A relayed socket pair ended: who ended it and why."""
+
+    def __init__(self, by: str, why: str) -> None:
+        super().__init__(why)
+        self.by = by
+        self.why = why
+
+
+class RelayConnection:
+    """One front-end connection relayed to one back-end connection (runs on its own thread)."""
+
+    def __init__(self, relay: Relay, front: socket.socket, back: socket.socket, conn: int) -> None:
+        self.relay = relay
+        self.conn = conn
+        self.messages = 0
+        self.xen_mmap = False
+        self._legs: dict[int, _Leg] = {}
+        self._poll = select.poll()
+        fwd = _Leg(front, back, F2B, Channel.MAIN, "F")
+        rev = _Leg(back, front, B2F, Channel.MAIN, "B")
+        self._pair(fwd, rev)
+        self._main = (fwd, rev)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poll.register(self._wake_r, select.POLLIN)
+        self.ended = threading.Event()
+
+    def _pair(self, a: _Leg, b: _Leg) -> None:
+        a.partner, b.partner = b, a
+        for leg in (a, b):
+            self._legs[leg.src.fileno()] = leg
+            self._poll.register(leg.src, select.POLLIN)
+
+    def stop(self) -> None:
+        """Ask the loop to end (from another thread)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    # --- the loop -------------------------------------------------------------------
+    def run(self) -> None:
+        """Relay until the main connection ends; record who ended it and why."""
+        rec = self.relay.recorder
+        try:
+            while True:
+                events = self._poll.poll()
+                for fd, _mask in events:
+                    if fd == self._wake_r:
+                        raise _Ended("relay", "relay stopped")
+                    leg = self._legs.get(fd)
+                    if leg is None:
+                        continue
+                    try:
+                        self._pump(leg)
+                    except _Ended as end:
+                        if leg.channel is Channel.MAIN:
+                            raise
+                        rec.event("close", self.conn, by=end.by, why=end.why, channel="backend")
+                        self._drop(leg)
+        except _Ended as end:
+            rec.event("close", self.conn, by=end.by, why=end.why)
+        except Exception as exc:  # keep the relay serving other connections
+            log.exception("relay connection %d failed", self.conn)
+            rec.event("close", self.conn, by="relay", why=f"relay error: {exc}")
+        finally:
+            for leg in list(self._legs.values()):
+                self._drop(leg)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.ended.set()
+
+    def _drop(self, leg: _Leg) -> None:
+        for one in (leg, leg.partner):
+            if one is None or self._legs.pop(one.src.fileno(), None) is None:
+                continue
+            self._poll.unregister(one.src)
+            one.splitter.close()
+            with contextlib.suppress(OSError):
+                one.src.shutdown(socket.SHUT_RDWR)
+            one.src.close()
+
+    def _pump(self, leg: _Leg) -> None:
+        try:
+            data, fds = recv_with_fds(leg.src)
+        except ConnectionResetError:
+            raise _Ended(leg.side, "connection reset") from None
+        except OSError as exc:
+            raise _Ended(leg.side, f"read failed: {exc}") from None
+        t = self.relay.recorder.now()
+        if not data:
+            _close_fds(fds)
+            why = "eof"
+            if leg.splitter.buffered:
+                why = f"eof inside a message ({leg.splitter.buffered} bytes buffered)"
+            raise _Ended(leg.side, why)
+        for unit in leg.splitter.feed(data, fds):
+            self._forward(leg, unit, t)
+
+    def _forward(self, leg: _Leg, unit: Unit, t: float) -> None:
+        fds = unit.fds
+        swapped: tuple[int, ...] | None = None
+        if unit.whole and leg.channel is Channel.MAIN and leg.direction == F2B:
+            request, flags, _ = HEADER.unpack_from(unit.data)
+            if request == FrontendReq.SET_PROTOCOL_FEATURES and len(unit.data) == HEADER_SIZE + 8:
+                acked = int.from_bytes(unit.data[HEADER_SIZE:], "little")
+                self.xen_mmap = bool(acked & ProtocolFeature.XEN_MMAP)
+            if (
+                request == FrontendReq.SET_BACKEND_REQ_FD
+                and not flags & HeaderFlags.REPLY
+                and len(fds) == 1
+            ):
+                swapped = self._relay_channel(fds[0])
+        other = leg.partner
+        assert other is not None
+        try:
+            send_with_fds(leg.dst, unit.data, fds if swapped is None else swapped)
+        except OSError as exc:
+            raise _Ended(other.side, f"write failed: {exc.strerror or exc}") from None
+        finally:
+            _close_fds(fds if swapped is None else swapped)  # the front-end's end is kept
+        self._record(leg, unit, t)
+
+    def _relay_channel(self, frontend_end: int) -> tuple[int]:
+        """Keep the front-end's channel socket; give the back-end one end of our own pair."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        original = socket.socket(fileno=frontend_end)
+        up = _Leg(ours, original, B2F, Channel.BACKEND, "B")
+        down = _Leg(original, ours, F2B, Channel.BACKEND, "F")
+        self._pair(up, down)
+        self.relay.recorder.event("open", self.conn, channel="backend")
+        fd = os.dup(theirs.fileno())
+        theirs.close()
+        return (fd,)
+
+    def _record(self, leg: _Leg, unit: Unit, t: float) -> None:
+        rec = self.relay.recorder
+        self.messages += 1
+        if not unit.whole:
+            fields: dict[str, Any] = {
+                "dir": leg.direction,
+                "size": len(unit.data),
+                "nfds": len(unit.fds),
+                "bytes": unit.data.hex(),
+            }
+            if leg.splitter.oversized is not None:
+                request, size = leg.splitter.oversized
+                fields["why"] = f"size field {size} of request {request} beyond the relay's cap"
+                fields["rule"] = "VU-FRAME-005"
+            if leg.channel is not Channel.MAIN:
+                fields["channel"] = leg.channel.value
+            rec.add({"t": t, "conn": self.conn, "event": "raw", **fields})
+            return
+        request, flags, _ = HEADER.unpack_from(unit.data)
+        msg = decode_message(
+            request, flags, unit.data, channel=leg.channel, nfds=len(unit.fds), xen=self.xen_mmap
+        )
+        rec.add(
+            message_to_record(
+                msg,
+                direction=leg.direction,
+                t=t,
+                conn=self.conn,
+                nfds=len(unit.fds),
+                device_features=rec.device_features,
+            )
+        )
+
+
+class Relay:
+    """Accepts front-ends at `listen`, relays each to a new connection to `connect`.
+
+    Args:
+        listen: where the front-end connects (a stale socket there is replaced).
+        connect: the back-end's listening socket.
+        out: transcript file path or an open text stream.
+        once: end after the first connection ends.
+        connect_timeout: seconds to keep retrying the back-end for each connection.
+        device_features: flag enums naming device bits in the ``decoded`` fields.
+    """
+
+    def __init__(
+        self,
+        listen: str | os.PathLike[str],
+        connect: str | os.PathLike[str],
+        out: str | os.PathLike[str] | IO[str] | None,
+        *,
+        once: bool = False,
+        connect_timeout: float = 5.0,
+        device_features: Iterable[type[IntFlag]] = (),
+    ) -> None:
+        self.listen_path = Path(listen)
+        self.connect_path = Path(connect)
+        self.once = once
+        self.connect_timeout = connect_timeout
+        if out is None or isinstance(out, str | os.PathLike):
+            self.recorder = Recorder(
+                None if out is None else Path(out), device_features=device_features
+            )
+        else:
+            self.recorder = Recorder(None, device_features=device_features)
+            stream = out
+            self.recorder.listeners.append(lambda line: _write_line(stream, line))
+        self.connections: list[RelayConnection] = []
+        self._listener: Listener | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._threads: list[threading.Thread] = []
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._exit_why = "stopped"
+        self._stopped = False
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every transcript line so far."""
+        return self.recorder.records
+
+    def start(self) -> None:
+        """Listen and accept front-ends on a background thread."""
+        self._listener = Listener(self.listen_path)
+        self.recorder.add(
+            {
+                "t": self.recorder.now(),
+                "event": "listen",
+                "listen": str(self.listen_path),
+                "backend": str(self.connect_path),
+                "pid": os.getpid(),
+            }
+        )
+        thread = threading.Thread(target=self._accept_loop, name="vhsm-record-accept", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the relay ended (`stop`, or the first connection with `once`)."""
+        return self._done.wait(timeout)
+
+    def stop(self, why: str = "stopped") -> None:
+        """Stop accepting, end every connection, record the exit (idempotent)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._exit_why = why
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        for connection in list(self.connections):
+            connection.stop()
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        self.recorder.add({"t": self.recorder.now(), "event": "exit", "why": self._exit_why})
+        self.recorder.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        self._done.set()
+
+    # --- threads ---------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        listener = self._listener
+        conn = 0
+        while True:
+            readable, _, _ = select.select([listener.fileno(), self._stop_r], [], [])
+            if self._stop_r in readable:
+                return
+            try:
+                front = listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
+                    continue
+                raise
+            conn += 1
+            thread = threading.Thread(
+                target=self._serve, args=(front, conn), name=f"vhsm-record-{conn}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+            if self.once:
+                return
+
+    def _serve(self, front: socket.socket, conn: int) -> None:
+        rec = self.recorder
+        rec.event("open", conn)
+        try:
+            back = _connect(self.connect_path, self.connect_timeout, self._stop_r)
+        except OSError as exc:
+            rec.event("close", conn, by="B", why=f"cannot connect to the back-end: {exc}")
+            front.close()
+            self._connection_done()
+            return
+        relayed = RelayConnection(self, front, back, conn)
+        with self._lock:
+            self.connections.append(relayed)
+            if self._stopped:
+                relayed.stop()
+        relayed.run()
+        self._connection_done()
+
+    def _connection_done(self) -> None:
+        if self.once:
+            self._exit_why = "once: first connection ended"
+            self._done.set()
+
+
+def _connect(path: Path, timeout: float, stop_fd: int) -> socket.socket:
+    """Connect to the back-end, retrying while it is not listening yet."""
+    waited = 0.0
+    pause = 0.01
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(os.fspath(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if waited >= timeout:
+                raise
+        readable, _, _ = select.select([stop_fd], [], [], pause)
+        if readable:
+            raise ConnectionAbortedError("relay stopped")
+        waited += pause
+        pause = min(pause * 2, 0.2)
+
+
+def _write_line(stream: IO[str], line: dict[str, Any]) -> None:
+    import json
+
+    stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+__all__ = ["RELAY_MAX_PAYLOAD", "MessageSplitter", "Relay", "RelayConnection", "Unit"]
