@@ -101,7 +101,12 @@ def test_flags_suppression_without_event_idx(mem: GuestMemory) -> None:
     assert chain is not None
     q.add_used(chain.head, 0)
     assert not q.needs_notification()
-    drv.enable_interrupts()
+    assert drv.enable_interrupts() is True  # the driver sees the pending entry itself
+    assert not q.needs_notification()  # nothing new
+    drv.add_chain([(BUF_GPA, 8)])
+    chain = q.pop()
+    assert chain is not None
+    q.add_used(chain.head, 0)
     assert q.needs_notification()
 
 

@@ -79,6 +79,7 @@ class VringState:
         self.log_addr: int | None = None
         self.addr_set = False
         self.base = 0
+        self.base_set = False
         self.features = 0
         self.kick: int | None = None
         self.call: int | None = None
@@ -173,7 +174,12 @@ class VringState:
         if not (self.addr_set and self.size):
             return
         old = self.queue
-        base = old.get_base() if carry and old is not None else self.base
+        if carry and old is not None:
+            base = old.get_base()
+        elif self.base_set or not self.packed:
+            base = self.base
+        else:
+            base = 0x80008000  # packed ring, no SET_VRING_BASE: both wrap counters start at 1
         next_used = old.next_used if carry and isinstance(old, SplitQueue) else None
         mem = self._snapshot()
         n = self.size
@@ -245,13 +251,16 @@ class VringState:
     # ----------------------------------------------------------------- base
     def get_queue_base(self) -> int:
         """GET_VRING_BASE ``num`` (§5.3)."""
-        return self.queue.get_base() if self.queue is not None else self.base
+        if self.queue is not None:
+            return self.queue.get_base()
+        return self.base if self.base_set or not self.packed else 0x80008000
 
     def set_queue_base(self, num: int) -> None:
         """SET_VRING_BASE ``num`` (§5.3); ValueError for reserved bits / bad packed index."""
         if not self.packed and num >> 16:
             raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
         self.base = num
+        self.base_set = True
         q = self.queue
         if q is not None:
             q.set_base(num)
@@ -434,6 +443,7 @@ class VringState:
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.log_addr = None
         self.base = 0
+        self.base_set = False
         self.enabled = self.started = False
         self.inflight = None
         self._resubmit = []

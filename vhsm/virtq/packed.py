@@ -353,7 +353,8 @@ class PackedQueue:
         rs, re_, rv = space.primary
         for fl, addr, ln in descs:
             if fl & _INDIRECT:
-                raise VirtqError(q, "indirect descriptor inside a multi-descriptor chain", bid)
+                what = "has both INDIRECT and NEXT" if fl & _NEXT else "is INDIRECT in a chain"
+                raise VirtqError(q, f"descriptor {what}", bid)
             if fl & _WRITE:
                 seen_write = True
                 if ln:
@@ -569,7 +570,7 @@ class PackedQueue:
         flags = self._driver_h[1] & 3
         advanced = self._since_signal
         self._since_signal = 0
-        if flags == RING_EVENT_FLAGS_DISABLE:
+        if flags == RING_EVENT_FLAGS_DISABLE or not advanced:
             return False
         if flags != RING_EVENT_FLAGS_DESC or not self._event_idx or advanced < 0:
             return True

@@ -472,19 +472,23 @@ class SplitQueue:
 
     # -------------------------------------------------------- notifications
     def needs_notification(self) -> bool:
-        """Whether the driver wants a used-buffer notification now (event idx or flags)."""
+        """Whether the driver wants a used-buffer notification now (event idx or flags).
+
+        False when nothing was used since the previous call (no spurious notifications).
+        """
         nu = self._next_used
-        if self._event_idx:
-            old = self._signalled_used
-            self._signalled_used = nu
+        old = self._signalled_used
+        self._signalled_used = nu
+        if old != nu:
             memory_barrier()
-            if old is None:
+            if self._event_idx:
+                if old is None:
+                    return True
+                event: int = self._avail_h[self._used_event_i]
+                if ((nu - event - 1) & 0xFFFF) < ((nu - old) & 0xFFFF):
+                    return True
+            elif not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT:
                 return True
-            event: int = self._avail_h[self._used_event_i]
-            if ((nu - event - 1) & 0xFFFF) < ((nu - old) & 0xFFFF):
-                return True
-        elif not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT:
-            return True
         return self.notify_on_empty and self._avail_h[1] == self._next_avail
 
     def enable_notification(self) -> bool:
