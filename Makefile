@@ -28,6 +28,7 @@ lint: venv
 
 diagrams: venv
 	$(BIN)/vhsm diagram --format all --out diagrams
+	$(BIN)/vhsm diagram --trace tests/data/qemu72-blk.jsonl --out diagrams
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhsm import diagram
+from vhsm import diagram, diagram_trace
+from vhsm.audit.trace import RecordedBackend
+from vhsm.audit.transcript import load_transcript
 from vhsm.cli import main
+from vhsm.diagram_trace import trace_sequence
 from vhsm.errors import VhsmError
 from vhsm.session.machines import load_machine_spec
 
@@ -35,7 +38,7 @@ def _committed(name: str) -> str:
 
 
 def _trace_text(path: Path) -> str:
-    return diagram.trace_sequence(diagram.load_transcript(path), title=path.name)
+    return trace_sequence(load_transcript(path), title=path.name)
 
 
 # --- golden files -------------------------------------------------------------------------
@@ -285,18 +288,18 @@ def test_qemu_blk_sequence_shows_messages_and_state_changes() -> None:
     # The real QEMU session breaks no rule.
     assert not any("VU-" in line for line in lines)
     # Every recorded message is one arrow.
-    records = diagram.load_transcript(DATA / "qemu72-blk.jsonl")
+    records = load_transcript(DATA / "qemu72-blk.jsonl")
     arrows = [line for line in lines if "->>" in line]
-    assert len(arrows) == sum(1 for r in records if "dir" in r)
+    assert len(arrows) == sum(1 for r in records if r.message is not None)
 
 
 def test_dpdk_net_sequence_has_two_rings_without_get_queue_num() -> None:
-    records = diagram.load_transcript(DATA / "dpdk2211-net.jsonl")
-    backend = diagram.ReplayBackend(records)
+    records = load_transcript(DATA / "dpdk2211-net.jsonl")
+    backend = RecordedBackend(records)
     assert backend.num_queues() == 2
     assert backend.features() == 0xD7C66E7CB
     assert backend.protocol_features() == 0x10CBF
-    text = diagram.trace_sequence(records)
+    text = trace_sequence(records)
     assert not text.startswith("---")
     assert "Note over B: session NEGOTIATING, 2 rings STOPPED_DISABLED" in text
     assert "Note over B: ring 1: STOPPED_DISABLED → STARTED_DISABLED" in text
@@ -304,7 +307,7 @@ def test_dpdk_net_sequence_has_two_rings_without_get_queue_num() -> None:
 
 
 def test_replay_backend_offers_the_recorded_answers() -> None:
-    backend = diagram.ReplayBackend(diagram.load_transcript(DATA / "qemu72-blk.jsonl"))
+    backend = RecordedBackend(load_transcript(DATA / "qemu72-blk.jsonl"))
     assert backend.features() == 0x175007E46
     assert backend.protocol_features() == 0x8F2B
     assert backend.queue_num() == backend.num_queues() == 1
@@ -321,6 +324,7 @@ def test_replay_substitute_fds_are_all_closed() -> None:
 def _message(name: str, req: int, payload: str = "", nfds: int = 0, flags: str = "0x1") -> str:
     size = len(payload) // 2
     record = {
+        "t": 0.0,
         "conn": 7,
         "dir": "F>B",
         "req": req,
@@ -358,11 +362,11 @@ def test_transcript_errors_name_the_line(tmp_path: Path) -> None:
     trace = tmp_path / "broken.jsonl"
     trace.write_text('{"event": "open", "conn": 1}\n{not json\n', encoding="utf-8")
     with pytest.raises(VhsmError, match=r"broken.jsonl:2: not JSON"):
-        diagram.load_transcript(trace)
+        load_transcript(trace)
     trace.write_text("[1, 2]\n", encoding="utf-8")
-    with pytest.raises(VhsmError, match=r"broken.jsonl:1: not a JSON object"):
-        diagram.load_transcript(trace)
+    with pytest.raises(VhsmError, match=r"broken.jsonl:1: a record must be a JSON object"):
+        load_transcript(trace)
 
 
 def test_text_is_made_safe_for_mermaid() -> None:
-    assert diagram._text("a;b #1 <x>\nc") == "a,b no.1 \u2039x\u203a c"
+    assert diagram_trace._text("a;b #1 <x>\nc") == "a,b no.1 \u2039x\u203a c"

@@ -9,12 +9,13 @@ transcript (tests/data/README.md) and writes ``<name>-sequence.mmd``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from vhsm import diagram
+from vhsm.audit.transcript import load_transcript
+from vhsm.diagram_trace import trace_sequence
 from vhsm.errors import VhsmError
 
 #: The command that regenerates the committed diagrams.
@@ -81,15 +82,7 @@ def _run_trace(args: argparse.Namespace, formats: list[str]) -> int:
         raise VhsmError("--trace draws a mermaid sequence diagram: use --format mermaid")
     if args.machine is not None:
         raise VhsmError("--machine does not apply to --trace (the session machine annotates it)")
-    records = diagram.load_transcript(args.trace)
-    # Findings are drawn as notes: do not also log each one.
-    session_log = logging.getLogger("vhsm.session")
-    level = session_log.level
-    session_log.setLevel(logging.ERROR)
-    try:
-        text = diagram.trace_sequence(records, title=args.trace.name)
-    finally:
-        session_log.setLevel(level)
+    text = trace_sequence(load_transcript(args.trace), title=args.trace.name)
     outputs = [(f"{args.trace.stem}-sequence.mmd", text.encode("utf-8"))]
     if args.out is None:
         _print(outputs)
