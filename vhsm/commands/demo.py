@@ -22,7 +22,7 @@ from typing import IO, Any
 from vhsm.backend import VhostUserBackend
 from vhsm.frontend import BlkDevice, Frontend, RngDevice
 from vhsm.session import Session
-from vhsm.wire import BlkFeature
+from vhsm.wire import BlkFeature, Channel, request_spec
 
 #: Size of the demo's blk image (1 MiB).
 IMAGE_SIZE = 1 << 20
@@ -57,18 +57,18 @@ class _Printer:
 
     def record(self, rec: dict[str, Any]) -> None:
         if "event" in rec:
+            what = "back-end channel" if rec.get("channel") == "backend" else "connection"
             extra = f" by {rec['by']} ({rec.get('why', '')})" if "by" in rec else ""
-            self.line(f"{rec['t']:8.4f}  ---  connection {rec['conn']} {rec['event']}{extra}")
+            self.line(f"{rec['t']:8.4f}  ---  {what} {rec['conn']} {rec['event']}{extra}")
             return
         arrow = "F>B" if rec.get("dir") == "F>B" else "B>F"
         channel = " [backend channel]" if rec.get("channel") == "backend" else ""
-        kind = (
-            "reply"
-            if rec.get("reply")
-            else ("request, ack wanted" if rec.get("need_reply") else "")
-        )
-        fds = f" +{rec['nfds']} fd" if rec.get("nfds") else ""
+        kind = "reply" if rec.get("reply") else ("+ack" if rec.get("need_reply") else "")
+        fds = f"+{rec['nfds']} fd" if rec.get("nfds") else ""
         summary = _summary(rec.get("decoded"))
+        if rec.get("reply") and _is_ack(rec):
+            value = int.from_bytes(bytes.fromhex(rec["payload"]), "little")
+            summary = "ack: ok" if value == 0 else f"NACK ({value})"
         name = rec.get("name", "?")
         self.line(
             f"{rec['t']:8.4f}  {arrow}  {name:<22}{kind:<8}{fds:<7}{summary}{channel}".rstrip()
@@ -77,6 +77,12 @@ class _Printer:
     def state(self, machine: str, index: int | None, old: str, new: str, trigger: str) -> None:
         where = "session" if machine == "session" else f"ring {index}"
         self.line(f"{'':8}        {where}: {old} -> {new}  (on {trigger.upper()})")
+
+
+def _is_ack(rec: dict[str, Any]) -> bool:
+    """Whether a reply record is a REPLY_ACK u64 (not an explicit reply body)."""
+    spec = request_spec(int(rec.get("req", 0)), Channel.MAIN)
+    return spec is not None and spec.reply == "ack" and rec.get("size") == 8
 
 
 def _summary(decoded: Any) -> str:
@@ -89,7 +95,12 @@ def _summary(decoded: Any) -> str:
         else:
             parts = []
             for key, value in decoded.items():
-                if isinstance(value, list):
+                if key == "regions" and isinstance(value, list):
+                    value = ", ".join(
+                        f"gpa {r.get('guest_phys_addr')} size {r.get('memory_size')}" for r in value
+                    )
+                    value = f"[{value}]"
+                elif isinstance(value, list):
                     value = f"[{len(value)} item(s)]"
                 elif isinstance(value, dict):
                     value = "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
@@ -170,7 +181,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     live_states = attach_state_listener(daemon, printer.state)
     daemon.start(Listener(path))
     say(f"vhsm demo: virtio-{args.device} back-end ({type(backend).__name__}) serving {path}")
-    say("time      dir  request               kind    fds    payload")
+    say("    time  dir  request               kind    fds    payload (decoded)")
     ok = False
     fe: Frontend | None = None
     try:
@@ -179,7 +190,9 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         if not live_states:
             say("(state changes are not available from this daemon)")
         fe.start(queues=1, size=64, packed=args.packed)
-        say("--- device ready: I/O ---")
+        layout = "packed" if fe.packed else "split"
+        note = " (the device does not offer RING_PACKED)" if args.packed and not fe.packed else ""
+        say(f"--- device ready ({layout} rings{note}): I/O ---")
         ok = _drive(fe, args.device, say)
         say("--- stopping ring 0 and disconnecting ---")
         base = fe.stop_vring(0)

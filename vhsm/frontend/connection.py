@@ -144,12 +144,21 @@ class Connection:
         """Encode and send a message with its fds (still owned by the caller), record it."""
         data = encode(msg)
         self.recorder.message(attrs.evolve(msg, raw=data), F2B, self.conn)  # before the peer acts
-        send_with_fds(self.sock, data, msg.fds)
+        self._send(data, msg.fds)
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (even a broken header) with fds attached, record them."""
         self.recorder.raw(data, len(fds), F2B, self.conn, self.channel)
-        send_with_fds(self.sock, data, fds)
+        self._send(data, fds)
+
+    def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send; a peer that already closed the connection raises PeerClosed."""
+        try:
+            send_with_fds(self.sock, data, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            if not self.peer_closed:
+                self._eof()
+            raise PeerClosed("the back-end closed the connection") from None
 
     def poll(self, timeout: float | None) -> bool:
         """Wait until the socket is readable (or a message is buffered); False on timeout."""
