@@ -27,7 +27,7 @@ from vhsm.backend_channel import mark_control_thread
 from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
 from vhsm.memory import GuestMemoryAtomic
-from vhsm.session import Session
+from vhsm.session import Session, StateListener
 from vhsm.transport import MessageReader, PeerClosed, send_message
 from vhsm.wire import Decoder, ProtocolFeature
 
@@ -153,8 +153,11 @@ class VhostUserDaemon:
         self._done = threading.Event()
         self._started = False
         self._stopped = False
+        self._closing = False  # the current connection ended; its reset is running
         self.connections = 0
         self.last_error: BaseException | None = None
+        #: Added to every new session's `listeners` (state changes, for demos and audits).
+        self.session_listeners: list[StateListener] = []
 
     # --- public API -----------------------------------------------------------------
     def get_epoll_handlers(self) -> list[VringEpollHandler]:
@@ -266,6 +269,8 @@ class VhostUserDaemon:
                     if err.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
                         continue
                     raise
+                if active is not None and active.is_alive() and self._closing:
+                    active.join()  # the old session is being reset: serve the reconnect
                 if active is not None and active.is_alive():
                     log.warning(
                         "%s: refusing a second front-end on %s (one is being served)",
@@ -277,6 +282,7 @@ class VhostUserDaemon:
                 if active is not None and once:
                     conn.close()
                     break
+                self._closing = False
                 active = threading.Thread(
                     target=self._connection_thread,
                     args=(conn, once),
@@ -288,6 +294,7 @@ class VhostUserDaemon:
         except Exception as err:
             self.last_error = err
             log.exception("%s: accept loop failed", self.name)
+        finally:
             self._finish()
 
     def _connection_thread(self, conn: socket.socket, once: bool) -> None:
@@ -349,6 +356,7 @@ class VhostUserDaemon:
             self.connections += 1
         mark_control_thread(True)
         session = Session(self.backend, self.plane)
+        session.listeners.extend(self.session_listeners)
         self.plane.attach(session)
         decoder = Decoder()
         reader = MessageReader(conn, decoder)
@@ -357,6 +365,7 @@ class VhostUserDaemon:
         try:
             self._message_loop(session, reader, decoder)
         finally:
+            self._closing = True
             reader.close()
             with contextlib.suppress(VhsmError):
                 decoder.close()

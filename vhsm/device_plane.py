@@ -53,7 +53,8 @@ class DevicePlane:
         self.num_queues = backend.num_queues()
         vring_class: Any = getattr(backend, "vring_class", None) or VringMutex
         self.vrings: list[Any] = [
-            vring_class(memory, backend.max_queue_size()) for _ in range(self.num_queues)
+            vring_class(memory, backend.max_queue_size(), index=index)
+            for index in range(self.num_queues)
         ]
         self.process_disabled = bool(getattr(backend, "process_disabled_rings", False))
         self.handlers: list[VringEpollHandler] = []
@@ -121,14 +122,10 @@ class DevicePlane:
         """A hook raised while serving ring `index`: signal its err fd (or in-band VRING_ERR)."""
         if index is None:
             return
-        vring = self.vrings[index]
-        if vring.get_err() is not None:
-            vring.signal_err()
-        elif self._channel is not None and self.protocol_features & (
-            ProtocolFeature.INBAND_NOTIFICATIONS
-        ):
-            with contextlib.suppress(BackendError):
-                self._channel.vring_err(index)
+        try:
+            self.vrings[index].signal_err()
+        except BackendError as err:
+            log.warning("ring %d: in-band VRING_ERR failed: %s", index, err)
 
     def reset(self) -> None:
         """Drop everything tied to the session: rings, fds, log, channel, inflight, memory."""
@@ -137,6 +134,9 @@ class DevicePlane:
         self._acked = 0
         self._addrs.clear()
         self._close_log()
+        for vring in self.vrings:
+            vring.set_features(0)
+            vring.set_backend_channel(None)
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -177,6 +177,7 @@ class DevicePlane:
                     self._apply_addr(index)
                 except GuestMemoryError as err:
                     log.warning("ring %d: addresses not mapped by the new table: %s", index, err)
+                    self.vrings[index].update_memory()
         _hook(self.backend.update_memory, self.memory)
         _hook(self.backend.memory_updated)
 
@@ -316,8 +317,9 @@ class DevicePlane:
         if self._channel is not None:
             self._channel.close()
         self._channel = BackendChannel(fd, lambda: self.protocol_features)
+        inband = self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS
         for vring in self.vrings:
-            vring.set_backend_channel(self._channel)
+            vring.set_backend_channel(self._channel if inband else None)
         _hook(self.backend.set_backend_req_fd, self._channel)
 
     @property

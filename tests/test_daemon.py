@@ -1,0 +1,477 @@
+"""A real VhostUserDaemon on a real unix socket, driven by the project's front-end driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhsm.backend import VhostUserBackend
+from vhsm.daemon import Listener, VhostUserDaemon
+from vhsm.errors import BackendError, VhsmError
+from vhsm.frontend import Frontend, FrontendListener
+from vhsm.vring import VringRwLock, VringState
+from vhsm.wire import (
+    BackendReq,
+    FrontendReq,
+    ProtocolFeature,
+    VhostUserVringState,
+    VirtioFeature,
+    make_request,
+)
+
+WAIT = 10.0
+PF = ProtocolFeature
+
+
+class UpperBackend(VhostUserBackend):
+    """Two queues; each chain's readable bytes come back upper-cased in its writable part."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.fail = False
+        self.fail_hook: str | None = None
+        self.hold = False
+        self.held: list[int] = []
+        self.channel: Any = None
+        self.memory_seen: Any = None
+
+    def _note(self, *event: Any) -> None:
+        self.events.append(event)
+        if self.fail_hook == event[0]:
+            raise BackendError(f"{event[0]} hook fails on purpose")
+
+    def num_queues(self) -> int:
+        return 2
+
+    def max_queue_size(self) -> int:
+        return 256
+
+    def features(self) -> int:
+        return int(
+            VirtioFeature.VERSION_1
+            | VirtioFeature.PROTOCOL_FEATURES
+            | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.RING_INDIRECT_DESC
+        )
+
+    def protocol_features(self) -> int:
+        return int(
+            PF.MQ
+            | PF.REPLY_ACK
+            | PF.BACKEND_REQ
+            | PF.CONFIG
+            | PF.INFLIGHT_SHMFD
+            | PF.RESET_DEVICE
+            | PF.BACKEND_SEND_FD
+        )
+
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[Any], thread_id: int
+    ) -> None:
+        if self.fail:
+            raise BackendError("handle_event fails on purpose")
+        vring = vrings[device_event]
+        while True:
+            vring.disable_notification()
+            while (chain := vring.pop()) is not None:
+                if self.hold:
+                    self.held.append(chain.head)
+                    continue
+                written = chain.write(chain.read_all().upper())
+                vring.add_used(chain.head, written)
+            vring.signal_used_queue()
+            if not vring.enable_notification():
+                break
+
+    def update_memory(self, memory: Any) -> None:
+        self.memory_seen = memory
+
+    def set_backend_req_fd(self, channel: Any) -> None:
+        self.channel = channel
+
+    def connected(self) -> None:
+        self._note("connected")
+
+    def disconnected(self) -> None:
+        self._note("disconnected")
+
+    def ring_started(self, index: int) -> None:
+        self._note("ring_started", index)
+
+    def ring_stopped(self, index: int) -> None:
+        self._note("ring_stopped", index)
+
+    def ring_enabled(self, index: int) -> None:
+        self._note("ring_enabled", index)
+
+    def ring_disabled(self, index: int) -> None:
+        self._note("ring_disabled", index)
+
+    def memory_updated(self) -> None:
+        self._note("memory_updated")
+
+
+@pytest.fixture
+def sock_path() -> Iterator[Path]:
+    directory = tempfile.mkdtemp(prefix="vhsm-", dir="/tmp")
+    yield Path(directory) / "vu.sock"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def served(sock_path: Path) -> Iterator[tuple[UpperBackend, VhostUserDaemon, Path]]:
+    backend = UpperBackend()
+    daemon = VhostUserDaemon("test", backend)
+    daemon.start(Listener(sock_path))
+    yield backend, daemon, sock_path
+    daemon.stop()
+
+
+def connect(path: Path, **kwargs: Any) -> Frontend:
+    return Frontend.connect(path, timeout=WAIT, **kwargs)
+
+
+def upper(fe: Frontend, index: int, text: bytes) -> bytes:
+    """Post one chain on ring `index`, kick, wait for it to come back."""
+    vq = fe.vring(index)
+    src = fe.memory.alloc(len(text))
+    dst = fe.memory.alloc(len(text))
+    fe.memory.write(src, text)
+    head = vq.post([(src, len(text))], [(dst, len(text))])
+    vq.kick(force=True)
+    got, length = vq.wait_used(WAIT)
+    assert got == head
+    out = fe.memory.read(dst, length)
+    fe.memory.free(src)
+    fe.memory.free(dst)
+    return out
+
+
+def wait_until(predicate: Any) -> None:
+    """Wait (not assert) for a condition another thread makes true."""
+    pause = threading.Event()
+    for _ in range(int(WAIT / 0.01)):
+        if predicate():
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"{predicate} never became true")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- requests through the device -------------------------------------------------------
+def test_request_through_the_backend_on_both_rings(served) -> None:
+    backend, daemon, path = served
+    with connect(path) as fe:
+        fe.start(queues=2, size=64)
+        assert upper(fe, 0, b"hello vhost-user") == b"HELLO VHOST-USER"
+        assert upper(fe, 1, b"ring one") == b"RING ONE"
+        assert daemon.serving
+    wait_until(lambda: ("disconnected",) in backend.events)
+    names = [e[0] for e in backend.events]
+    assert names[0] == "connected"
+    for event in [
+        ("ring_started", 0),
+        ("ring_started", 1),
+        ("ring_enabled", 0),
+        ("memory_updated",),
+    ]:
+        assert event in backend.events
+    assert backend.memory_seen is daemon.memory
+
+
+def test_vring_class_is_chosen_by_the_backend(sock_path) -> None:
+    for cls in (VringRwLock, VringState):
+        backend = UpperBackend()
+        backend.vring_class = cls  # type: ignore[attr-defined]
+        daemon = VhostUserDaemon("cls", backend)
+        assert all(type(v) is cls for v in daemon.plane.vrings)
+        daemon.start(Listener(sock_path))
+        try:
+            with connect(sock_path) as fe:
+                fe.start(queues=1, size=16)
+                assert upper(fe, 0, b"abc") == b"ABC"
+        finally:
+            daemon.stop()
+
+
+def test_stop_and_restart_a_ring_processes_what_is_pending(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        assert upper(fe, 0, b"one") == b"ONE"
+        base = fe.stop_vring(0)
+        assert base == 1
+        assert ("ring_stopped", 0) in backend.events
+        vq = fe.vring(0)
+        src, dst = fe.memory.alloc(5), fe.memory.alloc(5)
+        fe.memory.write(src, b"later")
+        vq.post([(src, 5)], [(dst, 5)])
+        fe.restart_vring(0)  # no kick: the start itself must pick the chain up
+        assert vq.wait_used(WAIT)[1] == 5
+        assert fe.memory.read(dst, 5) == b"LATER"
+
+
+def test_rescan_on_enable_after_mem_table_dpdk_style(served) -> None:
+    _, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        fe.enable_vring(0, False)
+        fe.set_mem_table()  # re-translated while disabled
+        vq = fe.vring(0)
+        src, dst = fe.memory.alloc(4), fe.memory.alloc(4)
+        fe.memory.write(src, b"dpdk")
+        vq.post([(src, 4)], [(dst, 4)])
+        vq.kick(force=True)  # lost: the ring is disabled
+        fe.enable_vring(0, True)
+        assert vq.wait_used(WAIT)[1] == 4
+        assert fe.memory.read(dst, 4) == b"DPDK"
+
+
+def test_memory_hotplug_keeps_rings_working(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        fe.add_mem_region(0x4000_0000, 1 << 20) if fe.has_protocol(
+            PF.CONFIGURE_MEM_SLOTS
+        ) else fe.set_mem_table()
+        assert upper(fe, 0, b"after") == b"AFTER"
+        assert backend.events.count(("memory_updated",)) >= 2
+
+
+# --- failures ------------------------------------------------------------------------
+def test_failing_handle_event_signals_err_and_keeps_serving(served, caplog) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        vq = fe.vring(0)
+        backend.fail = True
+        src, dst = fe.memory.alloc(2), fe.memory.alloc(2)
+        fe.memory.write(src, b"ok")
+        vq.post([(src, 2)], [(dst, 2)])
+        vq.kick(force=True)
+        wait_until(vq.error_signalled)
+        assert "ring 0" in caplog.text
+        backend.fail = False
+        vq.kick(force=True)
+        assert vq.wait_used(WAIT)[1] == 2
+        assert upper(fe, 0, b"still") == b"STILL"
+
+
+def test_failing_lifecycle_hook_is_logged_not_fatal(served, caplog) -> None:
+    backend, _, path = served
+    backend.fail_hook = "ring_started"
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        assert upper(fe, 0, b"fine") == b"FINE"
+    assert "ring_started" in caplog.text
+
+
+def test_protocol_violation_closes_and_the_next_front_end_is_served(served, caplog) -> None:
+    backend, daemon, path = served
+    fe = connect(path)
+    fe.start(queues=1, size=64)
+    fe.send(make_request(FrontendReq.SET_VRING_NUM, VhostUserVringState(7, 64)))
+    assert fe.expect_closed(WAIT)
+    assert "VU-RING-001" in caplog.text
+    fe.close()
+    wait_until(lambda: ("disconnected",) in backend.events)
+    with connect(path) as again:
+        again.start(queues=1, size=64)
+        assert upper(again, 0, b"reconnected") == b"RECONNECTED"
+    assert daemon.connections == 2
+
+
+def test_framing_error_closes_and_resets(served, caplog) -> None:
+    backend, _, path = served
+    fe = connect(path)
+    fe.start(queues=1, size=64)
+    fe.send_raw(struct.pack("<III", int(FrontendReq.GET_FEATURES), 1, 5000))
+    assert fe.expect_closed(WAIT)
+    assert "VU-FRAME-005" in caplog.text
+    fe.close()
+    wait_until(lambda: ("disconnected",) in backend.events)
+    assert ("ring_stopped", 0) in backend.events
+    with connect(path) as again:
+        again.start(queues=1, size=64)
+        assert upper(again, 0, b"x") == b"X"
+
+
+def test_reconnect_resumes_rings(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        assert upper(fe, 0, b"before") == b"BEFORE"
+        fe.reconnect()
+        assert upper(fe, 0, b"after") == b"AFTER"
+    assert backend.events.count(("connected",)) == 2
+
+
+def test_second_front_end_is_refused(served, caplog) -> None:
+    _, _, path = served
+    with connect(path) as first:
+        first.start(queues=1, size=64)
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.connect(str(path))
+        second.settimeout(WAIT)
+        assert second.recv(1) == b""  # accepted and closed
+        second.close()
+        assert "refusing a second front-end" in caplog.text
+        assert upper(first, 0, b"undisturbed") == b"UNDISTURBED"
+
+
+# --- inflight and the back-end channel ---------------------------------------------------
+def test_inflight_requests_are_resubmitted_after_reconnect(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64, inflight=True)
+        assert fe.inflight is not None
+        vq = fe.vring(0)
+        backend.hold = True
+        bufs = []
+        for text in (b"first", b"second"):
+            src, dst = fe.memory.alloc(len(text)), fe.memory.alloc(len(text))
+            fe.memory.write(src, text)
+            vq.post([(src, len(text))], [(dst, len(text))])
+            bufs.append((dst, text))
+        vq.kick(force=True)
+        wait_until(lambda: len(backend.held) == 2)
+        backend.hold = False
+        vq.base = 2  # the back-end had consumed both: resume after them
+        fe.reconnect()
+        for dst, text in bufs:
+            assert vq.wait_used(WAIT)[1] == len(text)
+            assert fe.memory.read(dst, len(text)) == text.upper()
+
+
+def test_backend_channel_config_change(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        assert backend.channel is not None
+        backend.channel.config_change()  # waits for the front-end's ack (REPLY_ACK)
+        assert fe.backend_channel is not None
+        msg = fe.backend_channel.wait_for(BackendReq.BACKEND_CONFIG_CHANGE_MSG, WAIT)
+        assert msg is not None and msg.need_reply
+
+
+# --- lifecycle, resources --------------------------------------------------------------
+def test_no_fd_leak_after_1000_connections(served) -> None:
+    backend, daemon, path = served
+    with connect(path) as warm:  # first use imports and caches what later ones need
+        warm.start(queues=2, size=16)
+    wait_until(lambda: not daemon.serving)
+    before = open_fds()
+    for cycle in range(1000):
+        fe = connect(path)
+        try:
+            if cycle % 100 == 0:
+                fe.start(queues=2, size=16, inflight=True)
+                assert upper(fe, 1, b"x") == b"X"
+            else:
+                fe.get_features()
+        finally:
+            fe.close()
+        wait_until(lambda: not daemon.serving)
+    assert open_fds() == before
+
+
+def test_stop_leaves_no_thread_and_removes_the_socket(sock_path) -> None:
+    threads = set(threading.enumerate())
+    before = open_fds()
+    backend = UpperBackend()
+    daemon = VhostUserDaemon("stop", backend)
+    daemon.start(Listener(sock_path))
+    fe = connect(sock_path)
+    fe.start(queues=2, size=16)
+    assert upper(fe, 0, b"a") == b"A"
+    daemon.stop()
+    assert fe.expect_closed(WAIT)
+    fe.close()
+    assert set(threading.enumerate()) == threads
+    assert not sock_path.exists()
+    assert open_fds() == before
+    assert ("disconnected",) in backend.events
+    daemon.stop()  # idempotent
+
+
+def test_shutdown_handle_and_once(sock_path) -> None:
+    daemon = VhostUserDaemon("once", UpperBackend())
+    daemon.start(Listener(sock_path), once=True)
+    with connect(sock_path) as fe:
+        fe.get_features()
+    assert daemon.wait(WAIT)
+    daemon.stop()
+
+    daemon = VhostUserDaemon("handle", UpperBackend())
+    daemon.start(Listener(sock_path))
+    threading.Thread(target=daemon.shutdown_handle().shutdown).start()
+    assert daemon.wait(WAIT)
+    daemon.stop()
+
+
+def test_serve_in_a_thread_until_shutdown(sock_path) -> None:
+    daemon = VhostUserDaemon("serve", UpperBackend())
+    thread = threading.Thread(target=daemon.serve, args=(sock_path,))
+    thread.start()
+    with connect(sock_path) as fe:
+        fe.start(queues=1, size=16)
+        assert upper(fe, 0, b"served") == b"SERVED"
+    daemon.shutdown_handle().shutdown()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert not sock_path.exists()
+
+
+def test_client_mode_connects_and_reconnects(sock_path) -> None:
+    listener = FrontendListener(sock_path)
+    daemon = VhostUserDaemon("client", UpperBackend())
+    try:
+        daemon.start_client(sock_path)
+        fe = Frontend(listener.accept_socket(WAIT), listener=listener, timeout=WAIT)
+        fe.start(queues=1, size=16)
+        assert upper(fe, 0, b"client") == b"CLIENT"
+        fe.reconnect()  # the daemon connects again; the front-end accepts it
+        assert upper(fe, 0, b"again") == b"AGAIN"
+        fe.close()
+    finally:
+        daemon.stop()
+        listener.close()
+
+
+def test_client_mode_gives_up_after_the_timeout(sock_path) -> None:
+    daemon = VhostUserDaemon("client", UpperBackend())
+    with pytest.raises(VhsmError, match="cannot connect"):
+        daemon.start_client(sock_path, connect_timeout=0.2)
+    daemon.stop()
+
+
+# --- Listener ------------------------------------------------------------------------------
+def test_listener_mode_stale_live_and_foreign_paths(sock_path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock_path))
+    stale.close()  # a socket file nobody listens on
+    listener = Listener(sock_path)
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    with pytest.raises(VhsmError, match="socket in use"):
+        Listener(sock_path)
+    listener.close()
+    assert not sock_path.exists()
+    sock_path.write_text("not a socket")
+    with pytest.raises(VhsmError, match="not a socket"):
+        Listener(sock_path)
+    assert sock_path.read_text() == "not a socket"
+    with pytest.raises(VhsmError, match="cannot listen"):
+        Listener(sock_path.parent / "missing" / "vu.sock")
