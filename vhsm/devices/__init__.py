@@ -1,0 +1,13 @@
+"""Reference devices written only with vhsm's public API: read them to learn to write one.
+
+* :mod:`vhsm.devices.rng` — ``RngBackend()``: the smallest device, one queue filled
+  with ``os.urandom``; start here.
+* :mod:`vhsm.devices.blk` — ``BlkBackend(path, read_only=False, num_queues=1)``: a
+  file-backed virtio-blk, requests with headers, status bytes and zero-copy I/O.
+* :mod:`vhsm.devices.net` — ``NetBackend(mode="sink", queue_pairs=1)``: virtio-net
+  sink or loopback, queue pairs, mergeable receive buffers, the numpy batch API.
+
+Each module is imported on its own (``vhsm serve`` imports only the one it runs).
+"""
+
+from __future__ import annotations

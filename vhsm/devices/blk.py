@@ -1,0 +1,332 @@
+"""A file-backed virtio-blk device: the reference for request/response devices.
+
+Teaching notes:
+
+* Every request is one descriptor chain: a 16-byte device-readable header
+  (``type``, ``ioprio``, ``sector``), then data (readable for writes, writable
+  for reads), then one writable status byte at the very end.
+* Data moves with ``os.preadv``/``os.pwritev`` straight between the file and the
+  guest memoryviews of the chain: no copy in Python.
+* The used length is the number of bytes the device wrote into the chain (read
+  data + status byte).
+* Anything wrong in a request the guest sent gets a status (IOERR, UNSUPP); only a
+  chain with nowhere to put the status is a bad chain (completed with length 0).
+* Each queue gets its own worker thread: ``preadv``/``pwritev``/``fsync`` release
+  the GIL, so queues really do I/O in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from vhsm.backend import EPOLLIN, VhostUserBackend
+from vhsm.errors import BackendError, VirtqError
+from vhsm.wire.enums import BlkFeature, ProtocolFeature, VirtioFeature
+
+if TYPE_CHECKING:
+    from vhsm.virtq.chain import DescriptorChain
+    from vhsm.vring import VringT
+
+log = logging.getLogger(__name__)
+
+# Request types and status values (virtio spec, block device).
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 0x1
+VIRTIO_BLK_ID_BYTES = 20
+
+SECTOR = 512
+HEADER = struct.Struct("<IIQ")  # type, ioprio (reserved), sector
+SEGMENT = struct.Struct("<QII")  # discard / write-zeroes: sector, num_sectors, flags
+# virtio_blk_config up to write_zeroes_may_unmap (+3 unused bytes): 60 bytes.
+CONFIG = struct.Struct("<QII4xIBBHIBxHIIIIIB3x")
+
+MAX_QUEUE_SIZE = 1024
+SIZE_MAX = 1 << 20  # largest data segment, bytes
+SEG_MAX = 126  # data segments per request: a 128-entry queue minus header and status
+MAX_ZERO_SECTORS = 1 << 23  # per discard / write-zeroes segment (4 GiB)
+MAX_ZERO_SEGMENTS = 32  # segments per discard / write-zeroes request
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class BlkBackend(VhostUserBackend):
+    """virtio-blk over a file or block device.
+
+    Args:
+        path: the image (a regular file or a block device); capacity = its size / 512.
+        read_only: open it read-only and offer VIRTIO_BLK_F_RO; writes fail with IOERR.
+        num_queues: request queues (more than one offers VIRTIO_BLK_F_MQ).
+        serial: the GET_ID string (at most 20 bytes; default: the file's name).
+    """
+
+    def __init__(
+        self, path: str, read_only: bool = False, num_queues: int = 1, serial: str | None = None
+    ) -> None:
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ValueError(f"num_queues {num_queues} not in 1..65535")
+        self.path = path
+        self.read_only = read_only
+        self._num_queues = num_queues
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.capacity = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR  # in 512-byte sectors
+        name = serial if serial is not None else os.path.basename(path)
+        self.serial = name.encode()[:VIRTIO_BLK_ID_BYTES]
+
+    def close(self) -> None:
+        """Close the image."""
+        os.close(self.fd)
+
+    # --- negotiation ---------------------------------------------------------------
+    def num_queues(self) -> int:
+        """One virtqueue per request queue."""
+        return self._num_queues
+
+    def max_queue_size(self) -> int:
+        """Largest ring accepted."""
+        return MAX_QUEUE_SIZE
+
+    def features(self) -> int:
+        """Ring features, vhost-user's PROTOCOL_FEATURES and LOG_ALL, and the blk features."""
+        bits = (
+            VirtioFeature.VERSION_1
+            | VirtioFeature.RING_INDIRECT_DESC
+            | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.PROTOCOL_FEATURES
+            | VirtioFeature.LOG_ALL
+            | BlkFeature.SIZE_MAX
+            | BlkFeature.SEG_MAX
+            | BlkFeature.BLK_SIZE
+            | BlkFeature.FLUSH
+            | BlkFeature.DISCARD
+            | BlkFeature.WRITE_ZEROES
+        )
+        if self.read_only:
+            bits |= BlkFeature.RO
+        if self._num_queues > 1:
+            bits |= BlkFeature.MQ
+        return int(bits)
+
+    def protocol_features(self) -> int:
+        """What qemu-storage-daemon offers, plus inflight tracking, reset and status."""
+        return int(
+            ProtocolFeature.MQ
+            | ProtocolFeature.LOG_SHMFD
+            | ProtocolFeature.REPLY_ACK
+            | ProtocolFeature.BACKEND_REQ
+            | ProtocolFeature.CONFIG
+            | ProtocolFeature.INFLIGHT_SHMFD
+            | ProtocolFeature.RESET_DEVICE
+            | ProtocolFeature.CONFIGURE_MEM_SLOTS
+            | ProtocolFeature.STATUS
+        )
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """The virtio_blk_config bytes ``[offset, offset+size)``, zeros past its end."""
+        config = CONFIG.pack(
+            self.capacity,
+            SIZE_MAX,
+            SEG_MAX,
+            SECTOR,  # blk_size
+            0,  # physical_block_exp
+            0,  # alignment_offset
+            1,  # min_io_size (logical blocks)
+            0,  # opt_io_size
+            0,  # wce (meaningful only with CONFIG_WCE, not offered)
+            self._num_queues,
+            MAX_ZERO_SECTORS,  # max_discard_sectors
+            MAX_ZERO_SEGMENTS,  # max_discard_seg
+            1,  # discard_sector_alignment
+            MAX_ZERO_SECTORS,  # max_write_zeroes_sectors
+            MAX_ZERO_SEGMENTS,  # max_write_zeroes_seg
+            1,  # write_zeroes_may_unmap
+        )
+        return config[offset : offset + size].ljust(size, b"\0")
+
+    def queues_per_thread(self) -> Sequence[Sequence[int]]:
+        """One worker per queue: file I/O releases the GIL."""
+        return [[q] for q in range(self._num_queues)]
+
+    # --- the data path -------------------------------------------------------------
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
+    ) -> None:
+        """Drain queue ``device_event``: suppress kicks while busy, re-check after re-enabling."""
+        if evset != EPOLLIN or not 0 <= device_event < self._num_queues:
+            raise BackendError(f"blk: unexpected event {device_event} ({evset:#x})")
+        vring = vrings[device_event]
+        while True:
+            vring.disable_notification()
+            while True:
+                try:
+                    chain = vring.pop()
+                except VirtqError as exc:
+                    vring.complete_error(exc)
+                    continue
+                if chain is None:
+                    break
+                vring.add_used(chain.head, self.process(chain, device_event))
+            vring.signal_used_queue()
+            if not vring.enable_notification():
+                break
+
+    def process(self, chain: DescriptorChain, queue: int = 0) -> int:
+        """Serve one request; returns the used length (bytes written into the chain)."""
+        if not chain.writable_len:
+            log.warning("blk queue %d head %d: no writable status byte", queue, chain.head)
+            return 0
+        status_view, data_out = _split_tail(chain.writable)
+        if chain.readable_len < HEADER.size:
+            log.warning("blk queue %d head %d: short header", queue, chain.head)
+            status_view[0] = VIRTIO_BLK_S_IOERR
+            return 1
+        rtype, _ioprio, sector = HEADER.unpack(chain.read(HEADER.size))
+        data_in = _skip(chain.readable, HEADER.size)
+        written = 0
+        try:
+            status, written = self._dispatch(rtype, sector, data_in, data_out)
+        except OSError as exc:
+            log.warning("blk queue %d: request type %d sector %d: %s", queue, rtype, sector, exc)
+            status = VIRTIO_BLK_S_IOERR
+        status_view[0] = status
+        return written + 1
+
+    def _dispatch(
+        self, rtype: int, sector: int, data_in: list[memoryview], data_out: list[memoryview]
+    ) -> tuple[int, int]:
+        """Run one request: (status, data bytes written into the chain)."""
+        if rtype == VIRTIO_BLK_T_IN:
+            nbytes = sum(len(v) for v in data_out)
+            if not self._in_range(sector, nbytes):
+                return VIRTIO_BLK_S_IOERR, 0
+            _preadv_all(self.fd, data_out, sector * SECTOR)
+            return VIRTIO_BLK_S_OK, nbytes
+        if rtype == VIRTIO_BLK_T_OUT:
+            nbytes = sum(len(v) for v in data_in)
+            if self.read_only or not self._in_range(sector, nbytes):
+                return VIRTIO_BLK_S_IOERR, 0
+            _pwritev_all(self.fd, data_in, sector * SECTOR)
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            if not self.read_only:
+                os.fsync(self.fd)
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+            return VIRTIO_BLK_S_OK, _scatter(data_out, ident)
+        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            return self._zero_segments(rtype, b"".join(data_in)), 0
+        return VIRTIO_BLK_S_UNSUPP, 0
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        """Whole sectors, all inside the capacity."""
+        return nbytes % SECTOR == 0 and sector + nbytes // SECTOR <= self.capacity
+
+    def _zero_segments(self, rtype: int, data: bytes) -> int:
+        """DISCARD / WRITE_ZEROES: every segment reads back as zeros afterwards."""
+        if not data or len(data) % SEGMENT.size or len(data) // SEGMENT.size > MAX_ZERO_SEGMENTS:
+            return VIRTIO_BLK_S_IOERR
+        segments = list(SEGMENT.iter_unpack(data))
+        for sector, count, flags in segments:
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                return VIRTIO_BLK_S_UNSUPP  # unknown flag bits
+            if rtype == VIRTIO_BLK_T_DISCARD and flags:
+                return VIRTIO_BLK_S_UNSUPP  # the unmap flag is for write-zeroes only
+            if self.read_only or count > MAX_ZERO_SECTORS:
+                return VIRTIO_BLK_S_IOERR
+            if not self._in_range(sector, count * SECTOR):
+                return VIRTIO_BLK_S_IOERR
+        for sector, count, flags in segments:
+            unmap = rtype == VIRTIO_BLK_T_DISCARD or bool(flags)
+            _zero_range(self.fd, sector * SECTOR, count * SECTOR, unmap=unmap)
+        return VIRTIO_BLK_S_OK
+
+
+# --- helpers over lists of memoryviews ---------------------------------------------------
+def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
+    """The views after the first ``n`` bytes."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def _split_tail(views: Sequence[memoryview]) -> tuple[memoryview, list[memoryview]]:
+    """(last byte, everything before it) of a non-empty list of non-empty views."""
+    head, last = list(views[:-1]), views[-1]
+    if len(last) > 1:
+        head.append(last[:-1])
+    return last[-1:], head
+
+
+def _scatter(views: list[memoryview], data: bytes) -> int:
+    """Copy ``data`` into the views in order; returns bytes copied (short if they are)."""
+    done = 0
+    for v in views:
+        n = min(len(v), len(data) - done)
+        v[:n] = data[done : done + n]
+        done += n
+    return done
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop ``n`` bytes from the front (after a short read or write)."""
+    return _skip(views, n)
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Fill every view from ``offset``; reading past the end of the file is an error."""
+    while views:
+        n = os.preadv(fd, views[:IOV_MAX], offset)
+        if n == 0:
+            raise OSError(errno.EIO, "unexpected end of image")
+        offset += n
+        views = _advance(views, n)
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every view at ``offset`` (retrying short writes)."""
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        offset += n
+        views = _advance(views, n)
+
+
+# fallocate(2) modes: the stdlib has no wrapper taking flags.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_ZEROS = bytes(1 << 20)
+
+
+def _zero_range(fd: int, offset: int, length: int, *, unmap: bool) -> None:
+    """Make ``[offset, offset+length)`` read as zeros: punch a hole (unmap) or zero the range.
+
+    Falls back to writing zeros where the file system supports neither.
+    """
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if unmap else FALLOC_FL_ZERO_RANGE
+    if length == 0 or _libc.fallocate(fd, mode, offset, length) == 0:
+        return
+    while length:
+        n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
+        offset += n
+        length -= n
