@@ -73,6 +73,7 @@ class UpperBackend(VhostUserBackend):
             | PF.INFLIGHT_SHMFD
             | PF.RESET_DEVICE
             | PF.BACKEND_SEND_FD
+            | PF.CONFIGURE_MEM_SLOTS
         )
 
     def handle_event(
@@ -241,14 +242,17 @@ def test_rescan_on_enable_after_mem_table_dpdk_style(served) -> None:
 
 
 def test_memory_hotplug_keeps_rings_working(served) -> None:
-    backend, _, path = served
+    backend, daemon, path = served
     with connect(path) as fe:
         fe.start(queues=1, size=64)
-        fe.add_mem_region(0x4000_0000, 1 << 20) if fe.has_protocol(
-            PF.CONFIGURE_MEM_SLOTS
-        ) else fe.set_mem_table()
-        assert upper(fe, 0, b"after") == b"AFTER"
-        assert backend.events.count(("memory_updated",)) >= 2
+        assert fe.has_protocol(PF.CONFIGURE_MEM_SLOTS)
+        fe.add_mem_region(0x4000_0000, 1 << 20)
+        assert len(daemon.memory.memory().regions) == 2
+        assert upper(fe, 0, b"added") == b"ADDED"
+        fe.remove_mem_region(0x4000_0000)
+        assert len(daemon.memory.memory().regions) == 1
+        assert upper(fe, 0, b"removed") == b"REMOVED"
+        assert backend.events.count(("memory_updated",)) == 3
 
 
 # --- failures ------------------------------------------------------------------------
@@ -369,7 +373,7 @@ def test_backend_channel_config_change(served) -> None:
 
 # --- lifecycle, resources --------------------------------------------------------------
 def test_no_fd_leak_after_1000_connections(served) -> None:
-    backend, daemon, path = served
+    _, daemon, path = served
     with connect(path) as warm:  # first use imports and caches what later ones need
         warm.start(queues=2, size=16)
     wait_until(lambda: not daemon.serving)
