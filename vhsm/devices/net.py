@@ -1,0 +1,267 @@
+"""virtio-net without a host network: a ``sink`` and a ``loopback``, for tests and benchmarks.
+
+Teaching notes:
+
+* Queues come in pairs: pair ``k`` has its receive queue at ``2k`` and its transmit
+  queue at ``2k + 1``. GET_QUEUE_NUM answers pairs (the ``queue_num`` hook).
+* Every packet starts with the 12-byte ``virtio_net_hdr`` of VIRTIO_F_VERSION_1
+  (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers).
+  No checksum or segmentation offload is offered, so TX headers carry nothing the
+  device must act on and RX headers are zero except ``num_buffers``.
+* ``sink`` consumes every transmitted packet, counting packets and bytes and
+  reading every byte (a running byte sum) as a real NIC's DMA would. Its TX path
+  takes whole bursts with the numpy batch API: single-descriptor packets are summed
+  with a handful of array operations, no Python object per packet.
+* ``loopback`` puts each transmitted frame back on the same pair's receive queue.
+  With VIRTIO_NET_F_MRG_RXBUF a frame may fill several receive chains; the header
+  in the first one says how many (``num_buffers``). Without receive buffers the
+  frame is dropped and counted, as a NIC with a full ring would.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vhsm.backend import EPOLLIN, VhostUserBackend
+from vhsm.errors import BackendError, VirtqError
+from vhsm.wire.enums import NetFeature, ProtocolFeature, VirtioFeature
+
+if TYPE_CHECKING:
+    from vhsm.virtq.batch import Batch
+    from vhsm.virtq.chain import DescriptorChain
+    from vhsm.vring import VringT
+
+log = logging.getLogger(__name__)
+
+#: struct virtio_net_hdr (VERSION_1 form: always 12 bytes, num_buffers included).
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = NET_HDR.size
+MODES = ("sink", "loopback")
+MAX_QUEUE_SIZE = 1024
+
+
+@dataclass
+class NetStats:
+    """Counters of one queue pair (each pair is served by one worker thread)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_checksum: int = 0  # sum of every frame byte consumed by the sink (mod 2^64)
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+
+
+class NetBackend(VhostUserBackend):
+    """virtio-net with ``queue_pairs`` RX/TX pairs, in ``sink`` or ``loopback`` mode."""
+
+    def __init__(self, mode: str = "sink", queue_pairs: int = 1) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} not one of {MODES}")
+        if not 1 <= queue_pairs <= 0x8000:
+            raise ValueError(f"queue_pairs {queue_pairs} not in 1..32768")
+        self.mode = mode
+        self.queue_pairs = queue_pairs
+        self.mrg_rxbuf = False
+        self.pair_stats = [NetStats() for _ in range(queue_pairs)]
+
+    @property
+    def stats(self) -> NetStats:
+        """Counters summed over every pair."""
+        total = NetStats()
+        for s in self.pair_stats:
+            for name, value in vars(s).items():
+                setattr(total, name, getattr(total, name) + value)
+        total.tx_checksum &= (1 << 64) - 1
+        return total
+
+    # --- negotiation -------------------------------------------------------------------
+    def num_queues(self) -> int:
+        """Two virtqueues per pair (the control queue stays with the front-end)."""
+        return 2 * self.queue_pairs
+
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM counts pairs for net devices."""
+        return self.queue_pairs
+
+    def max_queue_size(self) -> int:
+        """Largest ring accepted."""
+        return MAX_QUEUE_SIZE
+
+    def features(self) -> int:
+        """Ring features, MRG_RXBUF, and MQ (with the CTRL_VQ it requires) for several pairs."""
+        bits = (
+            VirtioFeature.VERSION_1
+            | VirtioFeature.RING_INDIRECT_DESC
+            | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.PROTOCOL_FEATURES
+            | NetFeature.MRG_RXBUF
+        )
+        if self.queue_pairs > 1:
+            bits |= NetFeature.MQ | NetFeature.CTRL_VQ
+        return int(bits)
+
+    def acked_features(self, features: int) -> None:
+        """Remember whether frames may span several receive chains."""
+        self.mrg_rxbuf = bool(features & NetFeature.MRG_RXBUF)
+
+    def protocol_features(self) -> int:
+        """Multiqueue, acks, and the status byte DPDK's virtio-user uses."""
+        return int(
+            ProtocolFeature.MQ
+            | ProtocolFeature.REPLY_ACK
+            | ProtocolFeature.CONFIGURE_MEM_SLOTS
+            | ProtocolFeature.STATUS
+        )
+
+    def queues_per_thread(self) -> Sequence[Sequence[int]]:
+        """One worker per pair: a pair's RX and TX queues are served together."""
+        return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]
+
+    def reset_device(self) -> None:
+        """Forget the negotiated receive layout."""
+        self.mrg_rxbuf = False
+
+    # --- the data path -------------------------------------------------------------------
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
+    ) -> None:
+        """A kick: TX queues are drained; an RX kick only matters for loopback (more room)."""
+        if evset != EPOLLIN or not 0 <= device_event < 2 * self.queue_pairs:
+            raise BackendError(f"net: unexpected event {device_event} ({evset:#x})")
+        pair = device_event // 2
+        tx, rx = vrings[2 * pair + 1], vrings[2 * pair]
+        if device_event % 2 == 0:
+            rx.disable_notification()  # RX buffers are taken when frames arrive, not on kicks
+            return
+        while True:
+            tx.disable_notification()
+            if self.mode == "sink":
+                self._sink(tx, self.pair_stats[pair])
+            else:
+                self._loopback(tx, rx, self.pair_stats[pair])
+            tx.signal_used_queue()
+            if not tx.enable_notification():
+                break
+
+    # --- sink ----------------------------------------------------------------------------
+    def _sink(self, tx: VringT, stats: NetStats) -> None:
+        """Consume every available TX packet, one burst at a time."""
+        while True:
+            batch = tx.pop_batch()
+            if not len(batch):
+                return
+            heads = [batch.heads]
+            self._sink_simple(batch, stats)
+            for chain in batch.chains:
+                self._sink_chain(chain, stats)
+            heads.append(np.array([c.head for c in batch.chains], dtype=np.int64))
+            for exc in batch.errors:
+                stats.tx_errors += 1
+                tx.complete_error(exc)
+            ids = np.concatenate(heads)
+            tx.add_used_batch(ids, np.zeros(len(ids), dtype=np.uint32))
+
+    def _sink_simple(self, batch: Batch, stats: NetStats) -> None:
+        """Count and sum single-descriptor packets (header and frame in one buffer)."""
+        frame_lens = batch.lens.astype(np.int64) - NET_HDR_SIZE
+        good = frame_lens >= 0
+        stats.tx_errors += int(len(good) - np.count_nonzero(good))
+        stats.tx_packets += int(np.count_nonzero(good))
+        stats.tx_bytes += int(frame_lens[good].sum())
+        checksum = stats.tx_checksum
+        for r in np.unique(batch.region[good]).tolist():
+            sel = good & (batch.region == r)
+            starts, lens = batch.offsets[sel] + NET_HDR_SIZE, frame_lens[sel]
+            # Index of every frame byte: each start repeated over its frame, plus a ramp.
+            firsts = np.cumsum(lens) - lens
+            index = np.repeat(starts - firsts, lens) + np.arange(int(lens.sum()))
+            checksum += int(batch.region_array(r)[index].sum(dtype=np.uint64))
+        stats.tx_checksum = checksum & ((1 << 64) - 1)
+
+    @staticmethod
+    def _sink_chain(chain: DescriptorChain, stats: NetStats) -> None:
+        """Count and sum one multi-descriptor packet."""
+        if chain.readable_len < NET_HDR_SIZE:
+            stats.tx_errors += 1
+            return
+        stats.tx_packets += 1
+        stats.tx_bytes += chain.readable_len - NET_HDR_SIZE
+        total = stats.tx_checksum
+        skip = NET_HDR_SIZE
+        for view in chain.readable:
+            part = view[skip:] if skip < len(view) else view[:0]
+            skip = max(0, skip - len(view))
+            total += int(np.frombuffer(part, dtype=np.uint8).sum(dtype=np.uint64))
+        stats.tx_checksum = total & ((1 << 64) - 1)
+
+    # --- loopback ------------------------------------------------------------------------
+    def _loopback(self, tx: VringT, rx: VringT, stats: NetStats) -> None:
+        """Move every available TX frame to the RX queue of the same pair."""
+        delivered = False
+        while True:
+            try:
+                chain = tx.pop()
+            except VirtqError as exc:
+                stats.tx_errors += 1
+                tx.complete_error(exc)
+                continue
+            if chain is None:
+                break
+            if chain.readable_len < NET_HDR_SIZE:
+                stats.tx_errors += 1
+            else:
+                stats.tx_packets += 1
+                stats.tx_bytes += chain.readable_len - NET_HDR_SIZE
+                frame = chain.read(chain.readable_len - NET_HDR_SIZE, NET_HDR_SIZE)
+                delivered |= self._receive(rx, frame, stats)
+            tx.add_used(chain.head, 0)
+        if delivered:
+            rx.signal_used_queue()
+
+    def _receive(self, rx: VringT, frame: bytes, stats: NetStats) -> bool:
+        """Write one frame into RX chains (several with MRG_RXBUF); False if dropped."""
+        if not (rx.started and rx.enabled):
+            stats.rx_dropped += 1
+            return False
+        need = NET_HDR_SIZE + len(frame)
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < need and (self.mrg_rxbuf or not chains):
+            chain = _pop_rx(rx)
+            if chain is None:
+                break
+            chains.append(chain)
+            room += chain.writable_len
+        if room < need:
+            # Out of RX buffers (or one too small without MRG_RXBUF): give the chains back
+            # unused, since only the device may complete them, and drop the frame.
+            for chain in chains:
+                rx.add_used(chain.head, 0)
+            stats.rx_dropped += 1
+            return bool(chains)
+        packet = NET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains)) + frame
+        offset = 0
+        for chain in chains:
+            n = chain.write(memoryview(packet)[offset:])
+            rx.add_used(chain.head, n)
+            offset += n
+        stats.rx_packets += 1
+        stats.rx_bytes += len(frame)
+        return True
+
+
+def _pop_rx(rx: VringT) -> DescriptorChain | None:
+    """Next usable RX chain; bad ones are completed and reported."""
+    while True:
+        try:
+            return rx.pop()
+        except VirtqError as exc:
+            rx.complete_error(exc)
