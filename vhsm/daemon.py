@@ -258,6 +258,7 @@ class VhostUserDaemon:
 
     def _accept_loop(self, listener: Listener, once: bool) -> None:
         active: threading.Thread | None = None
+        active_sock: socket.socket | None = None
         try:
             while True:
                 readable, _, _ = select.select([listener.fileno(), self._shutdown_fd], [], [])
@@ -269,8 +270,8 @@ class VhostUserDaemon:
                     if err.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
                         continue
                     raise
-                if active is not None and active.is_alive() and self._closing:
-                    active.join()  # the old session is being reset: serve the reconnect
+                if active is not None and active.is_alive() and _ending(self._closing, active_sock):
+                    active.join()  # the old front-end is gone, its reset runs: serve the new one
                 if active is not None and active.is_alive():
                     log.warning(
                         "%s: refusing a second front-end on %s (one is being served)",
@@ -283,6 +284,7 @@ class VhostUserDaemon:
                     conn.close()
                     break
                 self._closing = False
+                active_sock = conn
                 active = threading.Thread(
                     target=self._connection_thread,
                     args=(conn, once),
@@ -418,6 +420,20 @@ class VhostUserDaemon:
             log.exception(
                 "%s: closing the connection after an internal error handling %s", self.name, name
             )
+
+
+def _ending(closing: bool, sock: socket.socket | None) -> bool:
+    """Whether the served connection is over: its reset runs, or its peer hung up."""
+    if closing or sock is None:
+        return True
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLRDHUP)
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return True
+    hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return any(mask & hangup for _, mask in events)
 
 
 def _call_hook(name: str, hook: object) -> None:
