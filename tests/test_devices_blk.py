@@ -46,6 +46,8 @@ def request(
 ) -> tuple[int, int, int]:
     """Post one request (header, data, status) and run it: (used len, status, data gpa).
 
+    The used length is always the chain's writable size (data to read + status).
+
     ``split`` > 0 puts the data in descriptors of that many bytes.
     """
     hdr = bench.alloc(16, struct.pack("<IIQ", rtype, 0, sector))
@@ -174,10 +176,10 @@ def test_status_shares_the_last_data_descriptor(bench: Bench) -> None:
 
 
 def test_out_of_range_sector_is_ioerr(bench: Bench) -> None:
-    assert request(bench, IN, SECTORS, read_len=512)[:2] == (1, IOERR)
-    assert request(bench, IN, SECTORS - 1, read_len=1024)[:2] == (1, IOERR)
+    assert request(bench, IN, SECTORS, read_len=512)[:2] == (513, IOERR)
+    assert request(bench, IN, SECTORS - 1, read_len=1024)[:2] == (1025, IOERR)
     assert request(bench, OUT, SECTORS, data=bytes(512))[:2] == (1, IOERR)
-    assert request(bench, IN, 2**64 - 1, read_len=512)[:2] == (1, IOERR)
+    assert request(bench, IN, 2**64 - 1, read_len=512)[:2] == (513, IOERR)
     assert request(bench, IN, SECTORS - 1, read_len=512)[:2] == (513, OK)  # last sector
     assert request(bench, OUT, 0, data=bytes(100))[:2] == (1, IOERR)  # not whole sectors
 
@@ -254,7 +256,7 @@ def test_get_id(image: Path) -> None:
 
 def test_unknown_type_is_unsupp(bench: Bench) -> None:
     assert request(bench, 99)[:2] == (1, UNSUPP)
-    assert request(bench, 10, read_len=24)[:2] == (1, UNSUPP)  # GET_LIFETIME not offered
+    assert request(bench, 10, read_len=24)[:2] == (25, UNSUPP)  # GET_LIFETIME not offered
 
 
 def _segments(*segs: tuple[int, int, int]) -> bytes:
@@ -397,7 +399,7 @@ def test_io_matches_a_model(image: Path, sector: int, nsect: int, split: int) ->
             assert (used, status) == (nsect * 512 + 1, OK)
             assert bench.read(gpa, nsect * 512) == payload
         else:
-            assert (used, status) == (1, IOERR)
+            assert (used, status) == (nsect * 512 + 1, IOERR)
     finally:
         bench.close()
         bench.backend.close()  # type: ignore[attr-defined]

@@ -336,3 +336,21 @@ def test_loopback_reassembles_any_split(frame_len: int, rx_sizes: list[int]) -> 
         assert got[NET_HDR_SIZE:] == data
     finally:
         bench.close()
+
+
+def test_loopback_on_packed_rings() -> None:
+    bench = Bench(NetBackend("loopback"), size=16, packed=True)
+    try:
+        bufs = rx_buffers(bench, [40, 40, 1526])
+        send(bench, frame(50, 4))  # 62 bytes: two 40-byte buffers
+        send(bench, frame(500, 5), split_header=True)
+        bench.kick(1)
+        used = bench.used(0)
+        assert [h for h, _ in used] == [b[0] for b in bufs]
+        assert [n for _, n in used] == [40, 22, NET_HDR_SIZE + 500]
+        assert rx_header(bench, bufs[0][1])[-1] == 2 and rx_header(bench, bufs[2][1])[-1] == 1
+        first = bench.read(bufs[0][1], 40) + bench.read(bufs[1][1], 22)
+        assert first[NET_HDR_SIZE:] == frame(50, 4)
+        assert bench.read(bufs[2][1] + NET_HDR_SIZE, 500) == frame(500, 5)
+    finally:
+        bench.close()

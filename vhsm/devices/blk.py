@@ -7,8 +7,10 @@ Teaching notes:
   for reads), then one writable status byte at the very end.
 * Data moves with ``os.preadv``/``os.pwritev`` straight between the file and the
   guest memoryviews of the chain: no copy in Python.
-* The used length is the number of bytes the device wrote into the chain (read
-  data + status byte).
+* The used length is the whole device-writable size of the chain, status byte
+  included (what QEMU reports too): the status sits at the very end, and dirty
+  logging marks the first ``length`` writable bytes, so a shorter length would
+  leave the status byte unlogged during migration.
 * Anything wrong in a request the guest sent gets a status (IOERR, UNSUPP); only a
   chain with nowhere to put the status is a bad chain (completed with length 0).
 * Each queue gets its own worker thread: ``preadv``/``pwritev``/``fsync`` release
@@ -184,7 +186,7 @@ class BlkBackend(VhostUserBackend):
                 break
 
     def process(self, chain: DescriptorChain, queue: int = 0) -> int:
-        """Serve one request; returns the used length (bytes written into the chain)."""
+        """Serve one request; returns the used length (the chain's writable size)."""
         if not chain.writable_len:
             log.warning("blk queue %d head %d: no writable status byte", queue, chain.head)
             return 0
@@ -192,44 +194,41 @@ class BlkBackend(VhostUserBackend):
         if chain.readable_len < HEADER.size:
             log.warning("blk queue %d head %d: short header", queue, chain.head)
             status_view[0] = VIRTIO_BLK_S_IOERR
-            return 1
+            return chain.writable_len
         rtype, _ioprio, sector = HEADER.unpack(chain.read(HEADER.size))
         data_in = _skip(chain.readable, HEADER.size)
-        written = 0
         try:
-            status, written = self._dispatch(rtype, sector, data_in, data_out)
+            status = self._dispatch(rtype, sector, data_in, data_out)
         except OSError as exc:
             log.warning("blk queue %d: request type %d sector %d: %s", queue, rtype, sector, exc)
             status = VIRTIO_BLK_S_IOERR
         status_view[0] = status
-        return written + 1
+        return chain.writable_len
 
     def _dispatch(
         self, rtype: int, sector: int, data_in: list[memoryview], data_out: list[memoryview]
-    ) -> tuple[int, int]:
-        """Run one request: (status, data bytes written into the chain)."""
+    ) -> int:
+        """Run one request; returns its status."""
         if rtype == VIRTIO_BLK_T_IN:
-            nbytes = sum(len(v) for v in data_out)
-            if not self._in_range(sector, nbytes):
-                return VIRTIO_BLK_S_IOERR, 0
+            if not self._in_range(sector, sum(len(v) for v in data_out)):
+                return VIRTIO_BLK_S_IOERR
             _preadv_all(self.fd, data_out, sector * SECTOR)
-            return VIRTIO_BLK_S_OK, nbytes
+            return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_OUT:
-            nbytes = sum(len(v) for v in data_in)
-            if self.read_only or not self._in_range(sector, nbytes):
-                return VIRTIO_BLK_S_IOERR, 0
+            if self.read_only or not self._in_range(sector, sum(len(v) for v in data_in)):
+                return VIRTIO_BLK_S_IOERR
             _pwritev_all(self.fd, data_in, sector * SECTOR)
-            return VIRTIO_BLK_S_OK, 0
+            return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
                 os.fsync(self.fd)
-            return VIRTIO_BLK_S_OK, 0
+            return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_GET_ID:
-            ident = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-            return VIRTIO_BLK_S_OK, _scatter(data_out, ident)
+            _scatter(data_out, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
+            return VIRTIO_BLK_S_OK
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            return self._zero_segments(rtype, b"".join(data_in)), 0
-        return VIRTIO_BLK_S_UNSUPP, 0
+            return self._zero_segments(rtype, b"".join(data_in))
+        return VIRTIO_BLK_S_UNSUPP
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         """Whole sectors, all inside the capacity."""
