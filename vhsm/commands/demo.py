@@ -21,14 +21,11 @@ from typing import IO, Any
 
 from vhsm.backend import VhostUserBackend
 from vhsm.frontend import BlkDevice, Frontend, RngDevice
-from vhsm.session import Session
 from vhsm.wire import BlkFeature, Channel, request_spec
 
 #: Size of the demo's blk image (1 MiB).
 IMAGE_SIZE = 1 << 20
 _SUMMARY_WIDTH = 96
-
-StateListener = Callable[[str, int | None, str, str, str], None]
 
 
 def register(subparsers: Any) -> None:
@@ -111,29 +108,6 @@ def _summary(decoded: Any) -> str:
     return text if len(text) <= _SUMMARY_WIDTH else text[: _SUMMARY_WIDTH - 3] + "..."
 
 
-def attach_state_listener(daemon: Any, listener: StateListener) -> bool:
-    """Have every session the daemon creates report its state changes to ``listener``.
-
-    Uses the daemon's ``session_listeners`` when it has them, else wraps the
-    data plane's ``attach(session)`` (called with each new connection's session).
-    """
-    hooks = getattr(daemon, "session_listeners", None)
-    if isinstance(hooks, list):
-        hooks.append(listener)
-        return True
-    plane = getattr(daemon, "plane", None)
-    attach = getattr(plane, "attach", None)
-    if plane is None or attach is None:
-        return False
-
-    def attach_and_listen(session: Session) -> None:
-        session.listeners.append(listener)
-        attach(session)
-
-    plane.attach = attach_and_listen
-    return True
-
-
 def _make_backend(device: str, workdir: Path) -> tuple[VhostUserBackend, tuple[type[IntFlag], ...]]:
     if device == "blk":
         from vhsm.devices.blk import BlkBackend
@@ -178,7 +152,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     path = workdir / f"{args.device}.sock"
     backend, device_features = _make_backend(args.device, workdir)
     daemon = VhostUserDaemon(f"demo-{args.device}", backend)
-    live_states = attach_state_listener(daemon, printer.state)
+    daemon.session_listeners.append(printer.state)
     daemon.start(Listener(path))
     say(f"vhsm demo: virtio-{args.device} back-end ({type(backend).__name__}) serving {path}")
     say("    time  dir  request               kind    fds    payload (decoded)")
@@ -187,8 +161,6 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     try:
         fe = Frontend.connect(path, device_features=device_features, record_path=args.record)
         fe.recorder.listeners.append(printer.record)
-        if not live_states:
-            say("(state changes are not available from this daemon)")
         fe.start(queues=1, size=64, packed=args.packed)
         layout = "packed" if fe.packed else "split"
         note = " (the device does not offer RING_PACKED)" if args.packed and not fe.packed else ""
