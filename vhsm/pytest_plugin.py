@@ -115,7 +115,7 @@ def vhost_user_backend() -> Iterator[Callable[..., RunningBackend]]:
 def frontend(
     vhost_user_backend: Callable[..., RunningBackend],
 ) -> Iterator[Callable[..., Frontend]]:
-    """Factory fixture: ``frontend(target, *, start=True, timeout=5.0, memory=None, **start_options)``.
+    """Factory fixture: ``frontend(target, *, start=True, **options)``.
 
     ``target`` is a `VhostUserBackend` (started with `vhost_user_backend`), a
     `RunningBackend`, or a socket path. ``start_options`` go to `Frontend.start`
@@ -147,7 +147,7 @@ def frontend(
             else:
                 fe = Frontend.connect(target.path, **fe_kwargs)
         elif isinstance(target, str | os.PathLike):
-            fe = Frontend.connect(target, **fe_kwargs)
+            fe = Frontend.connect(Path(target), **fe_kwargs)
         else:
             raise TypeError(f"frontend(): cannot connect to {target!r}")
         made.append(fe)
