@@ -20,6 +20,7 @@ UVA_BASE = 0x7F0000000000
 RING_GPA = 0x1000
 RING_STRIDE = 0x4000
 BUF_GPA = 0x100000
+RING_PACKED = 1 << 34
 
 
 def make_memory(regions: int = 2, size: int = REGION_SIZE) -> GuestMemory:
@@ -57,9 +58,10 @@ class Bench:
         self.memory = make_memory(regions)
         self.atomic = GuestMemoryAtomic(self.memory)
         offered = backend.features()
-        self.features = offered if features is None else features
+        # the ring layout is the bench's choice: split unless ``packed``
+        self.features = (offered if features is None else features) & ~RING_PACKED
         if packed:
-            self.features |= 1 << 34
+            self.features |= RING_PACKED
         backend.acked_features(self.features)
         event_idx = bool(self.features & (1 << 29))
         self.vrings: list[VringMutex] = []

@@ -84,6 +84,7 @@ def test_negotiation_surface(image: Path) -> None:
             VirtioFeature.RING_INDIRECT_DESC,
             VirtioFeature.RING_EVENT_IDX,
             VirtioFeature.PROTOCOL_FEATURES,
+            VirtioFeature.RING_PACKED,
             BlkFeature.FLUSH,
             BlkFeature.DISCARD,
             BlkFeature.WRITE_ZEROES,

@@ -70,6 +70,7 @@ def test_negotiation_surface() -> None:
         VirtioFeature.RING_INDIRECT_DESC,
         VirtioFeature.RING_EVENT_IDX,
         VirtioFeature.PROTOCOL_FEATURES,
+        VirtioFeature.RING_PACKED,
         NetFeature.MRG_RXBUF,
     ):
         assert feats & bit, bit

@@ -27,6 +27,7 @@ def test_negotiation_surface() -> None:
         VirtioFeature.RING_INDIRECT_DESC,
         VirtioFeature.RING_EVENT_IDX,
         VirtioFeature.PROTOCOL_FEATURES,
+        VirtioFeature.RING_PACKED,
     ):
         assert feats & bit
     proto = rng.protocol_features()

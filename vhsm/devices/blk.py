@@ -107,6 +107,7 @@ class BlkBackend(VhostUserBackend):
             VirtioFeature.VERSION_1
             | VirtioFeature.RING_INDIRECT_DESC
             | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.RING_PACKED
             | VirtioFeature.PROTOCOL_FEATURES
             | VirtioFeature.LOG_ALL
             | BlkFeature.SIZE_MAX

@@ -104,6 +104,7 @@ class NetBackend(VhostUserBackend):
             VirtioFeature.VERSION_1
             | VirtioFeature.RING_INDIRECT_DESC
             | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.RING_PACKED
             | VirtioFeature.PROTOCOL_FEATURES
             | NetFeature.MRG_RXBUF
         )

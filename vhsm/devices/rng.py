@@ -39,6 +39,7 @@ class RngBackend(VhostUserBackend):
             VirtioFeature.VERSION_1
             | VirtioFeature.RING_INDIRECT_DESC
             | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.RING_PACKED
             | VirtioFeature.PROTOCOL_FEATURES
         )
 
