@@ -84,7 +84,9 @@ def test_many_kicks_drain_everything() -> None:
         bench.close()
 
 
-def test_bad_chain_completed_with_zero_and_err_signalled() -> None:
+def test_bad_chain_completed_with_zero_and_err_signalled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     bench = Bench(RngBackend())
     try:
         good = bench.alloc(8)
@@ -93,6 +95,7 @@ def test_bad_chain_completed_with_zero_and_err_signalled() -> None:
         bench.kick(0)
         assert sorted(bench.used(0)) == sorted([(h_bad, 0), (h_good, 8)])
         assert eventfd_count(bench.errs[0]) >= 1
+        assert "bad chain" in caplog.text
     finally:
         bench.close()
 

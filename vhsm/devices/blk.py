@@ -177,6 +177,7 @@ class BlkBackend(VhostUserBackend):
                 try:
                     chain = vring.pop()
                 except VirtqError as exc:
+                    log.warning("blk: bad chain: %s", exc)
                     vring.complete_error(exc)
                     continue
                 if chain is None:

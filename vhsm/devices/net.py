@@ -168,6 +168,7 @@ class NetBackend(VhostUserBackend):
                 self._sink_chain(chain, stats)
             heads.append(np.array([c.head for c in batch.chains], dtype=np.int64))
             for exc in batch.errors:
+                log.warning("net: bad TX chain: %s", exc)
                 stats.tx_errors += 1
                 tx.complete_error(exc)
             ids = np.concatenate(heads)
@@ -216,6 +217,7 @@ class NetBackend(VhostUserBackend):
             try:
                 chain = tx.pop()
             except VirtqError as exc:
+                log.warning("net: bad TX chain: %s", exc)
                 stats.tx_errors += 1
                 tx.complete_error(exc)
                 continue
@@ -270,4 +272,5 @@ def _pop_rx(rx: VringT) -> DescriptorChain | None:
         try:
             return rx.pop()
         except VirtqError as exc:
+            log.warning("net: bad RX chain: %s", exc)
             rx.complete_error(exc)

@@ -10,6 +10,7 @@ completed with length 0 and reported on the ring's error fd.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from vhsm.wire.enums import ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
     from vhsm.vring import VringT
+
+log = logging.getLogger(__name__)
 
 
 class RngBackend(VhostUserBackend):
@@ -60,6 +63,7 @@ class RngBackend(VhostUserBackend):
                 try:
                     chain = vring.pop()
                 except VirtqError as exc:
+                    log.warning("rng: bad chain: %s", exc)
                     vring.complete_error(exc)
                     continue
                 if chain is None:
