@@ -24,6 +24,7 @@ from vhsm.wire import (
     BackendReq,
     FrontendReq,
     ProtocolFeature,
+    VhostUserLog,
     VhostUserVringState,
     VirtioFeature,
     make_request,
@@ -62,6 +63,7 @@ class UpperBackend(VhostUserBackend):
             | VirtioFeature.PROTOCOL_FEATURES
             | VirtioFeature.RING_EVENT_IDX
             | VirtioFeature.RING_INDIRECT_DESC
+            | VirtioFeature.LOG_ALL
         )
 
     def protocol_features(self) -> int:
@@ -74,6 +76,7 @@ class UpperBackend(VhostUserBackend):
             | PF.RESET_DEVICE
             | PF.BACKEND_SEND_FD
             | PF.CONFIGURE_MEM_SLOTS
+            | PF.LOG_SHMFD
         )
 
     def handle_event(
@@ -253,6 +256,28 @@ def test_memory_hotplug_keeps_rings_working(served) -> None:
         assert len(daemon.memory.memory().regions) == 1
         assert upper(fe, 0, b"removed") == b"REMOVED"
         assert backend.events.count(("memory_updated",)) == 3
+
+
+def test_dirty_log_marks_written_pages(served) -> None:
+    backend, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64, protocol_features=backend.protocol_features())
+        fe.set_features(fe.acked_features | VirtioFeature.LOG_ALL)  # migration starts
+        log_size = 4096
+        log_fd = os.memfd_create("dirty-log")
+        os.ftruncate(log_fd, log_size)
+        reply = fe.call(FrontendReq.SET_LOG_BASE, VhostUserLog(log_size, 0), fds=[log_fd])
+        assert reply is not None
+        vq = fe.vring(0)
+        src, dst = fe.memory.alloc(8), fe.memory.alloc(8, align=4096)
+        fe.memory.write(src, b"loglog!!")
+        vq.post([(src, 8)], [(dst, 8)])
+        vq.kick(force=True)
+        assert vq.wait_used(WAIT)[1] == 8
+        bitmap = os.pread(log_fd, log_size, 0)
+        page = dst // 4096
+        assert bitmap[page // 8] & (1 << (page % 8))
+        os.close(log_fd)
 
 
 # --- failures ------------------------------------------------------------------------
