@@ -25,6 +25,7 @@ from vhsm.wire import (
     FrontendReq,
     ProtocolFeature,
     VhostUserLog,
+    VhostUserVringFd,
     VhostUserVringState,
     VirtioFeature,
     make_request,
@@ -306,6 +307,23 @@ def test_failing_lifecycle_hook_is_logged_not_fatal(served, caplog) -> None:
         fe.start(queues=1, size=64)
         assert upper(fe, 0, b"fine") == b"FINE"
     assert "ring_started" in caplog.text
+
+
+def test_unpollable_kick_fd_is_nacked(served, sock_path) -> None:
+    _, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        fe.stop_vring(0)
+        with open(sock_path.parent / "plain", "w") as plain:
+            reply = fe.request(
+                FrontendReq.SET_VRING_KICK,
+                VhostUserVringFd(0),
+                fds=[plain.fileno()],
+                need_reply=True,
+            )
+        assert reply is not None and reply.payload.value == 1
+        fe.restart_vring(0)
+        assert upper(fe, 0, b"recovered") == b"RECOVERED"
 
 
 def test_protocol_violation_closes_and_the_next_front_end_is_served(served, caplog) -> None:

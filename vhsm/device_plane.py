@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from vhsm import inflight
 from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import DirtyLog
-from vhsm.errors import BackendError, GuestMemoryError
+from vhsm.errors import BackendError, GuestMemoryError, WireError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.vring import VringMutex
 from vhsm.wire import ProtocolFeature, VirtioFeature
@@ -244,7 +244,16 @@ class DevicePlane:
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """Watch the new kick fd (None: poll the ring) and close the old one."""
         handler = self._handler_of[index]
-        handler.set_kick(index, fd, polled=fd is None)
+        try:
+            handler.set_kick(index, fd, polled=fd is None)
+        except OSError as err:  # not pollable (a regular file...): refuse it
+            handler.set_kick(index, None)
+            self.vrings[index].set_kick(None)
+            with contextlib.suppress(OSError):
+                os.close(fd)  # type: ignore[arg-type]
+            raise WireError(
+                "SET_VRING_KICK", "fd", fd, f"a pollable eventfd ({err.strerror})", "VU-RING-008"
+            ) from err
         self.vrings[index].set_kick(fd)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
