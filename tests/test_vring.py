@@ -221,3 +221,19 @@ def test_rwlock_excludes_writers() -> None:
     lock.release_read()
     t.join()
     assert seen == ["w"]
+
+
+@pytest.mark.parametrize("features", [0, EVENT_IDX, PACKED | EVENT_IDX])
+def test_needs_notification_then_signal_notifies_once(features: int) -> None:
+    """rust-vmm's pattern `if needs_notification(): signal_used_queue()` must not lose the call."""
+    drv, vring = configured(make_memory(), features)
+    call = new_eventfd()
+    vring.set_call(call)
+    drv.add_chain([], [(BUF_GPA, 16)])
+    chain = vring.pop()
+    assert chain is not None
+    vring.add_used(chain.head, 0)
+    assert vring.needs_notification() is True
+    assert vring.needs_notification() is True  # asking again does not use it up
+    assert vring.signal_used_queue() is True and eventfd_count(call) == 1
+    assert vring.needs_notification() is False  # nothing new since the signal

@@ -88,6 +88,10 @@ class VringState:
         self.inflight: Any = None
         self.backend_channel: Any = None
         self._resubmit: list[int] = []
+        # needs_notification()'s answer until the next signal or used element, so that
+        # rust-vmm's `if needs_notification(): signal_used_queue()` and a bare
+        # `signal_used_queue()` both notify exactly when the driver asked.
+        self._notify: bool | None = None
 
     # --------------------------------------------------------------- config
     @property
@@ -361,6 +365,7 @@ class VringState:
     def add_used(self, head: int, length: int) -> None:
         """Publish one used element."""
         q = self._require()
+        self._notify = None
         if self.inflight is not None and isinstance(q, SplitQueue):
 
             def publish() -> int:
@@ -376,6 +381,7 @@ class VringState:
     ) -> None:
         """Publish many used elements at once."""
         q = self._require()
+        self._notify = None
         if self.inflight is not None and isinstance(q, SplitQueue):
             heads = [int(h) for h in ids]
 
@@ -399,8 +405,14 @@ class VringState:
         self.signal_err()
 
     def needs_notification(self) -> bool:
-        """Whether the driver wants a used-buffer notification now."""
-        return self.queue.needs_notification() if self.queue is not None else False
+        """Whether the driver wants a used-buffer notification now (event-idx aware).
+
+        The answer holds until the next used element or signal, so asking
+        before `signal_used_queue()` does not use the notification up.
+        """
+        if self._notify is None:
+            self._notify = self.queue.needs_notification() if self.queue is not None else False
+        return self._notify
 
     def enable_notification(self) -> bool:
         """Ask for kicks again; True if work arrived meanwhile (process it before sleeping)."""
@@ -413,7 +425,9 @@ class VringState:
 
     def signal_used_queue(self) -> bool:
         """Write 1 to the call fd when the driver wants a notification; returns whether sent."""
-        if self.queue is None or not self.queue.needs_notification():
+        needed = self.needs_notification()
+        self._notify = None
+        if not needed:
             return False
         if self.call is not None:
             _eventfd_signal(self.call)
@@ -438,6 +452,7 @@ class VringState:
         if self.queue is not None:
             self.queue.release()
         self.queue = None
+        self._notify = None
         self.size = 0
         self.addr_set = False
         self.desc_addr = self.avail_addr = self.used_addr = 0
