@@ -20,14 +20,13 @@ its answer means the back-end carried on as if nothing was wrong.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Iterator
 
 from vhsm.audit.backend_cases import BadInputs, Scenarios
 from vhsm.audit.probe import DEVICES, Case, Progress, Skip
-from vhsm.audit.report import CaseResult, Report
+from vhsm.audit.report import CaseResult, Outcome, Report
 from vhsm.errors import BackendError, FramingError, VhsmError
 from vhsm.transport import PeerClosed
 from vhsm.wire import (
@@ -39,25 +38,37 @@ class BackendSuite(Scenarios, BadInputs):
     """The active suite against the back-end listening at `path` (see `SuiteCore` for args)."""
 
     # --- running ------------------------------------------------------------------------
-    def run(self) -> Report:
-        """Run every case; return the report (``title`` names socket and device)."""
+    def run(self, only: str | None = None) -> Report:
+        """Run every case (or those whose name contains `only`); return the report.
+
+        The first case asks GET_FEATURES and GET_PROTOCOL_FEATURES: if the
+        back-end wedges or crashes there, nothing else can be judged and the
+        suite stops.
+        """
         report = Report(f"back-end at {self.path} (device {self.device})")
-        try:
-            fe = self._connect()
-        except (OSError, VhsmError) as exc:
-            raise VhsmError(f"cannot audit {self.path}: {exc}") from None
-        with contextlib.closing(fe):
-            self.offered = fe.offered_features
-            if self.offered & VirtioFeature.PROTOCOL_FEATURES:
-                self.offered_protocol = fe.get_protocol_features()
-        cases = self.cases()
-        for number, case in enumerate(cases, 1):
+        cases = [case for case in self.cases() if only is None or only.lower() in case.name.lower()]
+        first = self._run_case(Case("GET_FEATURES is answered", "VU-FRAME-010", self.s_discover))
+        report.cases.append(first)
+        total = len(cases) + 1
+        if self.progress is not None:
+            self.progress(1, total, first)
+        if first.outcome != "pass":
+            return report
+        for number, case in enumerate(cases, 2):
             result = self._run_case(case)
             report.cases.append(result)
             if self.progress is not None:
-                self.progress(number, len(cases), result)
+                self.progress(number, total, result)
         report.findings.extend(self.findings)
         return report
+
+    def s_discover(self) -> tuple[Outcome, str]:
+        """What the back-end offers (every later case depends on it)."""
+        fe = self._connect()
+        self.offered = fe.offered_features
+        if self.offered & VirtioFeature.PROTOCOL_FEATURES:
+            self.offered_protocol = fe.get_protocol_features()
+        return "pass", f"features {self.offered:#x}, protocol features {self.offered_protocol:#x}"
 
     def _run_case(self, case: Case) -> CaseResult:
         start = time.monotonic()
@@ -172,9 +183,10 @@ def run_suite(
     *,
     timeout: float = 2.0,
     progress: Progress | None = None,
+    only: str | None = None,
 ) -> Report:
-    """Run the whole suite against the back-end at `path`."""
-    return BackendSuite(path, device, timeout=timeout, progress=progress).run()
+    """Run the suite (or the cases whose name contains `only`) against the back-end at `path`."""
+    return BackendSuite(path, device, timeout=timeout, progress=progress).run(only)
 
 
 def iter_case_names(device: str = "generic") -> Iterator[str]:

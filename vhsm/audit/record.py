@@ -191,6 +191,7 @@ class RelayConnection:
     def run(self) -> None:
         """Relay until the main connection ends; record who ended it and why."""
         rec = self.relay.recorder
+        by = "relay"
         try:
             while True:
                 events = self._poll.poll()
@@ -209,11 +210,17 @@ class RelayConnection:
                         self._drop(leg)
         except _Ended as end:
             rec.event("close", self.conn, by=end.by, why=end.why)
+            by = end.by
         except Exception as exc:  # keep the relay serving other connections
             log.exception("relay connection %d failed", self.conn)
             rec.event("close", self.conn, by="relay", why=f"relay error: {exc}")
+            by = "relay"
         finally:
             for leg in list(self._legs.values()):
+                if leg.channel is Channel.BACKEND and leg.src.fileno() in self._legs:
+                    rec.event(
+                        "close", self.conn, by=by, why="main connection ended", channel="backend"
+                    )
                 self._drop(leg)
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -265,6 +272,7 @@ class RelayConnection:
         try:
             send_with_fds(leg.dst, unit.data, fds if swapped is None else swapped)
         except OSError as exc:
+            self._record(leg, unit, t, undelivered=True)
             raise _Ended(other.side, f"write failed: {exc.strerror or exc}") from None
         finally:
             _close_fds(fds if swapped is None else swapped)  # the front-end's end is kept
@@ -282,7 +290,17 @@ class RelayConnection:
         theirs.close()
         return (fd,)
 
-    def _record(self, leg: _Leg, unit: Unit, t: float) -> None:
+    def front_gone(self) -> bool:
+        """Whether the front-end already closed (its EOF is waiting to be read)."""
+        front = self._main[0].src
+        try:
+            return front.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _record(self, leg: _Leg, unit: Unit, t: float, *, undelivered: bool = False) -> None:
         rec = self.relay.recorder
         self.messages += 1
         if not unit.whole:
@@ -304,16 +322,17 @@ class RelayConnection:
         msg = decode_message(
             request, flags, unit.data, channel=leg.channel, nfds=len(unit.fds), xen=self.xen_mmap
         )
-        rec.add(
-            message_to_record(
-                msg,
-                direction=leg.direction,
-                t=t,
-                conn=self.conn,
-                nfds=len(unit.fds),
-                device_features=rec.device_features,
-            )
+        line = message_to_record(
+            msg,
+            direction=leg.direction,
+            t=t,
+            conn=self.conn,
+            nfds=len(unit.fds),
+            device_features=rec.device_features,
         )
+        if undelivered:
+            line["undelivered"] = True
+        rec.add(line)
 
 
 class Relay:
@@ -433,6 +452,12 @@ class Relay:
     def _serve(self, front: socket.socket, conn: int) -> None:
         rec = self.recorder
         rec.event("open", conn)
+        for old in list(self.connections):
+            # A front-end that reconnects closed its last connection first: let that end
+            # reach the back-end before the new one does (a back-end serving one
+            # front-end at a time may refuse an overlap).
+            if not old.ended.is_set() and old.front_gone():
+                old.ended.wait(1.0)
         try:
             back = _connect(self.connect_path, self.connect_timeout, self._stop_r)
         except OSError as exc:

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="seconds without an answer before the back-end counts as wedged (default 2)",
     )
+    backend.add_argument(
+        "--only", metavar="TEXT", help="run only the cases whose name contains TEXT"
+    )
     add_report_options(backend)
     backend.set_defaults(func=run_backend)
 
@@ -127,6 +130,7 @@ def run_backend(args: argparse.Namespace) -> int:
         args.device,
         timeout=args.timeout,
         progress=progress if args.format == "text" else None,
+        only=args.only,
     )
     return emit(report, args)
 
