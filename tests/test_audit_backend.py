@@ -1,0 +1,194 @@
+"""`vhsm audit backend`: the active suite against vhsm's own devices and broken back-ends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhsm.audit.backend_suite import BackendSuite, run_suite
+from vhsm.audit.report import Report
+from vhsm.cli import main
+from vhsm.daemon import Listener, VhostUserDaemon
+from vhsm.devices.blk import BlkBackend
+from vhsm.devices.rng import RngBackend
+from vhsm.wire import FrontendReq, VhostUserU64, VirtioFeature, encode, make_reply
+from vhsm.wire.framing import HEADER
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vhsm-aud-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(backend: RngBackend | BlkBackend, path: Path) -> Iterator[VhostUserDaemon]:
+    daemon = VhostUserDaemon(type(backend).__name__, backend)
+    daemon.start(Listener(path))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def outcomes(report: Report) -> dict[str, str]:
+    return {case.name: case.outcome for case in report.cases}
+
+
+def test_vhsm_rng_is_clean(sock_dir: Path) -> None:
+    with serving(RngBackend(), sock_dir / "rng.sock") as daemon:
+        report = run_suite(sock_dir / "rng.sock", "rng", timeout=2.0)
+        assert daemon.last_error is None
+    failed = [(c.name, c.outcome, c.detail) for c in report.cases if c.failed]
+    assert failed == []
+    assert report.findings == []
+    assert report.exit_status() == 0
+    got = outcomes(report)
+    assert got["data round trip (rng)"] == "pass"
+    assert got["reconnect and resume"] == "pass"
+    assert got["F5 payload size field 4 GiB-16"] == "rejected-cleanly"
+    assert got["R2 ring size 3 (split)"] == "rejected-cleanly"
+    assert got["M5 overlapping guest addresses"] == "rejected-cleanly"
+    assert got["RESET_DEVICE and re-initialisation"] == "skipped"  # rng does not offer it
+
+
+def test_vhsm_blk_is_clean(sock_dir: Path, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(range(256)) * 4096)
+    before = image.read_bytes()
+    blk = BlkBackend(str(image))
+    try:
+        with serving(blk, sock_dir / "blk.sock") as daemon:
+            report = run_suite(sock_dir / "blk.sock", "blk", timeout=2.0)
+            assert daemon.last_error is None
+    finally:
+        blk.close()
+    failed = [(c.name, c.outcome, c.detail) for c in report.cases if c.failed]
+    assert failed == []
+    assert report.exit_status() == 0
+    got = outcomes(report)
+    for name in (
+        "data round trip (blk)",
+        "ADD_MEM_REG / REM_MEM_REG",
+        "RESET_DEVICE and re-initialisation",
+        "status byte round trip",
+        "config space read",
+    ):
+        assert got[name] == "pass", name
+    assert got["M6 ADD_MEM_REG without fd"] == "rejected-cleanly"
+    assert image.read_bytes() == before  # the audit never changes the disk
+
+
+class BrokenBackend:
+    """A raw-socket server: ``silent`` never answers; ``crash`` answers GET_FEATURES, then dies."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path = path
+        self.mode = mode
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.conns.append(conn)
+                if self.mode == "crash":
+                    threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                header = conn.recv(12)
+                if len(header) < 12:
+                    return
+                request, _flags, size = HEADER.unpack(header)
+                if size:
+                    conn.recv(size)
+                if request != FrontendReq.GET_FEATURES:
+                    self.crash()
+                    return
+                features = VhostUserU64(int(VirtioFeature.VERSION_1))
+                conn.sendall(encode(make_reply(FrontendReq.GET_FEATURES, features)))
+
+    def crash(self) -> None:
+        """Everything goes: connections, listener, socket file."""
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.crash()
+
+
+def test_a_backend_that_never_answers_is_wedged(sock_dir: Path) -> None:
+    broken = BrokenBackend(sock_dir / "silent.sock", "silent")
+    try:
+        report = run_suite(sock_dir / "silent.sock", "rng", timeout=0.3)
+    finally:
+        broken.close()
+    assert [(c.name, c.outcome) for c in report.cases] == [("GET_FEATURES is answered", "wedged")]
+    assert report.exit_status() == 1  # VU-FRAME-010 is a MUST
+
+
+def test_a_backend_that_dies_is_crashed(sock_dir: Path) -> None:
+    broken = BrokenBackend(sock_dir / "crash.sock", "crash")
+    try:
+        report = BackendSuite(sock_dir / "crash.sock", "rng", timeout=0.3).run(only="QEMU's order")
+    finally:
+        broken.close()
+    got = outcomes(report)
+    assert got == {"GET_FEATURES is answered": "pass", "negotiation, QEMU's order": "crashed"}
+    assert "no new connection" in report.cases[1].detail
+    assert report.exit_status() == 1
+
+
+def test_command_json_and_exit_status(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(RngBackend(), sock_dir / "rng.sock"):
+        status = main(
+            ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--device", "rng"]
+            + ["--format", "json", "--only", "F1"]
+        )
+    out = capsys.readouterr()
+    assert status == 0
+    doc = json.loads(out.out)
+    assert doc["verdict"] == "pass"
+    assert [c["outcome"] for c in doc["cases"]] == ["pass", "rejected-cleanly", "rejected-cleanly"]
+    assert out.err == ""  # progress only in text format
+
+
+def test_command_text_progress(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(RngBackend(), sock_dir / "rng.sock"):
+        status = main(["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--only", "R2"])
+    out = capsys.readouterr()
+    assert status == 0
+    assert "[  4/4]" in out.err
+    assert "verdict: PASS" in out.out
+
+
+def test_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "backend", "--socket", str(tmp_path / "none.sock")]) == 2
+    assert "no socket" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "backend", "--socket", "x", "--device", "gpu"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "backend", "--socket", "x", "--timeout", "0"])
+    assert exc.value.code == 2
