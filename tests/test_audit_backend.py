@@ -162,10 +162,8 @@ def test_a_backend_that_dies_is_crashed(sock_dir: Path) -> None:
 
 def test_command_json_and_exit_status(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
-        status = main(
-            ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--device", "rng"]
-            + ["--format", "json", "--only", "F1"]
-        )
+        argv = ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--device", "rng"]
+        status = main([*argv, "--format", "json", "--only", "F1"])
     out = capsys.readouterr()
     assert status == 0
     doc = json.loads(out.out)
