@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -106,11 +106,11 @@ def run(kind: str, ndesc: int, mode: str, size: int, total: int) -> float:
     return done / elapsed
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vhsm bench virtq", description=__doc__)
     ap.add_argument("--size", type=int, default=1024, help="queue size")
     ap.add_argument("--chains", type=int, default=300_000, help="chains per measurement")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(f"queue size {args.size}, {args.chains} chains per row, device side timed")
     print(f"{'ring':8s} {'descs':>5s} {'mode':8s} {'chains/s':>14s}")
     for kind in ("split", "packed"):

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vhsm.commands.record",
     "vhsm.commands.serve",
     "vhsm.commands.demo",
+    "vhsm.commands.bench",
 )
 
 

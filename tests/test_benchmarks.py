@@ -1,0 +1,139 @@
+"""Smoke tests: each benchmark runs for about a second and still produces its table.
+
+Nothing here is timed: the figures are printed, never compared. Benchmarks whose
+external program (DPDK testpmd, qemu-storage-daemon) is missing are skipped with
+the package to install.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhsm.cli import main as cli_main
+from vhsm.commands.bench import BENCHMARKS, benchmarks_dir, load
+
+pytestmark = pytest.mark.timeout(180)
+
+NO_TESTPMD = "dpdk-testpmd not installed (Debian 12: apt-get install dpdk-dev)"
+NO_QSD = "qemu-storage-daemon not installed (apt-get install qemu-system-common)"
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict[str, Any]:
+    if not benchmarks_dir().is_dir():
+        pytest.skip("benchmarks/ is not next to the vhsm package (not a source checkout)")
+    return {name: load(name) for name in BENCHMARKS}
+
+
+def test_every_benchmark_script_exists() -> None:
+    for script, _ in BENCHMARKS.values():
+        assert (benchmarks_dir() / script).is_file(), script
+
+
+def test_virtq_bench_runs(bench: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench["virtq"].main(["--size", "256", "--chains", "2048"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert {(r[0], r[1], r[2]) for r in rows} == {
+        (ring, descs, mode)
+        for ring in ("split", "packed")
+        for descs in ("1", "3")
+        for mode in ("chain", "batch")
+    }
+
+
+@pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason=NO_TESTPMD)
+def test_net_dpdk_runs_both_backends(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mod = bench["net"]
+    args = ["--seconds", "1", "--runs", "1", "--sizes", "64", "--rings", "split"]
+    assert mod.main([*args, "--queues", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "placement: front-end testpmd on CPU" in out
+    rows = {tuple(line.split()[:4]): line for line in out.splitlines() if "64B" in line}
+    assert set(rows) == {("split", "1q", "64B", "vhsm"), ("split", "1q", "64B", "dpdk")}
+    assert "failed" not in out
+    # packets flowed through both back-ends (a max above zero; no rate is asserted)
+    for line in rows.values():
+        assert float(line.split()[6].replace(",", "")) > 0, line
+
+
+@pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason=NO_TESTPMD)
+def test_net_dpdk_packed_two_queue_pairs(bench: dict[str, Any], tmp_path: Path) -> None:
+    mod = bench["net"]
+    cfg = mod.Config(1500, "packed", 2)
+    samples = mod.one_run("vhsm", cfg, 1, 1, tmp_path, "smoke")
+    assert samples and max(samples) > 0
+
+
+def test_net_dpdk_says_what_is_missing(
+    bench: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert bench["net"].main(["--runs", "1"]) == 2
+    assert "apt-get install dpdk-dev" in capsys.readouterr().err
+
+
+def test_blk_vhsm_runs(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--seconds", "0.5", "--runs", "1", "--depths", "1,32", "--backends", "vhsm"]
+    assert bench["blk"].main([*args, "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("QD")] == [
+        ["QD1", "vhsm"],
+        ["QD32", "vhsm"],
+    ]
+    assert "failed" not in out
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason=NO_QSD)
+def test_blk_qemu_storage_daemon_runs(bench: dict[str, Any], tmp_path: Path) -> None:
+    mod = bench["blk"]
+    image = tmp_path / "disk.img"
+    mod.make_image(image, 4 << 20)
+    out = mod.one_run("qsd", image, 32, 0.5, tmp_path, "smoke")
+    assert out.requests > 0 and out.cpu >= 0
+
+
+def test_latency_runs(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    targets = "rng/vhsm,blk/vhsm" + (",blk/qsd" if shutil.which("qemu-storage-daemon") else "")
+    args = ["--requests", "200", "--runs", "1", "--targets", targets]
+    assert bench["latency"].main([*args, "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if "/" in line.split()[0]]
+    assert [r[0] for r in rows] == targets.split(",")
+    assert all(r[1] == "200" for r in rows)
+
+
+def test_percentile_nearest_rank(bench: dict[str, Any]) -> None:
+    pct = bench["latency"].percentile
+    values = list(range(1, 101))
+    assert (pct(values, 50), pct(values, 99), pct(values, 100)) == (50, 99, 100)
+    assert pct([], 99) == 0.0
+
+
+def test_cpu_seconds_reads_proc_stat(bench: dict[str, Any]) -> None:
+    import os
+
+    lib = bench["net"].benchlib
+    assert lib.cpu_seconds(os.getpid()) > 0
+    assert lib.summary([3.0, 1.0, 2.0]) == (1.0, 2.0, 3.0)
+
+
+def test_cli_lists_bench(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in BENCHMARKS)
+
+
+def test_cli_passes_options_through(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "virtq", "--size", "64", "--chains", "256"]) == 0
+    assert "queue size 64" in capsys.readouterr().out
