@@ -170,6 +170,7 @@ class SuiteCore:
     def _started(self, **options: object) -> Frontend:
         fe = self._connect()
         fe.start(list(self.queues), RING_SIZE, **options)  # type: ignore[arg-type]
+        fe.get_features()  # a barrier: everything before it was processed (QEMU does the same)
         return fe
 
     def _need_protocol(self, feature: ProtocolFeature) -> None:

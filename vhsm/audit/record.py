@@ -305,7 +305,7 @@ class RelayConnection:
         self.messages += 1
         if not unit.whole:
             fields: dict[str, Any] = {
-                "dir": leg.direction,
+                "direction": leg.direction,
                 "size": len(unit.data),
                 "nfds": len(unit.fds),
                 "bytes": unit.data.hex(),
@@ -330,9 +330,12 @@ class RelayConnection:
             nfds=len(unit.fds),
             device_features=rec.device_features,
         )
-        if undelivered:
-            line["undelivered"] = True
         rec.add(line)
+        if undelivered:
+            fields = {"direction": leg.direction, "name": msg.name}
+            if leg.channel is not Channel.MAIN:
+                fields["channel"] = leg.channel.value
+            rec.event("undelivered", self.conn, why="the receiving side was gone", **fields)
 
 
 class Relay:
