@@ -148,8 +148,9 @@ def test_short_memfd_refused_before_mapping(monkeypatch: pytest.MonkeyPatch) -> 
         return real_mmap(*args, **kwargs)
 
     monkeypatch.setattr("vhsm.memory.mmap.mmap", spy)
-    with pytest.raises(GuestMemoryError, match="file too small"):
+    with pytest.raises(GuestMemoryError, match="file too small") as info:
         GuestMemory.from_table([Region(0, 0x1000, UVA, 0x800)], [fd])
+    assert info.value.rule_id == "VU-MEM-014"
     assert mapped == []
     assert not fd_is_open(fd)
 

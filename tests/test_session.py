@@ -498,3 +498,11 @@ def test_every_declared_condition_and_callback_is_implemented(machine: str) -> N
         assert callable(getattr(Session, f"_guard_{name}", None)), name
     for name in spec.callbacks:
         assert callable(getattr(Session, f"_do_{name}", None)), name
+
+
+def test_f3_reply_flag_on_a_request(session: Session) -> None:
+    msg = Message(int(R.GET_FEATURES), 0x5, None, (), b"")
+    (decoded,) = Decoder().feed(encode(msg), ())
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(decoded)
+    assert info.value.rule_id == "VU-FRAME-003"

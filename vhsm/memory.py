@@ -129,7 +129,8 @@ def map_fd(fd: int, offset: int, size: int, *, what: str) -> MmapMapping:
     if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
         raise GuestMemoryError(
             f"{what}: file too small: needs {offset + size:#x} bytes (offset {offset:#x} + "
-            f"size {size:#x}), file has {st.st_size:#x}"
+            f"size {size:#x}), file has {st.st_size:#x}",
+            rule_id="VU-MEM-014",
         )
     align = mmap.ALLOCATIONGRANULARITY
     blk = st.st_blksize

@@ -106,8 +106,8 @@ class BackendSuite(Scenarios, BadInputs):
             c("RESET_DEVICE and re-initialisation", "VU-STATE-001", self.s_reset),
             c("status byte round trip", "VU-STATE-001", self.s_status),
             c("config space read", "VU-PAY-009", self.s_config),
-            c("reconnect and resume", "VU-STATE-001", self.s_reconnect),
-            c(f"data round trip ({self.device})", "VU-STATE-001", self.s_data),
+            c("reconnect and resume", "VU-STATE-011", self.s_reconnect),
+            c(f"data round trip ({self.device})", "VU-STATE-011", self.s_data),
             c("acks every NEED_REPLY request", "VU-REQ-002", self.s_acks),
             # §11.1 framing
             c("F1 version bits 0", "VU-FRAME-001", lambda: self.b_flags(0x0)),

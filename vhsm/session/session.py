@@ -142,10 +142,10 @@ class Session(SessionHandlers):
         info = request_spec(msg.request)
         self._reply, self._pending, self._fds_taken, self._current = None, None, False, msg
         try:
-            if msg.error is not None:
-                raise msg.error
             if msg.is_reply:
                 raise self.violation("VU-FRAME-003", "a request must not carry the REPLY flag")
+            if msg.error is not None:
+                raise msg.error
             if info is None:
                 raise self.violation("VU-FRAME-004", f"unknown request code {msg.request}")
             self._check_gate(info)
