@@ -121,3 +121,23 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.jsonl:1" in err
     assert main(["audit", "trace", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_relay_raw_events_with_a_rule_become_findings() -> None:
+    records = lines("qemu72-blk.jsonl")
+    at = next(i for i, r in enumerate(records) if r.get("dir") == "F>B")
+    records.insert(
+        at,
+        {
+            "t": 0.01,
+            "conn": 1,
+            "event": "raw",
+            "direction": "F>B",
+            "size": 12,
+            "nfds": 0,
+            "bytes": "00" * 12,
+            "rule": "VU-FRAME-005",
+            "why": "size field 99999 of request 5 beyond the relay's cap",
+        },
+    )
+    assert audit(records) == ["VU-FRAME-005"]

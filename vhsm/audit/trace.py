@@ -102,6 +102,10 @@ class TraceAuditor:
             entries = [e for e in self.entries if e.line.get("conn", 0) == conn]
             self.session = Session(RecordedBackend(entries), observer=True)
             for position, entry in enumerate(entries):
+                if entry.event == "raw" and entry.line.get("rule"):
+                    side = "front-end" if entry.line.get("direction") == "F>B" else "back-end"
+                    why = str(entry.line.get("why", "unframed bytes"))
+                    self._add(entry, str(entry.line["rule"]), why, side)
                 if entry.message is None:
                     continue
                 if entry.direction == "F>B" and entry.channel is Channel.MAIN:
