@@ -10,17 +10,21 @@ own state freely.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vhsm.errors import BackendError
+from vhsm.errors import BackendError, VirtqError
 
 if TYPE_CHECKING:
     from vhsm.memory import GuestMemoryAtomic
+    from vhsm.virtq import DescriptorChain
     from vhsm.vring import VringT
+
+log = logging.getLogger(__name__)
 
 #: EPOLLIN, as `handle_event` receives it for a kick.
 EPOLLIN = 0x001
@@ -177,6 +181,34 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper._vhsm_locked = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
+    """Complete every available chain of `vring`; `process(chain)` returns the used length.
+
+    The loop every device needs: kicks are suppressed while draining, the
+    driver is signalled once per pass (only when it asked, event-idx aware),
+    and after kicks are re-enabled the ring is drained again if work arrived
+    meanwhile. A bad chain is logged, completed with length 0 and reported on
+    the ring's err fd. Returns how many chains were completed.
+    """
+    done = 0
+    while True:
+        vring.disable_notification()
+        while True:
+            try:
+                chain = vring.pop()
+            except VirtqError as exc:
+                log.warning("bad chain: %s", exc)
+                vring.complete_error(exc)
+                continue
+            if chain is None:
+                break
+            vring.add_used(chain.head, process(chain))
+            done += 1
+        vring.signal_used_queue()
+        if not vring.enable_notification():
+            return done
 
 
 #: Every hook name; `VhostUserBackendMut` serialises exactly these.

@@ -25,8 +25,8 @@ from vhsm.audit.record import Relay
 from vhsm.audit.report import Report
 from vhsm.audit.trace import audit_trace
 from vhsm.audit.transcript import parse_lines
-from vhsm.backend import EPOLLIN, VhostUserBackend
-from vhsm.errors import BackendError, VirtqError
+from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.errors import BackendError
 from vhsm.wire import BlkFeature, NetFeature, ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
@@ -99,21 +99,7 @@ class GenericBackend(VhostUserBackend):
         """Complete every available buffer with length 0."""
         if evset != EPOLLIN or not 0 <= device_event < len(vrings):
             raise BackendError(f"generic: unexpected event {device_event} ({evset:#x})")
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
-            while True:
-                try:
-                    chain = vring.pop()
-                except VirtqError as exc:
-                    vring.complete_error(exc)
-                    continue
-                if chain is None:
-                    break
-                vring.add_used(chain.head, 0)
-            vring.signal_used_queue()
-            if not vring.enable_notification():
-                break
+        drain(vrings[device_event], lambda chain: 0)
 
 
 def make_device(

@@ -28,8 +28,8 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vhsm.backend import EPOLLIN, VhostUserBackend
-from vhsm.errors import BackendError, VirtqError
+from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.errors import BackendError
 from vhsm.wire.enums import BlkFeature, ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
@@ -170,22 +170,7 @@ class BlkBackend(VhostUserBackend):
         """Drain queue ``device_event``: suppress kicks while busy, re-check after re-enabling."""
         if evset != EPOLLIN or not 0 <= device_event < self._num_queues:
             raise BackendError(f"blk: unexpected event {device_event} ({evset:#x})")
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
-            while True:
-                try:
-                    chain = vring.pop()
-                except VirtqError as exc:
-                    log.warning("blk: bad chain: %s", exc)
-                    vring.complete_error(exc)
-                    continue
-                if chain is None:
-                    break
-                vring.add_used(chain.head, self.process(chain, device_event))
-            vring.signal_used_queue()
-            if not vring.enable_notification():
-                break
+        drain(vrings[device_event], lambda chain: self.process(chain, device_event))
 
     def process(self, chain: DescriptorChain, queue: int = 0) -> int:
         """Serve one request; returns the used length (the chain's writable size)."""

@@ -2,27 +2,26 @@
 
 One queue. The driver posts device-writable buffers; the device fills each with
 ``os.urandom`` and hands it back with the number of bytes written. The part worth
-copying is ``handle_event``: drain the ring with kicks suppressed, complete each
-chain with ``add_used``, signal once per pass (event-idx aware), then re-enable
-kicks and go round again if the driver added work meanwhile. A bad chain is
-completed with length 0 and reported on the ring's error fd.
+copying is ``handle_event``: `vhsm.backend.drain` runs the loop every device
+needs (kicks suppressed while draining, each chain completed with the length
+``_fill`` returns, one event-idx-aware signal per pass, a re-check after kicks
+are re-enabled, bad chains completed with length 0 and reported on the ring's
+error fd), so the device itself only says what one request does.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vhsm.backend import EPOLLIN, VhostUserBackend
-from vhsm.errors import BackendError, VirtqError
+from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.errors import BackendError
 from vhsm.wire.enums import ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
+    from vhsm.virtq import DescriptorChain
     from vhsm.vring import VringT
-
-log = logging.getLogger(__name__)
 
 
 class RngBackend(VhostUserBackend):
@@ -56,21 +55,11 @@ class RngBackend(VhostUserBackend):
         """Fill every available buffer with random bytes."""
         if device_event != 0 or evset != EPOLLIN:
             raise BackendError(f"rng: unexpected event {device_event} ({evset:#x})")
-        vring = vrings[0]
-        while True:
-            vring.disable_notification()
-            while True:
-                try:
-                    chain = vring.pop()
-                except VirtqError as exc:
-                    log.warning("rng: bad chain: %s", exc)
-                    vring.complete_error(exc)
-                    continue
-                if chain is None:
-                    break
-                for view in chain.writable:
-                    view[:] = os.urandom(len(view))
-                vring.add_used(chain.head, chain.writable_len)
-            vring.signal_used_queue()
-            if not vring.enable_notification():
-                break
+        drain(vrings[0], _fill)
+
+
+def _fill(chain: DescriptorChain) -> int:
+    """Fill one chain's writable buffers with random bytes; all of them count as used."""
+    for view in chain.writable:
+        view[:] = os.urandom(len(view))
+    return chain.writable_len
