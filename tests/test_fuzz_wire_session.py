@@ -154,7 +154,9 @@ PLAUSIBLE: dict[int, st.SearchStrategy[Any]] = {
         VhostUserInflight,
         st.just(0),
         st.just(0),
-        st.sampled_from([0, 1, 2, 0xFFFF]),
+        # Kept small: an uncapped geometry makes the back-end allocate up to 34 GiB
+        # (test_hardening covers the cap without risking the machine).
+        st.sampled_from([0, 1, 2, 16]),
         st.sampled_from([0, 64, 256, 0x8000, 0xFFFF]),
     ),
     FrontendReq.SET_INFLIGHT_FD: st.builds(
