@@ -57,7 +57,7 @@ class Batch:
         self.writable = writable
         self.region = region
         self.offsets = offsets
-        self.region_views: tuple[memoryview, ...] = tuple(v for _, _, v in space.regions)
+        self.region_views: tuple[memoryview, ...] = space.views
         self.chains: list[DescriptorChain] = chains if chains is not None else []
         self.errors: list[VirtqError] = errors if errors is not None else []
 

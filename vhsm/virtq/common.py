@@ -98,7 +98,7 @@ class AddressSpace:
     (memory ``gather`` when available), anything unmapped raises VirtqError.
     """
 
-    __slots__ = ("bounds", "memory", "primary", "regions")
+    __slots__ = ("bounds", "memory", "primary", "regions", "views")
 
     def __init__(self, memory: GuestMemoryLike) -> None:
         self.memory = memory
@@ -113,6 +113,7 @@ class AddressSpace:
             max(regs, key=lambda t: t[1] - t[0]) if regs else (1, 0, memoryview(bytearray()))
         )
         self.bounds = np.array([(s, e) for s, e, _ in regs], dtype=np.uint64).reshape(-1, 2)
+        self.views: tuple[memoryview, ...] = tuple(v for _, _, v in regs)
 
     def pieces(self, queue: int, head: int, addr: int, length: int) -> list[memoryview]:
         """Views of ``[addr, addr+length)`` split at region borders; VirtqError if unmapped."""
@@ -140,6 +141,21 @@ class AddressSpace:
             return self.memory.translate(addr, length)
         except GuestMemoryError as exc:
             raise VirtqError(queue, f"table at {addr:#x}+{length:#x}: {exc}", head) from None
+
+    def locate_together(self, addrs: np.ndarray, lens: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """(region index, int64 offsets) when every buffer lies in the first one's region.
+
+        The fast path of a burst (buffers from one pool); None sends the caller to
+        :meth:`locate`. ``lens`` must be int64 and positive.
+        """
+        first = int(addrs[0])
+        for i, (start, end, _) in enumerate(self.regions):
+            if start <= first < end:
+                offsets = addrs.astype(np.int64) - start  # an address >= 2**63 goes negative
+                if offsets.min() >= 0 and int((offsets + lens).max()) <= end - start:
+                    return i, offsets
+                return None
+        return None
 
     def locate(self, addrs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised lookup: (region index or -1, byte offset in that region) per buffer."""
