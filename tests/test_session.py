@@ -506,3 +506,16 @@ def test_f3_reply_flag_on_a_request(session: Session) -> None:
     with pytest.raises(ProtocolViolation) as info:
         session.handle(decoded)
     assert info.value.rule_id == "VU-FRAME-003"
+
+
+@pytest.mark.parametrize("code", [R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD])
+def test_inflight_geometry_is_bounded_by_the_device(session: Session, code: FrontendReq) -> None:
+    from vhsm.wire import VhostUserInflight
+
+    negotiate(session)
+    before = fd_count()
+    fds = (os.memfd_create("inflight"),) if code is R.SET_INFLIGHT_FD else ()
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(req(code, VhostUserInflight(1 << 30, 0, 65535, 32768), fds=fds))
+    assert info.value.rule_id == "VU-PAY-003" and "65535 queues" in info.value.detail
+    assert fd_count() == before

@@ -340,7 +340,11 @@ class DevicePlane:
         """Allocate a zeroed inflight buffer; the fd is kept here and closed on reset."""
         packed = bool(self._acked & VirtioFeature.RING_PACKED)
         reply, fd = inflight.allocate(desc.num_queues, desc.queue_size, packed)
-        self._inflight_fds.append(fd)
+        # The previous buffer's reply is long sent: the front-end holds it, we need not.
+        for old in self._inflight_fds:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        self._inflight_fds[:] = [fd]
         return reply, fd
 
     def set_inflight_fd(self, desc: VhostUserInflight, fd: int) -> None:

@@ -233,13 +233,26 @@ class SessionHandlers:
         except BackendError as err:
             raise self.violation("VU-PAY-002", f"SET_CONFIG refused by the device: {err}") from err
 
+    def _check_inflight_geometry(self, msg: Message) -> None:
+        """Bound the buffer a front-end may make us allocate or map (VU-PAY-003)."""
+        desc: Any = msg.payload
+        queues, size = self.backend.num_queues(), min(MAX_QUEUE_SIZE, self.backend.max_queue_size())
+        if desc.num_queues > queues or desc.queue_size > size:
+            raise self.violation(
+                "VU-PAY-003",
+                f"inflight geometry {desc.num_queues} queues x {desc.queue_size} exceeds the "
+                f"device's {queues} queues x {size}",
+            )
+
     def _do_reply_inflight_fd(self, event: EventData) -> None:
         msg = _msg(event)
+        self._check_inflight_geometry(msg)
         desc, fd = self.dataplane.get_inflight_fd(msg.payload)  # type: ignore[arg-type]
         self.reply_with(msg, desc, (fd,) if fd >= 0 else ())
 
     def _do_apply_inflight_fd(self, event: EventData) -> None:
         msg = _msg(event)
+        self._check_inflight_geometry(msg)
         (fd,) = self.take_fds(msg)
         try:
             self.dataplane.set_inflight_fd(msg.payload, fd)  # type: ignore[arg-type]
