@@ -24,6 +24,7 @@ from vhsm.wire import (
     BackendReq,
     FrontendReq,
     ProtocolFeature,
+    VhostUserInflight,
     VhostUserLog,
     VhostUserVringFd,
     VhostUserVringState,
@@ -401,6 +402,18 @@ def test_inflight_requests_are_resubmitted_after_reconnect(served) -> None:
         for dst, text in bufs:
             assert vq.wait_used(WAIT)[1] == len(text)
             assert fe.memory.read(dst, len(text)) == text.upper()
+
+
+def test_repeated_get_inflight_fd_keeps_one_buffer(served) -> None:
+    _, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        before = open_fds()
+        for _ in range(20):
+            reply = fe.request(FrontendReq.GET_INFLIGHT_FD, VhostUserInflight(0, 0, 1, 64))
+            assert reply is not None and len(reply.fds) == 1
+            os.close(reply.fds[0])
+        assert open_fds() <= before + 1  # the daemon holds the latest buffer only
 
 
 def test_backend_channel_config_change(served) -> None:
