@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.inflight import InflightChain, InflightPacked
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
@@ -88,6 +89,9 @@ class VringState:
         self.inflight: Any = None
         self.backend_channel: Any = None
         self._resubmit: list[int] = []
+        # packed rings with inflight tracking: chains to resubmit, buffer id -> slot
+        self._resubmit_packed: list[InflightChain] = []
+        self._slot_of: dict[int, int] = {}
         # needs_notification()'s answer until the next signal or used element, so that
         # rust-vmm's `if needs_notification(): signal_used_queue()` and a bare
         # `signal_used_queue()` both notify exactly when the driver asked.
@@ -242,11 +246,42 @@ class VringState:
             q.set_log(active, self.desc_addr if self.log_addr is not None else None, self.log_addr)
 
     def set_inflight(self, inflight: Any) -> None:
-        """Attach a split ring's inflight region (§7.15): resubmits what it lists as in flight."""
+        """Attach a ring's inflight region (§7.15): resubmits what it lists as in flight.
+
+        The next avail index is set past the resubmitted requests (used index + their
+        count, as [LVU] does); a packed ring also takes its used position and wrap
+        counter from the region's header.
+
+        Raises:
+            VirtqError: the region is inconsistent (the ring is then left untracked).
+        """
         self.inflight = inflight
         self._resubmit = []
-        if inflight is not None and isinstance(self.queue, SplitQueue):
-            self._resubmit = list(inflight.resubmit(self.queue.used_idx()))
+        self._resubmit_packed = []
+        self._slot_of = {}
+        q = self.queue
+        if inflight is None or q is None:
+            return
+        try:
+            if isinstance(q, SplitQueue):
+                used = q.used_idx()
+                self._resubmit = list(inflight.resubmit(used))
+                q.set_next_avail((used + len(self._resubmit)) & 0xFFFF)
+            elif isinstance(inflight, InflightPacked):
+                chains = inflight.resubmit(lambda pos: q.descriptors(pos, 1)[0][3])
+                q.resume(
+                    inflight.used_idx,
+                    int(inflight.used_wrap_counter),
+                    [(c.id, len(c.descs)) for c in chains],
+                )
+                self._resubmit_packed = chains
+            else:
+                raise VirtqError(self.index, "inflight buffer: split region for a packed ring")
+        except BaseException:
+            self.inflight = None
+            self._resubmit = []
+            self._resubmit_packed = []
+            raise
 
     def set_backend_channel(self, channel: Any) -> None:
         """Back-end request channel, for in-band call/err notifications (§7.16)."""
@@ -339,12 +374,41 @@ class VringState:
     def pop(self) -> DescriptorChain | None:
         """Next available chain (resubmitted inflight heads first); VirtqError if bad."""
         q = self._require()
-        if self._resubmit and isinstance(q, SplitQueue):
+        if self.inflight is None:
+            return q.pop()
+        if isinstance(q, PackedQueue):
+            return self._pop_packed(q)
+        if self._resubmit:
             return q._walk(self._resubmit.pop(0))
         chain = q.pop()
-        if chain is not None and self.inflight is not None and isinstance(q, SplitQueue):
+        if chain is not None:
             self.inflight.fetch(chain.head)
         return chain
+
+    def _pop_packed(self, q: PackedQueue) -> DescriptorChain | None:
+        """Packed pop with inflight tracking: resubmitted chains first, then the ring."""
+        if self._resubmit_packed:
+            rec = self._resubmit_packed.pop(0)
+            self._slot_of[rec.id] = rec.slot
+            return q.rebuild(rec.descs)
+        pos, wrap = q.next_avail, q.avail_wrap
+        try:
+            chain = q.pop()
+        except VirtqError as exc:
+            if exc.head is not None:  # consumed and to be completed: track it too
+                self._fetch_packed(q, pos, wrap, exc.head)
+            raise
+        if chain is not None:
+            self._fetch_packed(q, pos, wrap, chain.head)
+        return chain
+
+    def _fetch_packed(self, q: PackedQueue, pos: int, wrap: int, bid: int) -> None:
+        """Record the chain just consumed from ring position ``pos`` (buffer id ``bid``)."""
+        n = q.next_avail - pos + (q.size if q.avail_wrap != wrap else 0)
+        try:
+            self._slot_of[bid] = self.inflight.fetch(q.descriptors(pos, n))
+        except VirtqError as exc:
+            raise VirtqError(self.index, f"not recorded: {exc.detail}", bid) from exc
 
     def iter(self) -> Iterator[DescriptorChain]:
         """Iterate available chains (the queue's fast iterator when no inflight tracking)."""
@@ -356,6 +420,18 @@ class VringState:
     def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
         """Take up to ``max_chains`` chains at once (numpy arrays, see Batch)."""
         q = self._require()
+        if self.inflight is not None and (isinstance(q, PackedQueue) or self._resubmit):
+            batch = q.pop_batch(0)  # an empty batch; tracked chains are popped one by one
+            while len(batch) < max_chains:
+                try:
+                    chain = self.pop()
+                except VirtqError as exc:
+                    batch.errors.append(exc)
+                    continue
+                if chain is None:
+                    break
+                batch.chains.append(chain)
+            return batch
         batch = q.pop_batch(max_chains)
         if self.inflight is not None and isinstance(q, SplitQueue):
             for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
@@ -374,6 +450,12 @@ class VringState:
 
             self.inflight.complete([head], publish)
             return
+        if self.inflight is not None and head in self._slot_of:
+            if not 0 <= length <= 0xFFFFFFFF:
+                raise ValueError(f"used length {length} does not fit in 32 bits")
+            self.inflight.complete([self._slot_of[head]], lambda: q.add_used(head, length))
+            del self._slot_of[head]
+            return
         q.add_used(head, length)
 
     def add_used_batch(
@@ -391,7 +473,28 @@ class VringState:
 
             self.inflight.complete(heads, publish)
             return
+        if self.inflight is not None and self._slot_of:
+            self._add_used_packed(q, ids, lens)
+            return
         q.add_used_batch(ids, lens)
+
+    def _add_used_packed(
+        self, q: Queue, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Complete tracked packed buffers as one inflight batch (checked before any write)."""
+        bids = [int(b) for b in ids]
+        lns = [int(n) for n in lens]
+        slots = [self._slot_of.get(b) for b in bids]
+        if len(lns) != len(bids):
+            raise ValueError(f"{len(bids)} ids but {len(lns)} lengths")
+        if any(not 0 <= n <= 0xFFFFFFFF for n in lns):
+            raise ValueError("used length does not fit in 32 bits")
+        if len(set(bids)) != len(bids) or None in slots:
+            bad = next((b for b, s in zip(bids, slots, strict=True) if s is None), None)
+            raise VirtqError(self.index, "used buffer id not in flight (or repeated)", bad)
+        self.inflight.complete(slots, lambda: q.add_used_batch(ids, lens))
+        for b in bids:
+            del self._slot_of[b]
 
     def complete_error(self, exc: VirtqError) -> None:
         """Finish a bad chain: used length 0 when its head may be completed, then signal err."""
@@ -462,6 +565,8 @@ class VringState:
         self.enabled = self.started = False
         self.inflight = None
         self._resubmit = []
+        self._resubmit_packed = []
+        self._slot_of = {}
 
 
 class _Guard:

@@ -603,3 +603,60 @@ class PackedQueue:
     def _log_event(self) -> None:
         if self._log is not None and self._log_event_gpa is not None:
             self._log.mark(self._log_event_gpa, 4)
+
+    # -------------------------------------------------------- inflight (§7.15)
+    def descriptors(self, pos: int, count: int) -> list[tuple[int, int, int, int]]:
+        """The ring descriptors ``(addr, len, id, flags)`` at ``count`` positions from ``pos``.
+
+        Right after a pop its chain is still intact in the ring: used descriptors are
+        written only behind the buffers in flight.
+        """
+        dq = self._desc_q
+        size = self._size
+        out: list[tuple[int, int, int, int]] = []
+        for k in range(count):
+            p = (pos + k) % size
+            x: int = dq[(p << 1) + 1]
+            out.append((dq[p << 1], x & 0xFFFFFFFF, (x >> 32) & 0xFFFF, x >> 48))
+        return out
+
+    def resume(self, next_used: int, used_wrap: int, in_flight: Sequence[tuple[int, int]]) -> None:
+        """Resume after a restart from an inflight buffer's used position and wrap counter.
+
+        ``in_flight`` lists ``(buffer id, descriptor count)`` of the chains the device had
+        consumed but not completed: they become in flight again and the next avail
+        position is just past them (used position + their descriptors).
+        """
+        size = self._size
+        total = sum(n for _, n in in_flight)
+        ids = {bid for bid, _ in in_flight}
+        if not 0 <= next_used < size or total > size or len(ids) != len(in_flight):
+            raise VirtqError(
+                self.index,
+                f"inflight buffer: used position {next_used}, {len(in_flight)} chains "
+                f"({len(ids)} ids) of {total} descriptors do not fit a ring of {size}",
+            )
+        self._counts_np[:] = 0
+        self._wlog.clear()
+        for bid, n in in_flight:
+            self._counts[bid] = n
+        self._next_used = next_used
+        self._used_wrap = used_wrap & 1
+        end = next_used + total
+        self._next_avail = end % size
+        self._avail_wrap = self._used_wrap ^ (1 if end >= size else 0)
+        self._since_signal = _NEVER
+
+    def rebuild(self, descs: Sequence[tuple[int, int, int, int]]) -> DescriptorChain:
+        """A resubmitted chain from recorded ``(addr, len, id, flags)`` descriptors.
+
+        Validated and translated like a popped chain (VirtqError names its buffer id,
+        to be completed with length 0); the id must be in flight (see :meth:`resume`).
+        """
+        q = self.index
+        bid = descs[-1][2] if descs else 0
+        if not descs or not self._counts[bid]:
+            raise VirtqError(q, f"resubmitted buffer id {bid} is not in flight", None)
+        if any(not fl & _NEXT for _, _, _, fl in descs[:-1]) or descs[-1][3] & _NEXT:
+            raise VirtqError(q, "recorded chain has inconsistent NEXT flags", bid)
+        return self._buffers(bid, [(fl, addr, ln) for addr, ln, _, fl in descs])
