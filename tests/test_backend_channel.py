@@ -247,3 +247,23 @@ def test_concurrent_senders_each_get_their_ack(pair) -> None:
     assert errors == []
     assert len(fe.received) == 200
     assert sorted({m.payload.index for m in fe.received}) == [0, 1, 2, 3]
+
+
+def test_suspended_device_sends_nothing(pair) -> None:
+    ours, theirs = pair
+    suspended = [True]
+    channel = BackendChannel(os.dup(ours.fileno()), lambda: ALL, suspended=lambda: suspended[0])
+    ours.close()
+    fe = FakeFrontend(theirs, ack())
+    with pytest.raises(BackendError, match="VU-STATE-007"):
+        channel.config_change()
+    with pytest.raises(BackendError, match="VU-STATE-007"):
+        channel.vring_call(0)
+    with pytest.raises(BackendError, match="VU-STATE-007"):
+        channel.shared_object_lookup(uuid.uuid4())
+    assert not channel.closed  # refused, not broken: usable once a ring starts
+    suspended[0] = False
+    channel.config_change()
+    channel.close()
+    fe.thread.join(5)
+    assert [m.name for m in fe.received] == ["BACKEND_CONFIG_CHANGE_MSG"]

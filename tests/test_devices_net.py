@@ -284,6 +284,34 @@ def test_loopback_disabled_rx_drops(loop: Bench) -> None:
     assert loop.used(0) == [] and dev(loop).stats.rx_dropped == 1
 
 
+@pytest.mark.parametrize("mode", ["sink", "loopback"])
+def test_started_but_disabled_tx_drops_without_side_effects(mode: str) -> None:
+    assert NetBackend.process_disabled_rings  # the daemon delivers such kicks to net
+    bench = Bench(NetBackend(mode), size=32)
+    try:
+        rx = rx_buffers(bench, [1526, 1526])
+        bench.vrings[1].enabled = False  # started, disabled (§7.4)
+        heads = [send(bench, frame(60)), send(bench, frame(90, 1), split_header=True)]
+        bad = bench.post(1, [(0x7FFF_0000_0000, 64)], [])
+        bench.kick(1)
+        assert sorted(bench.used(1)) == sorted([(heads[0], 0), (heads[1], 0), (bad, 0)])
+        stats = dev(bench).stats
+        assert (stats.tx_dropped, stats.tx_errors) == (2, 1)
+        assert (stats.tx_packets, stats.tx_bytes, stats.tx_checksum) == (0, 0, 0)
+        assert bench.used(0) == [] and stats.rx_packets == stats.rx_dropped == 0
+        assert eventfd_count(bench.calls[1]) >= 1
+        bench.kick(0)  # an RX kick on a disabled pair changes nothing either
+        bench.vrings[1].enabled = True
+        send(bench, frame(70, 2))
+        bench.kick(1)
+        stats = dev(bench).stats
+        assert (stats.tx_packets, stats.tx_bytes, stats.tx_dropped) == (1, 70, 2)
+        if mode == "loopback":
+            assert bench.used(0) == [(rx[0][0], NET_HDR_SIZE + 70)]
+    finally:
+        bench.close()
+
+
 def test_loopback_multiqueue_stays_in_its_pair() -> None:
     bench = Bench(NetBackend("loopback", queue_pairs=2), size=16)
     try:

@@ -65,6 +65,8 @@ class BackendChannel:
         fd: the socket received with SET_BACKEND_REQ_FD (owned from now on).
         protocol_features: returns the negotiated protocol features when called.
         timeout: seconds to wait for a reply before the channel is declared broken.
+        suspended: returns whether the device is suspended (all rings stopped, §7.4);
+            requests are refused then (VU-STATE-007).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class BackendChannel:
         protocol_features: Callable[[], int],
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        suspended: Callable[[], bool] | None = None,
     ) -> None:
         self._sock = socket.socket(fileno=fd)
+        self._suspended = suspended
         self._sock.setblocking(True)
         self._features = protocol_features
         self.timeout = timeout
@@ -105,6 +109,7 @@ class BackendChannel:
 
     def shared_object_lookup(self, object_id: uuid.UUID) -> int | None:
         """Look up a dma-buf by UUID: its fd (the caller owns it), or None when not found."""
+        self._check_running("BACKEND_SHARED_OBJECT_LOOKUP")
         reply = self._exchange(
             make_request(
                 BackendReq.BACKEND_SHARED_OBJECT_LOOKUP,
@@ -147,11 +152,13 @@ class BackendChannel:
         """Send one request; return the front-end's ack (0 when no ack was awaited).
 
         Raises BackendError when the request's gate was not negotiated, the
-        channel is broken or closed, the ack times out, or the front-end NACKs.
+        device is suspended, the channel is broken or closed, the ack times out,
+        or the front-end NACKs.
         """
         spec = request_spec(req, Channel.BACKEND)
         if spec is None:
             raise BackendError(f"unknown back-end request {req!r}")
+        self._check_running(spec.name)
         features = self._features()
         gate = spec.gate_protocol
         if gate is not None and not features & gate:
@@ -183,6 +190,13 @@ class BackendChannel:
             self._close_socket()
 
     # --- machinery -------------------------------------------------------------------
+    def _check_running(self, name: str) -> None:
+        """Refuse to send while the device is suspended (all rings stopped, §7.4)."""
+        if self._suspended is not None and self._suspended():
+            raise BackendError(
+                f"VU-STATE-007: {name} not sent: the device is suspended (all rings stopped)"
+            )
+
     def _exchange(self, msg: Message, *, wait: bool) -> Message | None:
         with self._lock:
             if self._broken is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from vhsm import inflight
 from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import DirtyLog
-from vhsm.errors import BackendError, GuestMemoryError, WireError
+from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.vring import VringMutex
 from vhsm.wire import ProtocolFeature, VirtioFeature
@@ -117,6 +117,11 @@ class DevicePlane:
         """Whether a kick on ring `index` may reach the device (worker side, lock-free)."""
         vring = self.vrings[index]
         return bool(vring.started and (vring.enabled or self.process_disabled))
+
+    @property
+    def suspended(self) -> bool:
+        """Whether every ring is stopped (§7.4): no back-end-channel messages then."""
+        return not any(vring.started for vring in self.vrings)
 
     def ring_error(self, index: int | None, exc: BaseException) -> None:
         """A hook raised while serving ring `index`: signal its err fd (or in-band VRING_ERR)."""
@@ -267,10 +272,17 @@ class DevicePlane:
     def start_vring(self, index: int) -> None:
         """Mark the ring started; resubmit inflight requests; process what is available."""
         vring = self.vrings[index]
+        error: VirtqError | None = None
         with self._paused(index):
             if self._inflight is not None and index < self._inflight.num_queues:
-                vring.set_inflight(self._inflight.queue(index))
+                try:
+                    vring.set_inflight(self._inflight.queue(index))
+                except VirtqError as err:  # the ring runs untracked; the front-end is told
+                    log.warning("ring %d: inflight buffer not usable: %s", index, err)
+                    error = err
             vring.started = True
+        if error is not None:
+            self.ring_error(index, error)
         _hook(self.backend.ring_started, index)
         if self.ring_active(index):
             self._handler_of[index].rescan(index)
@@ -325,7 +337,9 @@ class DevicePlane:
         """Wrap the socket in a `BackendChannel` and hand it to the device."""
         if self._channel is not None:
             self._channel.close()
-        self._channel = BackendChannel(fd, lambda: self.protocol_features)
+        self._channel = BackendChannel(
+            fd, lambda: self.protocol_features, suspended=lambda: self.suspended
+        )
         inband = self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS
         for vring in self.vrings:
             vring.set_backend_channel(self._channel if inband else None)

@@ -17,6 +17,10 @@ Teaching notes:
   With VIRTIO_NET_F_MRG_RXBUF a frame may fill several receive chains; the header
   in the first one says how many (``num_buffers``). Without receive buffers the
   frame is dropped and counted, as a NIC with a full ring would.
+* A ring that is started but disabled is processed "without side effects" (§7.4):
+  the device opts in to kicks on such rings (``process_disabled_rings``) and drops
+  what a disabled TX ring carries (completed, counted in ``tx_dropped``, never sunk
+  or looped back); a disabled RX ring gets no frames.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class NetStats:
     tx_packets: int = 0
     tx_bytes: int = 0
     tx_errors: int = 0
+    tx_dropped: int = 0  # packets of a started but disabled TX ring (§7.4)
     tx_checksum: int = 0  # sum of the frames' Adler-32 checksums (mod 2^64), sink only
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -67,6 +72,9 @@ class NetStats:
 
 class NetBackend(VhostUserBackend):
     """virtio-net with ``queue_pairs`` RX/TX pairs, in ``sink`` or ``loopback`` mode."""
+
+    #: Kicks on started but disabled rings reach ``handle_event``: their TX is dropped.
+    process_disabled_rings = True
 
     def __init__(self, mode: str = "sink", queue_pairs: int = 1) -> None:
         if mode not in MODES:
@@ -146,17 +154,36 @@ class NetBackend(VhostUserBackend):
         pair = device_event // 2
         tx, rx = vrings[2 * pair + 1], vrings[2 * pair]
         if device_event % 2 == 0:
-            rx.disable_notification()  # RX buffers are taken when frames arrive, not on kicks
+            if rx.enabled:  # RX buffers are taken when frames arrive, not on kicks
+                rx.disable_notification()
             return
         while True:
             tx.disable_notification()
-            if self.mode == "sink":
+            if not tx.enabled:
+                self._drop(tx, self.pair_stats[pair])
+            elif self.mode == "sink":
                 self._sink(tx, self.pair_stats[pair])
             else:
                 self._loopback(tx, rx, self.pair_stats[pair])
             tx.signal_used_queue()
             if not tx.enable_notification():
                 break
+
+    @staticmethod
+    def _drop(tx: VringT, stats: NetStats) -> None:
+        """A started but disabled TX ring (§7.4): complete every packet, send none."""
+        while True:
+            batch = tx.pop_batch()
+            if not len(batch):
+                return
+            for exc in batch.errors:
+                stats.tx_errors += 1
+                tx.complete_error(exc)
+            chain_ids = np.array([c.head for c in batch.chains], dtype=np.int64)
+            ids = np.concatenate((batch.heads.astype(np.int64), chain_ids))
+            if len(ids):
+                stats.tx_dropped += len(ids)
+                tx.add_used_batch(ids, _ZEROS[: len(ids)])
 
     # --- sink ----------------------------------------------------------------------------
     def _sink(self, tx: VringT, stats: NetStats) -> None:
