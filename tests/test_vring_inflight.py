@@ -265,3 +265,20 @@ def test_a_split_region_on_a_packed_ring_is_refused(packed_rig: Rig) -> None:
         assert chain is not None and chain.head == head
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_buffers_in_flight_survive_a_memory_table_change(rig: Rig, tracked: bool) -> None:
+    vring = rig.vring()
+    if tracked:
+        vring.set_inflight(rig.attach())
+    heads = [rig.post(b"held across", 2), rig.post(b"the update")]
+    assert [c.head for c in iter(vring.pop, None)] == heads
+    assert vring.update_memory(rig.mem)  # SET_MEM_TABLE: the ring is rebuilt over it
+    vring.add_used(heads[1], 1)
+    vring.add_used(heads[0], 2)
+    assert [rig.drv.get_used(), rig.drv.get_used()] == [(heads[1], 1), (heads[0], 2)]
+    if tracked:  # and the inflight buffer agrees: nothing comes back after a crash
+        fresh = rig.vring(base=rig.resume_base())
+        fresh.set_inflight(rig.attach())
+        assert fresh.pop() is None

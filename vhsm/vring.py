@@ -220,6 +220,8 @@ class VringState:
             )
             queue.notify_on_empty = bool(self.features & _NOTIFY_ON_EMPTY)
         if old is not None:
+            if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
+                queue.take_in_flight(old)  # buffers popped before the rebuild stay completable
             old.release()
         self.queue = queue
         self._apply_log()

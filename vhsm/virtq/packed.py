@@ -605,6 +605,11 @@ class PackedQueue:
             self._log.mark(self._log_event_gpa, 4)
 
     # -------------------------------------------------------- inflight (§7.15)
+    def take_in_flight(self, old: PackedQueue) -> None:
+        """Take over the buffers ``old`` has in flight (a rebuild over a new memory table)."""
+        self._counts_np[:] = old._counts_np
+        self._wlog.update(old._wlog)
+
     def descriptors(self, pos: int, count: int) -> list[tuple[int, int, int, int]]:
         """The ring descriptors ``(addr, len, id, flags)`` at ``count`` positions from ``pos``.
 
