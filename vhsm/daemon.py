@@ -53,8 +53,12 @@ class Listener:
         self.path = Path(path)
         _remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the file is 0600 from bind() on: no window for others
         try:
-            sock.bind(str(self.path))
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old_umask)
             os.chmod(self.path, 0o600)
             sock.listen(backlog)
         except OSError as err:
