@@ -295,6 +295,8 @@ class VhostUserDaemon:
                     name=f"{self.name}-control",
                     daemon=True,
                 )
+                # keep only live threads: one Thread object per past connection adds up
+                self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(active)
                 active.start()
         except Exception as err:
