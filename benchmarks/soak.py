@@ -81,7 +81,7 @@ def cycles(directory: Path, n: int, samples: int, quiet: bool) -> dict[str, Any]
                     break
             if (i + 1) % every == 0 or i == 0:
                 wait_idle(daemon)
-                point = {"cycle": i + 1, "fds": open_fds(), "rss_kib": rss_kib()}
+                point: dict[str, float] = {"cycle": i + 1, "fds": open_fds(), "rss_kib": rss_kib()}
                 point["seconds"] = round(time.monotonic() - start, 1)
                 points.append(point)
                 if not quiet:

@@ -8,7 +8,7 @@ Runs tests/test_fuzz_guest.py with bigger hypothesis budgets:
 
 --examples N: inputs per test per round; --seconds S: repeat rounds (fresh
 seeds) for S seconds; -k EXPR: pytest selection (e.g. -k random). Prints the
-inputs run per test; a failure's output is kept in fuzz/out/ and the failing
+inputs run per test; a failure's output is kept in /tmp/vhsm-fuzz-out/ and the failing
 input in .hypothesis/ (a plain pytest run replays it).
 """
 

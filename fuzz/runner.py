@@ -38,7 +38,10 @@ def main(test_file: str, doc: str, default_examples: int, argv: list[str] | None
     )
     parser.add_argument("-k", default="", metavar="EXPR", help="pytest -k selection")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "fuzz" / "out", help="where failing output is kept"
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "vhsm-fuzz-out",
+        help="where failing output is kept",
     )
     args = parser.parse_args(argv)
     total: Counter[str] = Counter()

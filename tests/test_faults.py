@@ -293,7 +293,7 @@ def run_frontend_kill(daemon: Any, sock: Path, image: Path) -> None:
             buffered += parent.recv(4096)
             *lines, buffered = buffered.split(b"\n")
             acked |= {int(x.split()[0]) for x in lines if x.endswith(b" 0")}
-        kill(proc)  # type: ignore[arg-type]
+        kill(proc)
         buffered += _drain(parent)
         acked |= {int(x.split()[0]) for x in buffered.split(b"\n") if x.endswith(b" 0")}
         wait_idle(daemon)
@@ -333,7 +333,7 @@ def run_frontend_kill(daemon: Any, sock: Path, image: Path) -> None:
             fe.close()
         check_image(image, acked)
     finally:
-        kill(proc)  # type: ignore[arg-type]
+        kill(proc)
         parent.close()
 
 
