@@ -190,7 +190,8 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
     driver is signalled once per pass (only when it asked, event-idx aware),
     and after kicks are re-enabled the ring is drained again if work arrived
     meanwhile. A bad chain is logged, completed with length 0 and reported on
-    the ring's err fd. Returns how many chains were completed.
+    the ring's err fd; a ring error that consumes nothing (avail idx moved too far)
+    ends the pass after signalling it. Returns how many chains were completed.
     """
     done = 0
     while True:
@@ -201,6 +202,11 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
             except VirtqError as exc:
                 log.warning("bad chain: %s", exc)
                 vring.complete_error(exc)
+                if exc.head is None:
+                    # Nothing was consumed (avail idx moved too far, §8): retrying would spin
+                    # forever holding the worker. The error is signalled; wait for a kick.
+                    vring.signal_used_queue()
+                    return done
                 continue
             if chain is None:
                 break
