@@ -428,6 +428,11 @@ class VhostUserDaemon:
             )
 
 
+#: How long a new connection waits for the served one to show its hang-up (a front-end
+#: that reconnects at once can beat its own close to the daemon; QEMU reconnect).
+RECONNECT_GRACE_MS = 250
+
+
 def _ending(closing: bool, sock: socket.socket | None) -> bool:
     """Whether the served connection is over: its reset runs, or its peer hung up."""
     if closing or sock is None:
@@ -435,7 +440,7 @@ def _ending(closing: bool, sock: socket.socket | None) -> bool:
     poller = select.poll()
     try:
         poller.register(sock, select.POLLRDHUP)
-        events = poller.poll(0)
+        events = poller.poll(RECONNECT_GRACE_MS)
     except (OSError, ValueError):
         return True
     hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL

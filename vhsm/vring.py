@@ -499,7 +499,12 @@ class VringState:
             del self._slot_of[b]
 
     def complete_error(self, exc: VirtqError) -> None:
-        """Finish a bad chain: used length 0 when its head may be completed, then signal err."""
+        """Finish a bad chain: signal err, then complete it with used length 0 when possible.
+
+        The err fd is written first so a driver that sees the zero-length used
+        element can already see the error too.
+        """
+        self.signal_err()
         q = self.queue
         if q is not None and exc.head is not None:
             try:
@@ -507,7 +512,6 @@ class VringState:
             except VirtqError as again:
                 log.debug("ring %d: bad chain not completed: %s", self.index, again)
             self.signal_used_queue()
-        self.signal_err()
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now (event-idx aware).
