@@ -380,6 +380,19 @@ def test_second_front_end_is_refused(served, caplog) -> None:
         assert upper(first, 0, b"undisturbed") == b"UNDISTURBED"
 
 
+def test_reconnect_that_beats_its_own_close_is_served(served, caplog) -> None:
+    """A front-end that connects again a moment before its old socket closes is not refused."""
+    _, _, path = served
+    first = connect(path)
+    first.start(queues=1, size=64)
+    closer = threading.Timer(0.1, first.close)
+    closer.start()
+    with connect(path, retry_for=0) as second:  # accepted while the first is still open
+        assert second.get_features() != 0
+    closer.join()
+    assert "refusing a second front-end" not in caplog.text
+
+
 # --- inflight and the back-end channel ---------------------------------------------------
 def test_inflight_requests_are_resubmitted_after_reconnect(served) -> None:
     backend, _, path = served
