@@ -19,12 +19,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -n 2 -q
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks
-	$(BIN)/ruff format --check vhsm tests benchmarks
+	$(BIN)/ruff check vhsm tests benchmarks fuzz
+	$(BIN)/ruff format --check vhsm tests benchmarks fuzz
 
 lint: venv
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks
+	$(BIN)/ruff check vhsm tests benchmarks fuzz
 
 diagrams: venv
 	$(BIN)/vhsm diagram --format all --out diagrams
