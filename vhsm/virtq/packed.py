@@ -9,8 +9,8 @@ Ring words (flags, event suppression) are single aligned ``memoryview.cast("H")`
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -44,6 +44,19 @@ _USED = VIRTQ_DESC_F_USED
 _MAX_CHAIN_BYTES = 0xFFFFFFFF
 _EMPTY: tuple[()] = ()
 _NEVER = -(1 << 62)  # _since_signal before the first needs_notification
+_MASK = _AVAIL | _USED | _NEXT | _INDIRECT
+_USED_WORD = (_AVAIL | _USED) << 48  # flags of a used descriptor (wrap 1), in its len/id word
+_WRITE_WORD = _WRITE << 48
+#: In ``_counts``: the buffer is one writable descriptor whose (gpa, len) are in
+#: ``_waddr``/``_wlen`` (no dict entry per buffer). The low 16 bits count descriptors.
+_WSINGLE = 1 << 16
+_new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
+_IDS = 65536
+
+
+def _u_view(arr: np.ndarray, fmt: Literal["I", "Q"]) -> memoryview[int]:
+    """A flat memoryview over a numpy array (fast scalar item access from Python)."""
+    return arr.data.cast("B").cast(fmt)
 
 
 def packed_area_sizes(size: int) -> tuple[int, int, int]:
@@ -63,6 +76,7 @@ class PackedQueue:
         "_desc_i",
         "_desc_np",
         "_desc_q",
+        "_desc_w",
         "_device_h",
         "_driver_h",
         "_event_idx",
@@ -72,10 +86,15 @@ class PackedQueue:
         "_log_event_gpa",
         "_next_avail",
         "_next_used",
+        "_scratch",
         "_since_signal",
         "_size",
         "_space",
         "_used_wrap",
+        "_waddr",
+        "_waddr_np",
+        "_wlen",
+        "_wlen_np",
         "_wlog",
         "index",
     )
@@ -109,12 +128,19 @@ class PackedQueue:
         self._desc_i = self._desc.cast("I")
         self._desc_h = self._desc.cast("H")
         self._desc_np = np.frombuffer(self._desc, dtype=PACKED_DESC_DTYPE)
+        self._desc_w = np.frombuffer(self._desc, dtype=np.uint64)  # addr, len|id|flags words
         self._driver_h = driver_area[:4].cast("H")
         self._device_h = device_area[:4].cast("H")
         self._event_idx = event_idx
         self._indirect = indirect
-        self._counts = array("H", bytes(2 * 65536))  # descriptors per in-flight buffer id
-        self._counts_np = np.frombuffer(self._counts, dtype=np.uint16)
+        # per buffer id: descriptors in flight (| _WSINGLE); zero pages are mapped lazily
+        self._counts_np = np.zeros(_IDS, dtype=np.uint32)
+        self._counts = _u_view(self._counts_np, "I")
+        self._waddr_np = np.zeros(_IDS, dtype=np.uint64)
+        self._waddr = _u_view(self._waddr_np, "Q")
+        self._wlen_np = np.zeros(_IDS, dtype=np.uint32)
+        self._wlen = _u_view(self._wlen_np, "I")
+        self._scratch = np.zeros(_IDS, dtype=np.uint32)  # duplicate-id detection
         self._wlog: dict[int, tuple[int, int] | list[tuple[int, int]]] = {}
         self._log = log
         self._log_desc_gpa = log_desc_gpa
@@ -211,6 +237,8 @@ class PackedQueue:
         for name in ("_desc_q", "_desc_i", "_desc_h", "_driver_h", "_device_h"):
             getattr(self, name).release()
         self._desc_np = np.zeros(0, dtype=PACKED_DESC_DTYPE)
+        self._desc_w = np.zeros(0, dtype=np.uint64)
+        # _counts, _waddr and _wlen are the queue's own memory: kept for take_in_flight
 
     # ------------------------------------------------------------------ pop
     def pop(self) -> DescriptorChain | None:
@@ -238,39 +266,54 @@ class PackedQueue:
         counts = self._counts
         if counts[bid]:
             raise VirtqError(self.index, f"buffer id {bid} already in flight", None)
-        counts[bid] = 1
         rs, re_, rv = self._space.primary
         off = addr - rs
         if off >= 0 and addr + ln <= re_ and ln:
+            c = _new(DescriptorChain)
+            c.head = bid
             if fl & _WRITE:
-                self._wlog[bid] = (addr, ln)
-                return DescriptorChain(bid, _EMPTY, (rv[off : off + ln],), 0, ln)
-            return DescriptorChain(bid, (rv[off : off + ln],), _EMPTY, ln, 0)
+                counts[bid] = 1 | _WSINGLE
+                self._waddr[bid] = addr
+                self._wlen[bid] = ln
+                c.readable, c.writable = _EMPTY, (rv[off : off + ln],)
+                c.readable_len, c.writable_len = 0, ln
+            else:
+                counts[bid] = 1
+                c.readable, c.writable = (rv[off : off + ln],), _EMPTY
+                c.readable_len, c.writable_len = ln, 0
+            return c
+        counts[bid] = 1
         return self._buffers(bid, [(fl, addr, ln)])
 
     def __iter__(self) -> Iterator[DescriptorChain]:
         """Yield available chains until none is available (a bad chain raises, consumed)."""
         dh, dq = self._desc_h, self._desc_q
         size = self._size
-        counts, wlog = self._counts, self._wlog
+        counts, waddr, wlen = self._counts, self._waddr, self._wlen
         rs, re_, rv = self._space.primary
         chain_cls = DescriptorChain
+        new = _new
         empty = _EMPTY
+        write, wsingle = _WRITE, _WSINGLE | 1
+        p = self._next_avail
+        w = self._avail_wrap
         while True:
-            p = self._next_avail
+            if p != self._next_avail or w != self._avail_wrap:  # popped elsewhere meanwhile
+                p, w = self._next_avail, self._avail_wrap
             fl: int = dh[(p << 3) + 7]
-            w = self._avail_wrap
             if (fl >> 7) & 1 != w or (fl >> 15) & 1 == w:
                 return
             if fl & 5:
                 yield self._walk()
+                p, w = self._next_avail, self._avail_wrap
                 continue
             x: int = dq[(p << 1) + 1]
             addr: int = dq[p << 1]
             p += 1
             if p == size:
                 p = 0
-                self._avail_wrap = w ^ 1
+                w ^= 1
+                self._avail_wrap = w
             self._next_avail = p
             ln = x & 0xFFFFFFFF
             bid = (x >> 32) & 0xFFFF
@@ -278,12 +321,23 @@ class PackedQueue:
             if counts[bid] or not ln or off < 0 or addr + ln > re_:
                 yield self._single(fl, addr, ln, bid)
                 continue
-            counts[bid] = 1
-            if fl & _WRITE:
-                wlog[bid] = (addr, ln)
-                yield chain_cls(bid, empty, (rv[off : off + ln],), 0, ln)
+            c = new(chain_cls)
+            c.head = bid
+            if fl & write:
+                counts[bid] = wsingle
+                waddr[bid] = addr
+                wlen[bid] = ln
+                c.readable = empty
+                c.writable = (rv[off : off + ln],)
+                c.readable_len = 0
+                c.writable_len = ln
             else:
-                yield chain_cls(bid, (rv[off : off + ln],), empty, ln, 0)
+                counts[bid] = 1
+                c.readable = (rv[off : off + ln],)
+                c.writable = empty
+                c.readable_len = ln
+                c.writable_len = 0
+            yield c
 
     def _walk(self) -> DescriptorChain:
         """Consume the chain at next avail (flags scanned first, then buffers translated)."""
@@ -384,35 +438,48 @@ class PackedQueue:
     # ----------------------------------------------------------------- used
     def add_used(self, bid: int, length: int) -> None:
         """Write one used descriptor (len, id and flags in one store) and skip its chain."""
-        if length >> 32:
-            raise ValueError(f"used length {length} does not fit in 32 bits")
         counts = self._counts
-        count = counts[bid] if 0 <= bid <= 0xFFFF else 0
-        if not count:
+        c = counts[bid] if 0 <= bid <= 0xFFFF else 0
+        if not c or length >> 32:
+            if length >> 32:
+                raise ValueError(f"used length {length} does not fit in 32 bits")
             raise VirtqError(self.index, f"buffer id {bid} is not in flight", bid)
         counts[bid] = 0
         p = self._next_used
-        flags = (0x8080 if self._used_wrap else 0) | (_WRITE if length else 0)
         # len, id and flags in one aligned 8-byte store: the flags word publishes the rest.
-        self._desc_q[(p << 1) + 1] = length | bid << 32 | flags << 48
-        wlog = self._wlog
-        if wlog:
-            wg = wlog.pop(bid, None)
-            if self._log is not None:
-                self._log_used(wg, length, p, 1)
-        elif self._log is not None:
-            self._log_used(None, length, p, 1)
-        p += count
+        self._desc_q[(p << 1) + 1] = (
+            length
+            | bid << 32
+            | (_USED_WORD if self._used_wrap else 0)
+            | (_WRITE_WORD if length else 0)
+        )
+        if self._wlog or self._log is not None:
+            self._complete_log(bid, c, length, p, 1)
+        p += c & 0xFFFF
         if p >= self._size:
             p -= self._size
             self._used_wrap ^= 1
         self._next_used = p
-        self._since_signal += count
+        self._since_signal += c & 0xFFFF
+
+    def _complete_log(self, bid: int, c: int, length: int, p: int, k: int) -> None:
+        """Forget what buffer ``bid`` (``_counts`` entry ``c``) had writable; log it if on."""
+        wg = self._wlog.pop(bid, None) if self._wlog else None
+        if self._log is not None:
+            if c & _WSINGLE:
+                wg = (self._waddr[bid], self._wlen[bid])
+            self._log_used(wg, length, p, k)
 
     def add_used_batch(
         self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
     ) -> None:
-        """Write many used descriptors: ids and lens of all, then their flags words."""
+        """Write many used descriptors; the first one's flags word is written last.
+
+        Everything is checked before anything is written. A run of one-descriptor
+        buffers lands on consecutive ring slots and is written with one numpy store
+        of 8-byte (len, id, flags) words; the driver, which reads used descriptors
+        in ring order, sees the whole burst when the first flags word flips.
+        """
         ida = np.asarray(ids, dtype=np.int64)
         lna = np.asarray(lens, dtype=np.int64)
         k = len(ida)
@@ -424,32 +491,49 @@ class PackedQueue:
             raise ValueError("used length does not fit in 32 bits")
         if ida.min() < 0 or ida.max() > 0xFFFF:
             raise VirtqError(self.index, "used buffer id out of 16-bit range")
-        counts = self._counts_np[ida].astype(np.int64)
-        if not counts.all() or len(np.unique(ida)) != k:
-            bad = int(ida[counts == 0][0]) if not counts.all() else None
-            raise VirtqError(self.index, "used buffer id not in flight (or repeated)", bad)
+        craw = self._counts_np[ida]
+        counts = (craw & 0xFFFF).astype(np.int64)
+        if not counts.all():
+            bad = int(ida[counts == 0][0])
+            raise VirtqError(self.index, f"used buffer id {bad} not in flight", bad)
+        stamp = np.arange(1, k + 1, dtype=np.uint32)
+        scratch = self._scratch
+        scratch[ida] = stamp  # a repeated id keeps only its last stamp
+        if not np.array_equal(scratch[ida], stamp):
+            raise VirtqError(self.index, "used buffer id repeated in one batch", None)
         size = self._size
-        start = np.cumsum(counts) - counts + self._next_used
-        wraps = (start // size) & 1
-        pos = start % size
-        dn = self._desc_np
-        dn["len"][pos] = lna
-        dn["id"][pos] = ida
-        on = np.where(wraps == 0, self._used_wrap, self._used_wrap ^ 1)
-        flags = np.where(on == 1, _AVAIL | _USED, 0) | np.where(lna > 0, _WRITE, 0)
-        dn["flags"][pos] = flags
+        nu, uw = self._next_used, self._used_wrap
+        single = int(counts.max()) == 1
+        total = k if single else int(counts.sum())
+        if total > size:  # pragma: no cover - in-flight counts never exceed the ring
+            raise VirtqError(self.index, f"{total} used descriptors exceed queue size {size}")
+        pos = np.arange(nu, nu + k, dtype=np.int64) if single else np.cumsum(counts) - counts + nu
+        wrapped = pos >= size
+        pos[wrapped] -= size
+        on = (_AVAIL | _USED) if uw else 0
+        flags = np.where(wrapped, (_AVAIL | _USED) ^ on, on) | np.where(lna > 0, _WRITE, 0)
+        words = (lna.astype(np.uint64) | ida.astype(np.uint64) << np.uint64(32)) | (
+            flags.astype(np.uint64) << np.uint64(48)
+        )
         self._counts_np[ida] = 0
-        total = int(counts.sum())
-        end = self._next_used + total
-        self._used_wrap ^= (end // size) & 1
-        self._next_used = end % size
+        dq = self._desc_q
+        qn = self._desc_w
+        if k > 1:
+            if single and not wrapped[-1]:
+                qn[2 * nu + 3 : 2 * (nu + k) : 2] = words[1:]  # contiguous: one strided store
+            else:
+                qn[2 * pos[1:] + 1] = words[1:]
+        dq[2 * nu + 1] = int(words[0])  # the first flags word last: publishes the burst
+        end = nu + total
+        if end >= size:
+            end -= size
+            self._used_wrap = uw ^ 1
+        self._next_used = end
         self._since_signal += total
         if self._wlog or self._log is not None:
-            wl = self._wlog
+            cl = craw.tolist()
             for i, (bid, ln) in enumerate(zip(ida.tolist(), lna.tolist(), strict=True)):
-                wg = wl.pop(bid, None)
-                if self._log is not None:
-                    self._log_used(wg, ln, int(pos[i]), 1)
+                self._complete_log(bid, cl[i], ln, int(pos[i]), 1)
 
     def _log_used(
         self, wg: tuple[int, int] | list[tuple[int, int]] | None, length: int, p: int, k: int
@@ -475,12 +559,19 @@ class PackedQueue:
 
     # ------------------------------------------------------------- batches
     def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
-        """Consume up to ``max_chains`` available buffers at once (numpy over the ring)."""
+        """Consume up to ``max_chains`` available buffers at once (numpy over the ring).
+
+        Fast path (the usual burst): the run of available one-descriptor buffers is
+        found from the flags words against the wrap counter, then checked (ids not in
+        flight nor repeated, lengths non-zero, every buffer inside the first one's
+        region) in a handful of numpy operations; anything else takes the general path.
+        """
         space = self._space
         parts: list[Batch] = []
         other = Batch(space)
         taken = 0
-        flags_all = self._desc_np["flags"]
+        dn = self._desc_np
+        flags_all = dn["flags"]
         dh = self._desc_h
         size = self._size
         while taken < max_chains:
@@ -497,23 +588,25 @@ class PackedQueue:
                 taken += 1
                 continue
             n = min(size - p, max_chains - taken)
-            fl = flags_all[p : p + n]
-            ok = ((fl >> 7) & 1 == w) & ((fl >> 15) & 1 != w) & (fl & (_NEXT | _INDIRECT) == 0)
+            # available single descriptors: AVAIL == w, USED != w, no NEXT/INDIRECT
+            ok = (flags_all[p : p + n] & _MASK) == (_AVAIL if w else _USED)
             run = n if ok.all() else int(np.argmin(ok))
-            seg = self._desc_np[p : p + run]
+            seg = dn[p : p + run]  # read after the flags
             ids = seg["id"].astype(np.int64)
             addrs = seg["addr"].copy()
-            lens = seg["len"].astype(np.uint64)
-            sflags = seg["flags"].copy()
+            lens = seg["len"].astype(np.int64)
+            wr = (seg["flags"] & _WRITE) != 0
             p += run
             if p == size:
                 p = 0
                 self._avail_wrap = w ^ 1
             self._next_avail = p
             taken += run
-            parts.append(self._simple(space, ids, addrs, lens, sflags))
+            parts.append(self._simple(space, ids, addrs, lens, wr))
         if other.chains or other.errors:
             parts.append(other)
+        if not parts:
+            return other
         return Batch.concat(space, parts)
 
     def _simple(
@@ -522,45 +615,83 @@ class PackedQueue:
         ids: np.ndarray,
         addrs: np.ndarray,
         lens: np.ndarray,
-        flags: np.ndarray,
+        wr: np.ndarray,
     ) -> Batch:
         """Record a run of single-descriptor buffers as in flight and locate their bytes."""
+        k = len(ids)
+        counts = self._counts_np
+        stamp = np.arange(1, k + 1, dtype=np.uint32)
+        scratch = self._scratch
+        scratch[ids] = stamp  # a repeated id keeps only its last stamp
+        fresh = (scratch[ids] == stamp) & (counts[ids] == 0)
+        if fresh.all() and int(lens.min()) > 0:
+            found = space.locate_together(addrs, lens)
+            if found is not None:
+                self._mark_in_flight(ids, addrs, lens, wr)
+                return Batch(
+                    space,
+                    ids.astype(np.uint16),
+                    addrs,
+                    lens.astype(np.uint32),
+                    wr,
+                    np.full(k, found[0], dtype=np.int64),
+                    found[1],
+                )
+        return self._simple_slow(space, ids, addrs, lens, wr, fresh)
+
+    def _mark_in_flight(
+        self, ids: np.ndarray, addrs: np.ndarray, lens: np.ndarray, wr: np.ndarray
+    ) -> None:
+        """Count one descriptor per buffer; writable ones keep (gpa, len) for the dirty log."""
+        if wr.any():
+            self._counts_np[ids] = np.where(wr, 1 | _WSINGLE, 1)
+            wid = ids[wr]
+            self._waddr_np[wid] = addrs[wr]
+            self._wlen_np[wid] = lens[wr]
+        else:
+            self._counts_np[ids] = 1
+
+    def _simple_slow(
+        self,
+        space: AddressSpace,
+        ids: np.ndarray,
+        addrs: np.ndarray,
+        lens: np.ndarray,
+        wr: np.ndarray,
+        fresh: np.ndarray,
+    ) -> Batch:
+        """Per-buffer checks: repeated or in-flight ids, empty or unmapped buffers."""
         q = self.index
+        # of several fresh entries with one id, the first is taken, the others are errors
         _, first = np.unique(ids, return_index=True)
-        dup = np.ones(len(ids), dtype=bool)
-        dup[first] = False
-        dup |= self._counts_np[ids] != 0
-        fresh = ~dup
-        self._counts_np[ids[fresh]] = 1
-        region, offsets = space.locate(addrs, lens)
+        fresh = fresh.copy()
+        fresh[:] = False
+        fresh[first] = self._counts_np[ids[first]] == 0
+        region, offsets = space.locate(addrs.astype(np.uint64), lens.astype(np.uint64))
         good = fresh & (region >= 0) & (lens > 0)
+        self._mark_in_flight(ids[good], addrs[good], lens[good], wr[good])
         batch = Batch(
             space,
             ids[good].astype(np.uint16),
             addrs[good],
             lens[good].astype(np.uint32),
-            (flags[good] & _WRITE) != 0,
+            wr[good],
             region[good],
             offsets[good],
         )
-        if not good.all():
-            for i in np.flatnonzero(~good).tolist():
-                bid = int(ids[i])
-                if dup[i]:
-                    batch.errors.append(VirtqError(q, f"buffer id {bid} already in flight", None))
-                    continue
-                try:
-                    batch.chains.append(
-                        self._buffers(bid, [(int(flags[i]), int(addrs[i]), int(lens[i]))])
-                    )
-                except VirtqError as exc:
-                    batch.errors.append(exc)
-        if self._log is not None:
-            wr = good & ((flags & _WRITE) != 0)
-            for bid, a, ln in zip(
-                ids[wr].tolist(), addrs[wr].tolist(), lens[wr].tolist(), strict=True
-            ):
-                self._wlog[bid] = (a, ln)
+        flags = np.where(wr, _WRITE, 0)
+        for i in np.flatnonzero(~good).tolist():
+            bid = int(ids[i])
+            if not fresh[i]:
+                batch.errors.append(VirtqError(q, f"buffer id {bid} already in flight", None))
+                continue
+            self._counts[bid] = 1
+            try:
+                batch.chains.append(
+                    self._buffers(bid, [(int(flags[i]), int(addrs[i]), int(lens[i]))])
+                )
+            except VirtqError as exc:
+                batch.errors.append(exc)
         return batch
 
     # -------------------------------------------------------- notifications
@@ -608,6 +739,8 @@ class PackedQueue:
     def take_in_flight(self, old: PackedQueue) -> None:
         """Take over the buffers ``old`` has in flight (a rebuild over a new memory table)."""
         self._counts_np[:] = old._counts_np
+        self._waddr_np[:] = old._waddr_np
+        self._wlen_np[:] = old._wlen_np
         self._wlog.update(old._wlog)
 
     def descriptors(self, pos: int, count: int) -> list[tuple[int, int, int, int]]:

@@ -44,6 +44,7 @@ _MAX_CHAIN_BYTES = 0xFFFFFFFF
 _EMPTY: tuple[()] = ()
 _SIMPLE_MASK = (_NEXT | _INDIRECT) << 32
 _WRITE_BIT = _WRITE << 32
+_new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
 
 
 def split_area_sizes(size: int) -> tuple[int, int, int]:
@@ -236,9 +237,15 @@ class SplitQueue:
                 rs, re_, rv = self._space.primary
                 off = addr - rs
                 if off >= 0 and addr + ln <= re_:
+                    c = _new(DescriptorChain)
+                    c.head = head
                     if w & _WRITE_BIT:
-                        return DescriptorChain(head, _EMPTY, (rv[off : off + ln],), 0, ln)
-                    return DescriptorChain(head, (rv[off : off + ln],), _EMPTY, ln, 0)
+                        c.readable, c.writable = _EMPTY, (rv[off : off + ln],)
+                        c.readable_len, c.writable_len = 0, ln
+                    else:
+                        c.readable, c.writable = (rv[off : off + ln],), _EMPTY
+                        c.readable_len, c.writable_len = ln, 0
+                    return c
         return self._walk(head)
 
     pop_descriptor_chain = pop
@@ -253,7 +260,9 @@ class SplitQueue:
         mask, size = self._mask, self._size
         rs, re_, rv = self._space.primary
         chain_cls = DescriptorChain
+        new = _new
         empty = _EMPTY
+        simple_mask, write_bit = _SIMPLE_MASK, _WRITE_BIT
         while True:
             na = self._next_avail
             n = (self._avail_shadow - na) & 0xFFFF or self._avail_count()
@@ -268,15 +277,24 @@ class SplitQueue:
                 self._next_avail = na
                 if head < size:
                     w: int = dq[(head << 1) + 1]
-                    if not w & _SIMPLE_MASK and w & 0xFFFFFFFF:
+                    if not w & simple_mask and w & 0xFFFFFFFF:
                         addr: int = dq[head << 1]
                         ln = w & 0xFFFFFFFF
                         off = addr - rs
                         if off >= 0 and addr + ln <= re_:
-                            if w & _WRITE_BIT:
-                                yield chain_cls(head, empty, (rv[off : off + ln],), 0, ln)
+                            c = new(chain_cls)
+                            c.head = head
+                            if w & write_bit:
+                                c.readable = empty
+                                c.writable = (rv[off : off + ln],)
+                                c.readable_len = 0
+                                c.writable_len = ln
                             else:
-                                yield chain_cls(head, (rv[off : off + ln],), empty, ln, 0)
+                                c.readable = (rv[off : off + ln],)
+                                c.writable = empty
+                                c.readable_len = ln
+                                c.writable_len = 0
+                            yield c
                             continue
                 yield self._walk(head)
 
@@ -372,16 +390,13 @@ class SplitQueue:
         if not 0 <= head < self._size:
             raise VirtqError(self.index, f"used id {head} >= queue size {self._size}", head)
         nu = self._next_used
-        p = nu & self._mask
         try:
-            self._used_q[p] = head | length << 32  # id and len in one store
+            self._used_q[nu & self._mask] = head | length << 32  # id and len in one store
         except (ValueError, TypeError):
             raise ValueError(f"used length {length!r} is not a 32-bit unsigned int") from None
-        nu = (nu + 1) & 0xFFFF
-        self._next_used = nu
-        self._used_h[1] = nu
+        self._next_used = self._used_h[1] = (nu + 1) & 0xFFFF
         if self._log is not None:
-            self._log_used(((head, length),), p, 1)
+            self._log_used(((head, length),), nu & self._mask, 1)
 
     def add_used_batch(
         self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
