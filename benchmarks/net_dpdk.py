@@ -29,6 +29,8 @@ import benchlib
 
 _TX_PPS = re.compile(rb"Tx-pps:\s+(\d+)")
 BACKENDS = ("vhsm", "dpdk")
+#: `vhsm serve net --busy-poll-us` (None: the device's default); set from the options.
+BUSY_POLL_US: int | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ def one_run(
             "sink",
             "--queues",
             str(cfg.queues),
+            *(["--busy-poll-us", str(BUSY_POLL_US)] if BUSY_POLL_US is not None else []),
         ]
     else:
         vdev = f"net_vhost0,iface={sock},queues={cfg.queues}"
@@ -230,12 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rings", default="split,packed", help="split,packed")
     ap.add_argument("--queues", type=_ints, default=[1, 2], help="queue pairs")
     ap.add_argument("--workdir", type=Path, help="keep logs and sockets here")
+    ap.add_argument(
+        "--busy-poll-us",
+        type=int,
+        help="vhsm's TX busy-poll window (default: the device's, 50; 0: off)",
+    )
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; exit 2 when DPDK testpmd is missing, 1 when every run failed."""
     args = build_parser().parse_args(argv)
+    global BUSY_POLL_US
+    BUSY_POLL_US = args.busy_poll_us
     why = benchlib.missing("dpdk-testpmd")
     if why is not None:
         print(f"net benchmark: {why}", file=sys.stderr)

@@ -43,6 +43,10 @@ class VhostUserBackend:
     #: True when the daemon must serialise every hook call (see VhostUserBackendMut).
     serialised: bool = False
 
+    #: Busy-poll window in microseconds: after a burst the worker keeps polling the
+    #: rings `busy_poll_queue` accepts, kicks suppressed, before it sleeps (0: off).
+    busy_poll_us: int = 0
+
     # --- negotiation -------------------------------------------------------
     def num_queues(self) -> int:
         """Return the number of virtqueues the device has."""
@@ -111,6 +115,10 @@ class VhostUserBackend:
     def queues_per_thread(self) -> Sequence[Sequence[int]]:
         """Return which queue indices each worker thread serves (default: one thread, all)."""
         return [list(range(self.num_queues()))]
+
+    def busy_poll_queue(self, index: int) -> bool:
+        """Return whether workers may busy-poll ring `index` (when `busy_poll_us` is set)."""
+        return True
 
     def exit_event(self, thread_index: int) -> int | None:
         """Return an eventfd that stops worker `thread_index`, or None for the daemon's own."""

@@ -412,6 +412,13 @@ class VringState:
         except VirtqError as exc:
             raise VirtqError(self.index, f"not recorded: {exc.detail}", bid) from exc
 
+    def has_available(self) -> bool:
+        """Whether a chain is waiting (cheap: one ring word; resubmissions count too)."""
+        q = self.queue
+        if q is None:
+            return False
+        return bool(self._resubmit or self._resubmit_packed) or q.has_available()
+
     def iter(self) -> Iterator[DescriptorChain]:
         """Iterate available chains (the queue's fast iterator when no inflight tracking)."""
         q = self._require()
@@ -839,6 +846,11 @@ class _SharedVring:
         with self._wlock:
             return self._state.enable_notification()
 
+    def has_available(self) -> bool:
+        """Whether a chain is waiting (busy polling)."""
+        with self._wlock:
+            return self._state.has_available()
+
     def disable_notification(self) -> None:
         """Suppress kicks."""
         with self._wlock:
@@ -939,6 +951,9 @@ class VringT(Protocol):
 
     def disable_notification(self) -> None:
         """Suppress kicks."""
+
+    def has_available(self) -> bool:
+        """Whether a chain is waiting."""
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a notification."""

@@ -49,6 +49,13 @@ def register(subparsers: Any) -> None:
         help="sink: drop transmitted frames; loopback: receive what was sent (default)",
     )
     net.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
+    net.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=None,
+        metavar="US",
+        help="poll the TX rings this long after a burst before sleeping (default 50, 0: off)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -92,7 +99,9 @@ def make_backend(args: argparse.Namespace) -> VhostUserBackend:
             raise VhsmError(f"cannot open image {image}: {err.strerror or err}") from err
     if args.device == "net":
         net = importlib.import_module("vhsm.devices.net")
-        backend: VhostUserBackend = net.NetBackend(mode=args.mode, queue_pairs=args.queues)
+        backend: VhostUserBackend = net.NetBackend(
+            mode=args.mode, queue_pairs=args.queues, busy_poll_us=args.busy_poll_us
+        )
         return backend
     raise VhsmError(f"unknown device {args.device!r}")
 

@@ -75,14 +75,20 @@ class NetBackend(VhostUserBackend):
 
     #: Kicks on started but disabled rings reach ``handle_event``: their TX is dropped.
     process_disabled_rings = True
+    #: After a TX burst the worker polls the TX ring this long before sleeping (µs).
+    busy_poll_us = 50
 
-    def __init__(self, mode: str = "sink", queue_pairs: int = 1) -> None:
+    def __init__(
+        self, mode: str = "sink", queue_pairs: int = 1, *, busy_poll_us: int | None = None
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not one of {MODES}")
         if not 1 <= queue_pairs <= 0x8000:
             raise ValueError(f"queue_pairs {queue_pairs} not in 1..32768")
         self.mode = mode
         self.queue_pairs = queue_pairs
+        if busy_poll_us is not None:
+            self.busy_poll_us = busy_poll_us
         self.mrg_rxbuf = False
         self.pair_stats = [NetStats() for _ in range(queue_pairs)]
 
@@ -139,6 +145,10 @@ class NetBackend(VhostUserBackend):
     def queues_per_thread(self) -> Sequence[Sequence[int]]:
         """One worker per pair: a pair's RX and TX queues are served together."""
         return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]
+
+    def busy_poll_queue(self, index: int) -> bool:
+        """Only TX rings are polled (RX buffers wait for frames, not for the device)."""
+        return index % 2 == 1
 
     def reset_device(self) -> None:
         """Forget the negotiated receive layout."""
