@@ -168,6 +168,35 @@ class AddressSpace:
         return region, offsets
 
 
+def _unsigned(a: object, max_bytes: int) -> bool:
+    """Whether ``a`` is a numpy array of an unsigned type of at most ``max_bytes`` bytes."""
+    return isinstance(a, np.ndarray) and a.dtype.kind == "u" and a.dtype.itemsize <= max_bytes
+
+
+def used_arrays(
+    queue: int, ids: object, lens: object, id_bound: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, lens) of an ``add_used_batch`` as int64 arrays, checked.
+
+    ValueError unless there are as many lengths as ids, each fitting in 32 bits;
+    VirtqError naming the first id outside ``[0, id_bound)`` (``what`` names the bound).
+    Reductions are skipped where the array's dtype already guarantees the range.
+    """
+    ida = np.asarray(ids, dtype=np.int64)
+    lna = np.asarray(lens, dtype=np.int64)
+    if len(ida) != len(lna):
+        raise ValueError(f"{len(ida)} ids but {len(lna)} lengths")
+    if len(ida):
+        if not _unsigned(lens, 4) and (lna.min() < 0 or lna.max() > 0xFFFFFFFF):
+            raise ValueError("used length does not fit in 32 bits")
+        if (not _unsigned(ids, 4) and ida.min() < 0) or (
+            not (_unsigned(ids, 2) and id_bound > 0xFFFF) and ida.max() >= id_bound
+        ):
+            bad = int(ida[(ida < 0) | (ida >= id_bound)][0])
+            raise VirtqError(queue, f"used id {bad} >= {what} {id_bound}", bad)
+    return ida, lna
+
+
 def check_queue_size(size: int, *, packed: bool) -> None:
     """Reject a queue size the ring layout cannot have (§8, §9)."""
     if not 1 <= size <= MAX_QUEUE_SIZE:

@@ -33,6 +33,7 @@ from vhsm.virtq.common import (
     check_area,
     check_queue_size,
     memory_barrier,
+    used_arrays,
 )
 from vhsm.virtq.common import log_failure as _log_failure
 
@@ -480,17 +481,10 @@ class PackedQueue:
         of 8-byte (len, id, flags) words; the driver, which reads used descriptors
         in ring order, sees the whole burst when the first flags word flips.
         """
-        ida = np.asarray(ids, dtype=np.int64)
-        lna = np.asarray(lens, dtype=np.int64)
+        ida, lna = used_arrays(self.index, ids, lens, _IDS, "buffer id bound")
         k = len(ida)
-        if k != len(lna):
-            raise ValueError(f"{k} ids but {len(lna)} lengths")
         if k == 0:
             return
-        if lna.min() < 0 or lna.max() > 0xFFFFFFFF:
-            raise ValueError("used length does not fit in 32 bits")
-        if ida.min() < 0 or ida.max() > 0xFFFF:
-            raise VirtqError(self.index, "used buffer id out of 16-bit range")
         craw = self._counts_np[ida]
         counts = (craw & 0xFFFF).astype(np.int64)
         if not counts.all():
@@ -567,7 +561,7 @@ class PackedQueue:
         region) in a handful of numpy operations; anything else takes the general path.
         """
         space = self._space
-        parts: list[Batch] = []
+        runs: list[np.ndarray] = []  # copies of the runs of single descriptors
         other = Batch(space)
         taken = 0
         dn = self._desc_np
@@ -591,23 +585,26 @@ class PackedQueue:
             # available single descriptors: AVAIL == w, USED != w, no NEXT/INDIRECT
             ok = (flags_all[p : p + n] & _MASK) == (_AVAIL if w else _USED)
             run = n if ok.all() else int(np.argmin(ok))
-            seg = dn[p : p + run]  # read after the flags
-            ids = seg["id"].astype(np.int64)
-            addrs = seg["addr"].copy()
-            lens = seg["len"].astype(np.int64)
-            wr = (seg["flags"] & _WRITE) != 0
+            runs.append(dn[p : p + run].copy())  # read after the flags
             p += run
             if p == size:
                 p = 0
                 self._avail_wrap = w ^ 1
             self._next_avail = p
             taken += run
-            parts.append(self._simple(space, ids, addrs, lens, wr))
-        if other.chains or other.errors:
-            parts.append(other)
-        if not parts:
+        if not runs:
             return other
-        return Batch.concat(space, parts)
+        seg = runs[0] if len(runs) == 1 else np.concatenate(runs)
+        simple = self._simple(
+            space,
+            seg["id"].astype(np.int64),
+            seg["addr"],
+            seg["len"].astype(np.int64),
+            (seg["flags"] & _WRITE) != 0,
+        )
+        if other.chains or other.errors:
+            return Batch.concat(space, [simple, other])
+        return simple
 
     def _simple(
         self,

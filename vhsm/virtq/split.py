@@ -35,6 +35,7 @@ from vhsm.virtq.common import (
     check_queue_size,
     log_failure,
     memory_barrier,
+    used_arrays,
 )
 
 _NEXT = VIRTQ_DESC_F_NEXT
@@ -402,20 +403,12 @@ class SplitQueue:
         self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
     ) -> None:
         """Publish many used elements with one used-index update."""
-        ida = np.asarray(ids, dtype=np.int64)
-        lna = np.asarray(lens, dtype=np.int64)
+        if len(ids) > self._size:
+            raise ValueError(f"{len(ids)} used elements exceed queue size {self._size}")
+        ida, lna = used_arrays(self.index, ids, lens, self._size, "queue size")
         k = len(ida)
-        if k != len(lna):
-            raise ValueError(f"{k} ids but {len(lna)} lengths")
         if k == 0:
             return
-        if k > self._size:
-            raise ValueError(f"{k} used elements exceed queue size {self._size}")
-        if ida.min() < 0 or ida.max() >= self._size:
-            bad = int(ida[(ida < 0) | (ida >= self._size)][0])
-            raise VirtqError(self.index, f"used id {bad} >= queue size {self._size}", bad)
-        if lna.min() < 0 or lna.max() > 0xFFFFFFFF:
-            raise ValueError("used length does not fit in 32 bits")
         nu = self._next_used
         p = nu & self._mask
         first = min(k, self._size - p)
