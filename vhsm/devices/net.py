@@ -56,7 +56,7 @@ _ZEROS = np.zeros(1 << 16, dtype=np.uint32)  # unsigned: add_used_batch skips ra
 _ZEROS.flags.writeable = False
 #: Sink bursts checksummed with numpy (else one zlib.adler32 call per frame): at least
 #: this many frames of one size, at most _VEC_MAX_FRAME bytes (float32-exact sums).
-_VEC_MIN_BURST = 128
+_VEC_MIN_BURST = 64
 _VEC_MAX_FRAME = 256 + NET_HDR_SIZE
 _ADLER_MOD = 65521
 
