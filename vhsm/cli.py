@@ -27,6 +27,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
@@ -36,13 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         help="logging threshold (default WARNING)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _accept_log_level_everywhere(parser)
     return parser
+
+
+def _accept_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every sub-command take ``--log-level`` too (`vhsm serve rng --log-level DEBUG`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument(
+                    "--log-level",
+                    default=argparse.SUPPRESS,
+                    choices=LOG_LEVELS,
+                    help="logging threshold (default WARNING)",
+                )
+                _accept_log_level_everywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
