@@ -54,6 +54,8 @@ def _accept_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
+                if any(a.nargs == argparse.REMAINDER for a in sub._actions):
+                    continue  # passes its arguments through untouched (vhsm bench NAME ...)
                 sub.add_argument(
                     "--log-level",
                     default=argparse.SUPPRESS,
