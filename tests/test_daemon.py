@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -458,7 +459,9 @@ def test_no_fd_leak_after_1000_connections(served) -> None:
         finally:
             fe.close()
         wait_until(lambda: not daemon.serving)
-    assert open_fds() == before
+    # A guest-memory mapping still viewed by a finishing thread is unmapped (and its fd
+    # closed) by the garbage collector: wait for that, a leak never settles.
+    wait_until(lambda: gc.collect() >= 0 and open_fds() == before)
 
 
 def test_stop_leaves_no_thread_and_removes_the_socket(sock_path) -> None:

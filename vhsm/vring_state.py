@@ -1,0 +1,580 @@
+"""`VringState`: one virtqueue plus its fds and flags (not thread-safe; see `vhsm.vring`).
+
+The control thread configures a ring (size, addresses, base, fds, features, log);
+worker threads pop chains, add used elements and signal. ``enabled`` and ``started``
+are plain bools set by the control thread and read lock-free by workers (§7.4).
+
+Ring addresses given to :meth:`VringState.set_queue_info` are guest-physical (the
+data plane converts SET_VRING_ADDR's user addresses, §10); they are translated
+through the current memory snapshot into memoryviews, again on every call (the data
+plane calls it after each memory-table change).
+
+Bad chains (§11.3 R9): ``pop`` raises VirtqError after consuming the chain; call
+:meth:`VringState.complete_error` to complete it with length 0 and signal the err fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.inflight import InflightChain, InflightPacked
+from vhsm.memory import GuestMemory, GuestMemoryAtomic
+from vhsm.virtq.batch import Batch
+from vhsm.virtq.chain import DescriptorChain
+from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike, check_queue_size
+from vhsm.virtq.packed import PackedQueue
+from vhsm.virtq.split import SplitQueue
+
+log = logging.getLogger(__name__)
+
+_NOTIFY_ON_EMPTY = 1 << 24
+_LOG_ALL = 1 << 26
+_INDIRECT_DESC = 1 << 28
+_EVENT_IDX = 1 << 29
+_RING_PACKED = 1 << 34
+
+Queue = SplitQueue | PackedQueue
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.debug("closing fd %d: %s", fd, exc)
+
+
+def _eventfd_signal(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):  # counter saturated: a wake-up is pending
+        os.eventfd_write(fd, 1)
+
+
+class VringState:
+    """One ring's state, not thread-safe (wrap it in VringMutex or VringRwLock to share)."""
+
+    def __init__(
+        self,
+        memory: GuestMemoryAtomic | GuestMemory,
+        max_queue_size: int = MAX_QUEUE_SIZE,
+        *,
+        index: int = 0,
+    ) -> None:
+        """Ring ``index`` over ``memory`` (a holder: its current snapshot is used)."""
+        self.memory = memory
+        self.max_queue_size = max_queue_size
+        self.index = index
+        self.enabled = False
+        self.started = False
+        self.queue: Queue | None = None
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr: int | None = None
+        self.addr_set = False
+        self.base = 0
+        self.base_set = False
+        self.features = 0
+        self.kick: int | None = None
+        self.call: int | None = None
+        self.err: int | None = None
+        self.log: DirtyLogLike | None = None
+        self.inflight: Any = None
+        self.backend_channel: Any = None
+        self._resubmit: list[int] = []
+        # packed rings with inflight tracking: chains to resubmit, buffer id -> slot
+        self._resubmit_packed: list[InflightChain] = []
+        self._slot_of: dict[int, int] = {}
+        # needs_notification()'s answer until the next signal or used element, so that
+        # rust-vmm's `if needs_notification(): signal_used_queue()` and a bare
+        # `signal_used_queue()` both notify exactly when the driver asked.
+        self._notify: bool | None = None
+
+    # --------------------------------------------------------------- config
+    @property
+    def packed(self) -> bool:
+        """Whether VIRTIO_F_RING_PACKED was negotiated."""
+        return bool(self.features & _RING_PACKED)
+
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_RING_EVENT_IDX was negotiated."""
+        return bool(self.features & _EVENT_IDX)
+
+    def is_enabled(self) -> bool:
+        """Whether the ring is enabled (SET_VRING_ENABLE)."""
+        return self.enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Set the enabled flag."""
+        self.enabled = enabled
+
+    def set_features(self, features: int) -> None:
+        """Apply acked virtio features (layout, indirect, event idx, LOG_ALL)."""
+        layout_changed = (features ^ self.features) & _RING_PACKED
+        self.features = features
+        if layout_changed:
+            self._build(carry=False)
+        elif self.queue is not None:
+            self.queue.set_event_idx(self.event_idx)
+            self.queue.set_indirect(bool(features & _INDIRECT_DESC))
+            if isinstance(self.queue, SplitQueue):
+                self.queue.notify_on_empty = bool(features & _NOTIFY_ON_EMPTY)
+            self._apply_log()
+
+    def set_queue_event_idx(self, enabled: bool) -> None:
+        """Turn event-idx suppression on or off (rust-vmm name)."""
+        self.set_features(self.features | _EVENT_IDX if enabled else self.features & ~_EVENT_IDX)
+
+    def set_queue_size(self, num: int) -> None:
+        """SET_VRING_NUM: ValueError if the layout cannot have that size (R2)."""
+        check_queue_size(num, packed=self.packed)
+        if num > self.max_queue_size:
+            raise ValueError(f"queue size {num} > maximum {self.max_queue_size}")
+        self.size = num
+        if self.addr_set:
+            self._build(carry=False)
+
+    def set_queue_info(self, desc: int, avail: int, used: int, log_addr: int | None = None) -> None:
+        """SET_VRING_ADDR (guest-physical areas; ``log_addr`` when the LOG flag is set).
+
+        Raises:
+            GuestMemoryError: an area is not inside the current memory table (R4).
+        """
+        first = not self.addr_set or (desc, avail, used) != (
+            self.desc_addr,
+            self.avail_addr,
+            self.used_addr,
+        )
+        self.desc_addr, self.avail_addr, self.used_addr = desc, avail, used
+        self.log_addr = log_addr
+        self.addr_set = True
+        if self.size:
+            self._build(carry=not first)
+
+    def update_memory(self, memory: GuestMemoryAtomic | GuestMemory | None = None) -> bool:
+        """Re-translate the areas through a new snapshot; False (ring idle) if unmapped."""
+        if memory is not None:
+            self.memory = memory
+        if not (self.addr_set and self.size):
+            return True
+        try:
+            self._build(carry=True)
+        except GuestMemoryError as exc:
+            log.warning("ring %d: areas not mapped by the new table: %s", self.index, exc)
+            self._drop_queue()
+            return False
+        return True
+
+    def _snapshot(self) -> GuestMemory:
+        mem = self.memory
+        return mem.memory() if isinstance(mem, GuestMemoryAtomic) else mem
+
+    def _build(self, *, carry: bool) -> None:
+        """(Re)create the queue over the current snapshot; keep indices when ``carry``."""
+        if not (self.addr_set and self.size):
+            return
+        old = self.queue
+        if carry and old is not None:
+            base = old.get_base()
+        elif self.base_set or not self.packed:
+            base = self.base
+        else:
+            base = 0x80008000  # packed ring, no SET_VRING_BASE: both wrap counters start at 1
+        next_used = old.next_used if carry and isinstance(old, SplitQueue) else None
+        mem = self._snapshot()
+        n = self.size
+        common: dict[str, Any] = {
+            "index": self.index,
+            "event_idx": self.event_idx,
+            "indirect": bool(self.features & _INDIRECT_DESC),
+        }
+        queue: Queue
+        if self.packed:
+            queue = PackedQueue(
+                mem,
+                n,
+                mem.translate(self.desc_addr, 16 * n),
+                mem.translate(self.avail_addr, 4),
+                mem.translate(self.used_addr, 4),
+                base=base,
+                **common,
+            )
+        else:
+            queue = SplitQueue(
+                mem,
+                n,
+                mem.translate(self.desc_addr, 16 * n),
+                mem.translate(self.avail_addr, 6 + 2 * n),
+                mem.translate(self.used_addr, 6 + 8 * n),
+                next_avail=base & 0xFFFF,
+                next_used=next_used,
+                **common,
+            )
+            queue.notify_on_empty = bool(self.features & _NOTIFY_ON_EMPTY)
+        if old is not None:
+            if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
+                queue.take_in_flight(old)  # buffers popped before the rebuild stay completable
+            old.release()
+        self.queue = queue
+        self._apply_log()
+
+    def _drop_queue(self) -> None:
+        if self.queue is not None:
+            self.base = self.queue.get_base()
+            self.queue.release()
+            self.queue = None
+
+    def set_log(self, dirty_log: DirtyLogLike | None) -> None:
+        """Attach the dirty log of SET_LOG_BASE (used only while LOG_ALL is acked)."""
+        self.log = dirty_log
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        q = self.queue
+        if q is None:
+            return
+        active = self.log if self.features & _LOG_ALL else None
+        if isinstance(q, SplitQueue):
+            q.set_log(active, self.log_addr)
+        else:
+            q.set_log(active, self.desc_addr if self.log_addr is not None else None, self.log_addr)
+
+    def set_inflight(self, inflight: Any) -> None:
+        """Attach a ring's inflight region (§7.15): resubmits what it lists as in flight.
+
+        The next avail index is set past the resubmitted requests (used index + their
+        count, as [LVU] does); a packed ring also takes its used position and wrap
+        counter from the region's header.
+
+        Raises:
+            VirtqError: the region is inconsistent (the ring is then left untracked).
+        """
+        self.inflight = inflight
+        self._resubmit = []
+        self._resubmit_packed = []
+        self._slot_of = {}
+        q = self.queue
+        if inflight is None or q is None:
+            return
+        try:
+            if isinstance(q, SplitQueue):
+                used = q.used_idx()
+                self._resubmit = list(inflight.resubmit(used))
+                q.set_next_avail((used + len(self._resubmit)) & 0xFFFF)
+            elif isinstance(inflight, InflightPacked):
+                chains = inflight.resubmit(lambda pos: q.descriptors(pos, 1)[0][3])
+                q.resume(
+                    inflight.used_idx,
+                    int(inflight.used_wrap_counter),
+                    [(c.id, len(c.descs)) for c in chains],
+                )
+                self._resubmit_packed = chains
+            else:
+                raise VirtqError(self.index, "inflight buffer: split region for a packed ring")
+        except BaseException:
+            self.inflight = None
+            self._resubmit = []
+            self._resubmit_packed = []
+            raise
+
+    def set_backend_channel(self, channel: Any) -> None:
+        """Back-end request channel, for in-band call/err notifications (§7.16)."""
+        self.backend_channel = channel
+
+    # ----------------------------------------------------------------- base
+    def get_queue_base(self) -> int:
+        """GET_VRING_BASE ``num`` (§5.3)."""
+        if self.queue is not None:
+            return self.queue.get_base()
+        return self.base if self.base_set or not self.packed else 0x80008000
+
+    def set_queue_base(self, num: int) -> None:
+        """SET_VRING_BASE ``num`` (§5.3); ValueError for reserved bits / bad packed index."""
+        if not self.packed and num >> 16:
+            raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
+        self.base = num
+        self.base_set = True
+        q = self.queue
+        if q is not None:
+            q.set_base(num)
+            if isinstance(q, SplitQueue):
+                q.set_next_used(q.used_idx())  # §7.5: the used index comes from guest memory
+
+    def queue_next_avail(self) -> int:
+        """Next avail index (split) / position (packed)."""
+        return self.queue.next_avail if self.queue is not None else self.base & 0x7FFF
+
+    def set_queue_next_avail(self, base: int) -> None:
+        """Set the next avail index (split)."""
+        if isinstance(self.queue, SplitQueue):
+            self.queue.set_next_avail(base)
+        self.base = base & 0xFFFF
+
+    def set_queue_next_used(self, idx: int) -> None:
+        """Set the next used index (split)."""
+        if isinstance(self.queue, SplitQueue):
+            self.queue.set_next_used(idx)
+
+    def queue_used_idx(self) -> int:
+        """The used index in guest memory (split) or the device's next used position."""
+        q = self._require()
+        return q.used_idx() if isinstance(q, SplitQueue) else q.next_used
+
+    # ------------------------------------------------------------------ fds
+    def set_kick(self, fd: int | None) -> None:
+        """Own a new kick eventfd (the previous one is closed)."""
+        if fd != self.kick:
+            _close(self.kick)
+        self.kick = fd
+
+    def get_kick(self) -> int | None:
+        """The kick fd, if any."""
+        return self.kick
+
+    def read_kick(self) -> bool:
+        """Consume a pending kick; returns whether the ring is enabled."""
+        if self.kick is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.kick)
+        return self.enabled
+
+    def set_call(self, fd: int | None) -> None:
+        """Own a new call eventfd (the previous one is closed)."""
+        if fd != self.call:
+            _close(self.call)
+        self.call = fd
+
+    def get_call(self) -> int | None:
+        """The call fd, if any."""
+        return self.call
+
+    def set_err(self, fd: int | None) -> None:
+        """Own a new err eventfd (the previous one is closed)."""
+        if fd != self.err:
+            _close(self.err)
+        self.err = fd
+
+    def get_err(self) -> int | None:
+        """The err fd, if any."""
+        return self.err
+
+    # ------------------------------------------------------------ data path
+    def _require(self) -> Queue:
+        q = self.queue
+        if q is None:
+            raise VirtqError(self.index, "ring not configured (size, addresses, memory)")
+        return q
+
+    def pop(self) -> DescriptorChain | None:
+        """Next available chain (resubmitted inflight heads first); VirtqError if bad."""
+        q = self._require()
+        if self.inflight is None:
+            return q.pop()
+        if isinstance(q, PackedQueue):
+            return self._pop_packed(q)
+        if self._resubmit:
+            return q._walk(self._resubmit.pop(0))
+        chain = q.pop()
+        if chain is not None:
+            self.inflight.fetch(chain.head)
+        return chain
+
+    def _pop_packed(self, q: PackedQueue) -> DescriptorChain | None:
+        """Packed pop with inflight tracking: resubmitted chains first, then the ring."""
+        if self._resubmit_packed:
+            rec = self._resubmit_packed.pop(0)
+            self._slot_of[rec.id] = rec.slot
+            return q.rebuild(rec.descs)
+        pos, wrap = q.next_avail, q.avail_wrap
+        try:
+            chain = q.pop()
+        except VirtqError as exc:
+            if exc.head is not None:  # consumed and to be completed: track it too
+                self._fetch_packed(q, pos, wrap, exc.head)
+            raise
+        if chain is not None:
+            self._fetch_packed(q, pos, wrap, chain.head)
+        return chain
+
+    def _fetch_packed(self, q: PackedQueue, pos: int, wrap: int, bid: int) -> None:
+        """Record the chain just consumed from ring position ``pos`` (buffer id ``bid``)."""
+        n = q.next_avail - pos + (q.size if q.avail_wrap != wrap else 0)
+        try:
+            self._slot_of[bid] = self.inflight.fetch(q.descriptors(pos, n))
+        except VirtqError as exc:
+            raise VirtqError(self.index, f"not recorded: {exc.detail}", bid) from exc
+
+    def has_available(self) -> bool:
+        """Whether a chain is waiting (cheap: one ring word; resubmissions count too)."""
+        q = self.queue
+        if q is None:
+            return False
+        return bool(self._resubmit or self._resubmit_packed) or q.has_available()
+
+    def iter(self) -> Iterator[DescriptorChain]:
+        """Iterate available chains (the queue's fast iterator when no inflight tracking)."""
+        q = self._require()
+        if self.inflight is None and not self._resubmit:
+            return iter(q)
+        return iter(self.pop, None)
+
+    def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
+        """Take up to ``max_chains`` chains at once (numpy arrays, see Batch)."""
+        q = self._require()
+        if self.inflight is not None and (isinstance(q, PackedQueue) or self._resubmit):
+            batch = q.pop_batch(0)  # an empty batch; tracked chains are popped one by one
+            while len(batch) < max_chains:
+                try:
+                    chain = self.pop()
+                except VirtqError as exc:
+                    batch.errors.append(exc)
+                    continue
+                if chain is None:
+                    break
+                batch.chains.append(chain)
+            return batch
+        batch = q.pop_batch(max_chains)
+        if self.inflight is not None and isinstance(q, SplitQueue):
+            for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
+                self.inflight.fetch(head)
+        return batch
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element."""
+        q = self._require()
+        self._notify = None
+        if self.inflight is not None and isinstance(q, SplitQueue):
+
+            def publish() -> int:
+                q.add_used(head, length)
+                return q.next_used
+
+            self.inflight.complete([head], publish)
+            return
+        if self.inflight is not None and head in self._slot_of:
+            if not 0 <= length <= 0xFFFFFFFF:
+                raise ValueError(f"used length {length} does not fit in 32 bits")
+            self.inflight.complete([self._slot_of[head]], lambda: q.add_used(head, length))
+            del self._slot_of[head]
+            return
+        q.add_used(head, length)
+
+    def add_used_batch(
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Publish many used elements at once."""
+        q = self._require()
+        self._notify = None
+        if self.inflight is not None and isinstance(q, SplitQueue):
+            heads = [int(h) for h in ids]
+
+            def publish() -> int:
+                q.add_used_batch(ids, lens)
+                return q.next_used
+
+            self.inflight.complete(heads, publish)
+            return
+        if self.inflight is not None and self._slot_of:
+            self._add_used_packed(q, ids, lens)
+            return
+        q.add_used_batch(ids, lens)
+
+    def _add_used_packed(
+        self, q: Queue, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+    ) -> None:
+        """Complete tracked packed buffers as one inflight batch (checked before any write)."""
+        bids = [int(b) for b in ids]
+        lns = [int(n) for n in lens]
+        slots = [self._slot_of.get(b) for b in bids]
+        if len(lns) != len(bids):
+            raise ValueError(f"{len(bids)} ids but {len(lns)} lengths")
+        if any(not 0 <= n <= 0xFFFFFFFF for n in lns):
+            raise ValueError("used length does not fit in 32 bits")
+        if len(set(bids)) != len(bids) or None in slots:
+            bad = next((b for b, s in zip(bids, slots, strict=True) if s is None), None)
+            raise VirtqError(self.index, "used buffer id not in flight (or repeated)", bad)
+        self.inflight.complete(slots, lambda: q.add_used_batch(ids, lens))
+        for b in bids:
+            del self._slot_of[b]
+
+    def complete_error(self, exc: VirtqError) -> None:
+        """Finish a bad chain: signal err, then complete it with used length 0 when possible.
+
+        The err fd is written first so a driver that sees the zero-length used
+        element can already see the error too.
+        """
+        self.signal_err()
+        q = self.queue
+        if q is not None and exc.head is not None:
+            try:
+                self.add_used(exc.head, 0)
+            except VirtqError as again:
+                log.debug("ring %d: bad chain not completed: %s", self.index, again)
+            self.signal_used_queue()
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now (event-idx aware).
+
+        The answer holds until the next used element or signal, so asking
+        before `signal_used_queue()` does not use the notification up.
+        """
+        if self._notify is None:
+            self._notify = self.queue.needs_notification() if self.queue is not None else False
+        return self._notify
+
+    def enable_notification(self) -> bool:
+        """Ask for kicks again; True if work arrived meanwhile (process it before sleeping)."""
+        return self.queue.enable_notification() if self.queue is not None else False
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick."""
+        if self.queue is not None:
+            self.queue.disable_notification()
+
+    def signal_used_queue(self) -> bool:
+        """Write 1 to the call fd when the driver wants a notification; returns whether sent."""
+        needed = self.needs_notification()
+        self._notify = None
+        if not needed:
+            return False
+        if self.call is not None:
+            _eventfd_signal(self.call)
+            return True
+        if self.backend_channel is not None:
+            self.backend_channel.vring_call(self.index)
+            return True
+        return False
+
+    def signal_err(self) -> None:
+        """Signal the err fd (or in-band VRING_ERR when there is no fd but a channel)."""
+        if self.err is not None:
+            _eventfd_signal(self.err)
+        elif self.backend_channel is not None:
+            self.backend_channel.vring_err(self.index)
+
+    def reset(self) -> None:
+        """Back to the initial state: fds closed, queue dropped, flags cleared."""
+        for fd in (self.kick, self.call, self.err):
+            _close(fd)
+        self.kick = self.call = self.err = None
+        if self.queue is not None:
+            self.queue.release()
+        self.queue = None
+        self._notify = None
+        self.size = 0
+        self.addr_set = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr = None
+        self.base = 0
+        self.base_set = False
+        self.enabled = self.started = False
+        self.inflight = None
+        self._resubmit = []
+        self._resubmit_packed = []
+        self._slot_of = {}
