@@ -304,7 +304,17 @@ def test_n4_unoffered_virtio_bits(session: Session) -> None:
     with pytest.raises(ProtocolViolation) as info:
         session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | int(VirtioFeature.RING_PACKED))))
     assert info.value.rule_id == "VU-NEG-004"
+    assert "acked bits never offered: RING_PACKED" in info.value.detail
     assert session.state is SessionState.NEGOTIATING
+
+
+def test_qemu_rng_acking_unoffered_ring_features_is_tolerated() -> None:
+    """QEMU 7.2's vhost-user-rng acks EVENT_IDX and INDIRECT_DESC whatever was offered."""
+    session = Session(Device(features=V1 | VF30))
+    acked = V1 | VF30 | EVENT_IDX | int(VirtioFeature.RING_INDIRECT_DESC)
+    session.handle(req(R.SET_FEATURES, VhostUserU64(acked)))
+    assert session.state is SessionState.SUSPENDED and session.acked_features == acked
+    assert [f.rule_id for f in session.findings] == ["VU-NEG-013"]
 
 
 def test_n5_unoffered_protocol_bits() -> None:

@@ -19,13 +19,9 @@ from vhsm.wire import (
     FrontendReq,
     ProtocolFeature,
     VhostUserConfig,
-    VirtioFeature,
-    feature_names,
     request_spec,
 )
 
-#: Bits QEMU 7.2's vhost-user-rng acks whether offered or not (rule VU-NEG-013).
-_KNOWN_UNOFFERED_ACKS = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.RING_INDIRECT_DESC)
 _ALL_BITS = (1 << 64) - 1
 
 
@@ -127,19 +123,17 @@ class TraceAuditor:
         session, msg = self.session, entry.message
         state = session.state.name
         before = len(session.findings)
-        acked_before = session.offered_features
         session.handle(with_fds(entry))
         for finding in session.findings[before:]:
-            rule_id, detail = finding.rule_id, finding.detail
-            if rule_id == "VU-NEG-004":
-                extra = int(getattr(msg.payload, "value", 0)) & ~acked_before
-                names = ", ".join(feature_names(extra, VirtioFeature))
-                detail = f"acked bits never offered: {names}"
-                if extra & ~_KNOWN_UNOFFERED_ACKS == 0:
-                    rule_id = "VU-NEG-013"
             self.report.findings.append(
                 AuditFinding(
-                    rule_id, detail, "front-end", entry.index, entry.t, finding.state, msg.name
+                    finding.rule_id,
+                    finding.detail,
+                    "front-end",
+                    entry.index,
+                    entry.t,
+                    finding.state,
+                    msg.name,
                 )
             )
         self._reply_to(entry, rest, state)

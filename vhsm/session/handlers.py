@@ -21,6 +21,7 @@ from vhsm.wire import (
     VhostUserVringAddr,
     VhostUserVringState,
     VirtioFeature,
+    feature_names,
 )
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_QUEUE_SIZE = 32768
+#: Ring features a real front-end acks without their being offered (rule VU-NEG-013).
+KNOWN_UNOFFERED_ACKS = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.RING_INDIRECT_DESC)
 _LOG_ONLY = int(VirtioFeature.LOG_ALL)
 _DEVICE_STATE_NO_FD = 0x100
 
@@ -62,6 +65,7 @@ class SessionHandlers:
     acked_features: int
     acked_protocol_features: int
     protocol_features_set: bool
+    guard_detail: str | None
     owned: bool
     status: int
     mtu: int | None
@@ -81,7 +85,17 @@ class SessionHandlers:
 
     # --- session conditions ---------------------------------------------------------
     def _guard_features_offered(self, event: EventData) -> bool:
-        return _value(event) & ~self.offered_features == 0
+        unoffered = _value(event) & ~self.offered_features
+        if not unoffered:
+            return True
+        names = ", ".join(feature_names(unoffered, VirtioFeature))
+        if unoffered & ~KNOWN_UNOFFERED_ACKS == 0:
+            # QEMU 7.2's vhost-user-rng: its driver uses these rings features anyway, and
+            # the rings support them, so refusing would only hang the guest (VU-NEG-013).
+            self.note("VU-NEG-013", f"acked bits never offered: {names}")
+            return True
+        self.guard_detail = f"acked bits never offered: {names}"
+        return False
 
     def _guard_features_change_only_log_all(self, event: EventData) -> bool:
         return (_value(event) ^ self.acked_features) & ~_LOG_ONLY == 0

@@ -93,6 +93,8 @@ class Session(SessionHandlers):
         self._pending: ProtocolViolation | None = None
         self._fds_taken = False
         self._current: Message | None = None
+        #: What a failing condition found, added to its violation's detail.
+        self.guard_detail: str | None = None
         self.session_spec = load_machine_spec("session")
         self.vring_spec = load_machine_spec("vring")
         self._model = _Model()
@@ -240,14 +242,18 @@ class Session(SessionHandlers):
         statement = spec.conditions[name].get("description", name)
 
         def check(event: EventData) -> bool:
+            self.guard_detail = None
             if predicate(event):
                 return True
             if rule_id is None:
                 return False
+            detail = f"expected: {statement}"
+            if self.guard_detail:
+                detail += f" ({self.guard_detail})"
             if self.observer or rule(rule_id).action == "warn":
-                self.note(rule_id, f"expected: {statement}")
+                self.note(rule_id, detail)
                 return True
-            self._pending = self.violation(rule_id, f"expected: {statement}")
+            self._pending = self.violation(rule_id, detail)
             return False
 
         return check
