@@ -8,7 +8,7 @@ checks that every declared name has its method here.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from transitions import EventData
 
@@ -17,6 +17,10 @@ from vhsm.wire import (
     Message,
     ProtocolFeature,
     VhostUserConfig,
+    VhostUserInflight,
+    VhostUserLog,
+    VhostUserShared,
+    VhostUserSingleMemoryRegion,
     VhostUserU64,
     VhostUserVringAddr,
     VhostUserVringState,
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from vhsm.session.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")
 
 MAX_QUEUE_SIZE = 32768
 #: Ring features a real front-end acks without their being offered (rule VU-NEG-013).
@@ -40,6 +45,14 @@ _DEVICE_STATE_NO_FD = 0x100
 def _msg(event: EventData) -> Message:
     msg: Message = event.kwargs["msg"]
     return msg
+
+
+def _payload(event: EventData, cls: type[P]) -> P:
+    """The message's payload as the class the catalogue gives its request."""
+    payload = _msg(event).payload
+    if not isinstance(payload, cls):  # the decoder guarantees it; a bug otherwise
+        raise TypeError(f"{_msg(event).name}: payload {payload!r} is not a {cls.__name__}")
+    return payload
 
 
 def _ring(event: EventData) -> int:
@@ -183,10 +196,10 @@ class SessionHandlers:
 
     def _do_add_region(self, event: EventData) -> None:
         msg = _msg(event)
-        region = getattr(msg.payload, "region", None)
+        region = _payload(event, VhostUserSingleMemoryRegion).region
         (fd,) = self.take_fds(msg)
         try:
-            self.dataplane.add_mem_region(region, fd, self.backend.max_mem_slots())  # type: ignore[arg-type]
+            self.dataplane.add_mem_region(region, fd, self.backend.max_mem_slots())
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-004") from err
 
@@ -195,7 +208,7 @@ class SessionHandlers:
         if msg.fds:
             self.note("VU-MEM-009", "REM_MEM_REG carried an fd; closed unused")
         try:
-            self.dataplane.remove_mem_region(msg.payload.region)  # type: ignore[union-attr]
+            self.dataplane.remove_mem_region(_payload(event, VhostUserSingleMemoryRegion).region)
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-008") from err
 
@@ -203,7 +216,7 @@ class SessionHandlers:
         msg = _msg(event)
         (fd,) = self.take_fds(msg)
         try:
-            self.dataplane.set_log_base(msg.payload, fd)  # type: ignore[arg-type]
+            self.dataplane.set_log_base(_payload(event, VhostUserLog), fd)
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-010") from err
         if self.acked_protocol_features & ProtocolFeature.LOG_SHMFD:
@@ -221,7 +234,7 @@ class SessionHandlers:
     # --- session callbacks: device ---------------------------------------------------
     def _do_reply_config(self, event: EventData) -> None:
         msg = _msg(event)
-        request: VhostUserConfig = msg.payload  # type: ignore[assignment]
+        request = _payload(event, VhostUserConfig)
         try:
             data = bytes(self.backend.get_config(request.offset, request.size))
         except BackendError as err:
@@ -241,7 +254,7 @@ class SessionHandlers:
         self.reply_with(msg, VhostUserConfig(request.offset, request.size, request.flags, data))
 
     def _do_apply_config(self, event: EventData) -> None:
-        request: VhostUserConfig = _msg(event).payload  # type: ignore[assignment]
+        request = _payload(event, VhostUserConfig)
         try:
             self.backend.set_config(request.offset, bytes(request.payload), request.flags)
         except BackendError as err:
@@ -261,7 +274,7 @@ class SessionHandlers:
     def _do_reply_inflight_fd(self, event: EventData) -> None:
         msg = _msg(event)
         self._check_inflight_geometry(msg)
-        desc, fd = self.dataplane.get_inflight_fd(msg.payload)  # type: ignore[arg-type]
+        desc, fd = self.dataplane.get_inflight_fd(_payload(event, VhostUserInflight))
         self.reply_with(msg, desc, (fd,) if fd >= 0 else ())
 
     def _do_apply_inflight_fd(self, event: EventData) -> None:
@@ -269,7 +282,7 @@ class SessionHandlers:
         self._check_inflight_geometry(msg)
         (fd,) = self.take_fds(msg)
         try:
-            self.dataplane.set_inflight_fd(msg.payload, fd)  # type: ignore[arg-type]
+            self.dataplane.set_inflight_fd(_payload(event, VhostUserInflight), fd)
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-PAY-003") from err
 
@@ -293,7 +306,7 @@ class SessionHandlers:
 
     def _do_reply_shared_object(self, event: EventData) -> None:
         msg = _msg(event)
-        fd = self.backend.get_shared_object(msg.payload.uuid)  # type: ignore[union-attr]
+        fd = self.backend.get_shared_object(_payload(event, VhostUserShared).uuid)
         self.reply_with(
             msg, VhostUserU64(0 if fd is not None else 1), (fd,) if fd is not None else ()
         )
@@ -333,7 +346,7 @@ class SessionHandlers:
         return 1 <= num <= limit and (packed or num & (num - 1) == 0)
 
     def _guard_vring_addr_valid(self, event: EventData) -> bool:
-        addr: VhostUserVringAddr = _msg(event).payload  # type: ignore[assignment]
+        addr = _payload(event, VhostUserVringAddr)
         return (
             addr.flags & ~0x1 == 0
             and addr.desc_user_addr % 16 == 0
@@ -365,7 +378,7 @@ class SessionHandlers:
 
     def _do_configure_addr(self, event: EventData) -> None:
         try:
-            self.dataplane.set_vring_addr(_ring(event), _msg(event).payload)  # type: ignore[arg-type]
+            self.dataplane.set_vring_addr(_ring(event), _payload(event, VhostUserVringAddr))
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-RING-004") from err
 
