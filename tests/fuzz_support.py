@@ -22,9 +22,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 
-from vhsm.backend import EPOLLIN, VhostUserBackend
+from vhsm.backend import EPOLLIN, VhostUserBackend, drain
 from vhsm.daemon import Listener, VhostUserDaemon
-from vhsm.errors import VirtqError
 from vhsm.wire import ProtocolFeature, VirtioFeature
 
 PF = ProtocolFeature
@@ -171,24 +170,13 @@ class EchoBackend(VhostUserBackend):
     ) -> None:
         if evset != EPOLLIN:
             return
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
-            while True:
-                try:
-                    chain = vring.pop()
-                except VirtqError as exc:
-                    vring.complete_error(exc)
-                    continue
-                if chain is None:
-                    break
-                data = chain.read_all()
-                if self.raise_on is not None and self.raise_on in data:
-                    raise RuntimeError("hook fails in the middle of a chain (on purpose)")
-                vring.add_used(chain.head, chain.write(data))
-            vring.signal_used_queue()
-            if not vring.enable_notification():
-                break
+        drain(vrings[device_event], self._echo)
+
+    def _echo(self, chain: Any) -> int:
+        data = chain.read_all()
+        if self.raise_on is not None and self.raise_on in data:
+            raise RuntimeError("hook fails in the middle of a chain (on purpose)")
+        return int(chain.write(data))
 
 
 @contextlib.contextmanager

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from vhsm.backend import EPOLLIN, VhostUserBackend
+from vhsm.backend import EPOLLIN, VhostUserBackend, drain
 from vhsm.daemon import Listener, VhostUserDaemon
-from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.errors import GuestMemoryError
 from vhsm.frontend import (
     B2F,
     F2B,
@@ -85,22 +85,7 @@ class UpperBackend(VhostUserBackend):
         self, device_event: int, evset: int, vrings: Sequence[Any], thread_id: int
     ) -> None:
         assert evset == EPOLLIN
-        vring = vrings[device_event]
-        while True:
-            vring.disable_notification()
-            while True:
-                try:
-                    chain = vring.pop()
-                except VirtqError as exc:
-                    vring.complete_error(exc)
-                    continue
-                if chain is None:
-                    break
-                written = chain.write(chain.read_all().upper())
-                vring.add_used(chain.head, written)
-            vring.signal_used_queue()
-            if not vring.enable_notification():
-                break
+        drain(vrings[device_event], lambda chain: chain.write(chain.read_all().upper()))
 
 
 def _upper(fe: Frontend, text: bytes, *, queue: int = 0, indirect: bool = False) -> bytes:
