@@ -189,3 +189,21 @@ def test_has_available(mem: GuestMemory, kind: str) -> None:
     assert c is not None and not q.has_available()
     q.add_used(c.head, 8)
     assert not q.has_available()
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+@pytest.mark.parametrize("hostile", [(1 << 63) - 8, (1 << 64) - 8, MEM_SIZE - 8, MEM_SIZE])
+def test_a_burst_with_one_address_outside_memory_refuses_it(
+    mem: GuestMemory, kind: str, hostile: int
+) -> None:
+    """The vectorised range check: an offset that overflows int64 must not wrap into range."""
+    drv: Any
+    q: Any
+    drv, q = split_pair(mem, 8) if kind == "split" else packed_pair(mem, 8)
+    addrs = np.array([BUF_GPA, BUF_GPA + 0x1000, hostile, BUF_GPA + 0x2000], dtype=np.uint64)
+    ids = drv.add_simple_batch(addrs, np.full(4, 64, np.uint32), np.zeros(4, bool))
+    b = q.pop_batch()
+    assert sorted(b.heads.tolist()) == sorted(int(i) for i in np.asarray(ids)[[0, 1, 3]])
+    assert b.single_region == 0 and b.region.tolist() == [0, 0, 0]
+    assert len(b.errors) == 1 and f"{hostile:#x}" in str(b.errors[0])
+    assert all(len(b.buffer(i)) == 64 for i in range(3))

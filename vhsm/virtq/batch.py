@@ -6,13 +6,14 @@ import numpy as np
 
 from vhsm.errors import VirtqError
 from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import AddressSpace
+from vhsm.virtq.common import VIRTQ_DESC_F_WRITE, AddressSpace
 
 _EMPTY_U16 = np.zeros(0, dtype=np.uint16)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 _EMPTY_U32 = np.zeros(0, dtype=np.uint32)
 _EMPTY_BOOL = np.zeros(0, dtype=bool)
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
+_WRITE = VIRTQ_DESC_F_WRITE  # the same bit in split and packed descriptors
 
 
 class Batch:
@@ -25,18 +26,23 @@ class Batch:
     ``chains`` (DescriptorChain objects); bad chains as ``errors`` (already consumed:
     complete ``err.head`` with length 0 when it is not None, then signal the err fd).
     The three groups are not in ring order relative to each other.
+
+    The fast paths build neither ``region`` nor ``writable`` up front: a burst in one
+    region records only that index (``single_region``) and the descriptors' flags;
+    the arrays are made on first use.
     """
 
     __slots__ = (
+        "_flags",
+        "_region",
+        "_writable",
         "addrs",
         "chains",
         "errors",
         "heads",
         "lens",
         "offsets",
-        "region",
         "region_views",
-        "writable",
     )
 
     def __init__(
@@ -45,17 +51,23 @@ class Batch:
         heads: np.ndarray = _EMPTY_U16,
         addrs: np.ndarray = _EMPTY_U64,
         lens: np.ndarray = _EMPTY_U32,
-        writable: np.ndarray = _EMPTY_BOOL,
-        region: np.ndarray = _EMPTY_I64,
+        writable: np.ndarray | None = _EMPTY_BOOL,
+        region: np.ndarray | int = _EMPTY_I64,
         offsets: np.ndarray = _EMPTY_I64,
         chains: list[DescriptorChain] | None = None,
         errors: list[VirtqError] | None = None,
+        *,
+        flags: np.ndarray | None = None,
     ) -> None:
+        """``region`` may be one index for every buffer; ``flags`` may stand in for ``writable``."""
+        if writable is None and flags is None:
+            raise ValueError("a batch needs writable or the descriptors' flags")
         self.heads = heads
         self.addrs = addrs
         self.lens = lens
-        self.writable = writable
-        self.region = region
+        self._writable = writable
+        self._flags = flags
+        self._region = region
         self.offsets = offsets
         self.region_views: tuple[memoryview, ...] = space.views
         self.chains: list[DescriptorChain] = chains if chains is not None else []
@@ -70,10 +82,40 @@ class Batch:
             f"Batch(simple={len(self.heads)}, chains={len(self.chains)}, errors={len(self.errors)})"
         )
 
+    @property
+    def single_region(self) -> int | None:
+        """The region index of every single-descriptor buffer when they share one."""
+        region = self._region
+        if isinstance(region, int):
+            return region
+        if not len(region):
+            return None
+        first = int(region[0])
+        return first if bool((region == first).all()) else None
+
+    @property
+    def region(self) -> np.ndarray:
+        """Region index (into ``region_views``) of each single-descriptor buffer."""
+        region = self._region
+        if isinstance(region, int):
+            region = self._region = np.full(len(self.heads), region, dtype=np.int64)
+        return region
+
+    @property
+    def writable(self) -> np.ndarray:
+        """Whether each single-descriptor buffer is device-writable (VRING_DESC_F_WRITE)."""
+        writable = self._writable
+        if writable is None:
+            assert self._flags is not None
+            writable = self._writable = (self._flags & _WRITE) != 0
+        return writable
+
     def buffer(self, i: int) -> memoryview:
         """Writable view of the i-th single-descriptor buffer."""
         off = int(self.offsets[i])
-        return self.region_views[int(self.region[i])][off : off + int(self.lens[i])]
+        region = self._region
+        r = region if isinstance(region, int) else int(region[i])
+        return self.region_views[r][off : off + int(self.lens[i])]
 
     def region_array(self, r: int = 0) -> np.ndarray:
         """Numpy uint8 array over region ``r`` (index buffers with ``offsets``/``lens``)."""
@@ -89,8 +131,8 @@ class Batch:
             out.heads = np.concatenate([p.heads for p in parts])
             out.addrs = np.concatenate([p.addrs for p in parts])
             out.lens = np.concatenate([p.lens for p in parts])
-            out.writable = np.concatenate([p.writable for p in parts])
-            out.region = np.concatenate([p.region for p in parts])
+            out._writable = np.concatenate([p.writable for p in parts])
+            out._region = np.concatenate([p.region for p in parts])
             out.offsets = np.concatenate([p.offsets for p in parts])
             for p in parts:
                 out.chains.extend(p.chains)

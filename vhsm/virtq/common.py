@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 import numpy as np
 
@@ -27,6 +27,15 @@ RING_EVENT_FLAGS_DISABLE = 0x1
 RING_EVENT_FLAGS_DESC = 0x2
 
 MAX_QUEUE_SIZE = 32768
+
+#: The ufunc reductions themselves: ``ndarray.max()`` and friends go through a Python
+#: wrapper that costs more than the reduction on a burst-sized array.
+max_of = np.maximum.reduce
+min_of = np.minimum.reduce
+or_of = np.bitwise_or.reduce
+all_of = np.logical_and.reduce
+any_of = np.logical_or.reduce
+sum_of = np.add.reduce
 DESC_SIZE = 16
 
 # numpy views of ring memory (little-endian, as VIRTIO_F_VERSION_1 requires).
@@ -118,6 +127,7 @@ class AddressSpace:
     def pieces(self, queue: int, head: int, addr: int, length: int) -> list[memoryview]:
         """Views of ``[addr, addr+length)`` split at region borders; VirtqError if unmapped."""
         out: list[memoryview] = []
+        first, total = addr, length
         while length > 0:
             for start, end, view in self.regions:
                 if start <= addr < end:
@@ -128,7 +138,9 @@ class AddressSpace:
                     length -= n
                     break
             else:
-                raise VirtqError(queue, f"buffer at {addr:#x} outside guest memory", head)
+                part = "" if addr == first else f"from {addr:#x} "
+                msg = f"buffer {first:#x}+{total:#x}: {part}outside guest memory"
+                raise VirtqError(queue, msg, head)
         return out
 
     def view(self, queue: int, head: int, addr: int, length: int) -> memoryview:
@@ -146,14 +158,18 @@ class AddressSpace:
         """(region index, int64 offsets) when every buffer lies in the first one's region.
 
         The fast path of a burst (buffers from one pool); None sends the caller to
-        :meth:`locate`. ``lens`` must be int64 and positive.
+        :meth:`locate`. ``addrs`` are uint64, ``lens`` positive and unsigned or int64.
+        Two reductions check it all: as uint64, an address below the region's start
+        wraps above its end, and offsets below the region size cannot overflow.
         """
         first = int(addrs[0])
         for i, (start, end, _) in enumerate(self.regions):
             if start <= first < end:
-                offsets = addrs.astype(np.int64) - start  # an address >= 2**63 goes negative
-                if offsets.min() >= 0 and int((offsets + lens).max()) <= end - start:
-                    return i, offsets
+                size = end - start
+                offsets = addrs - np.uint64(start)
+                ends = offsets + (lens if lens.dtype.kind == "u" else lens.astype(np.uint64))
+                if int(max_of(offsets)) < size and int(max_of(ends)) <= size:
+                    return i, offsets.view(np.int64)
                 return None
         return None
 
@@ -168,6 +184,11 @@ class AddressSpace:
         return region, offsets
 
 
+def _integers(a: object) -> TypeGuard[np.ndarray]:
+    """Whether ``a`` is a numpy array of integers."""
+    return isinstance(a, np.ndarray) and a.dtype.kind in "iu"
+
+
 def _unsigned(a: object, max_bytes: int) -> bool:
     """Whether ``a`` is a numpy array of an unsigned type of at most ``max_bytes`` bytes."""
     return isinstance(a, np.ndarray) and a.dtype.kind == "u" and a.dtype.itemsize <= max_bytes
@@ -176,21 +197,22 @@ def _unsigned(a: object, max_bytes: int) -> bool:
 def used_arrays(
     queue: int, ids: object, lens: object, id_bound: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, lens) of an ``add_used_batch`` as int64 arrays, checked.
+    """(ids, lens) of an ``add_used_batch`` as integer arrays, checked.
 
     ValueError unless there are as many lengths as ids, each fitting in 32 bits;
     VirtqError naming the first id outside ``[0, id_bound)`` (``what`` names the bound).
+    Integer arrays are used as they are (no copy); other sequences become int64.
     Reductions are skipped where the array's dtype already guarantees the range.
     """
-    ida = np.asarray(ids, dtype=np.int64)
-    lna = np.asarray(lens, dtype=np.int64)
+    ida = ids if _integers(ids) else np.asarray(ids, dtype=np.int64)
+    lna = lens if _integers(lens) else np.asarray(lens, dtype=np.int64)
     if len(ida) != len(lna):
         raise ValueError(f"{len(ida)} ids but {len(lna)} lengths")
     if len(ida):
-        if not _unsigned(lens, 4) and (lna.min() < 0 or lna.max() > 0xFFFFFFFF):
+        if not _unsigned(lens, 4) and (min_of(lna) < 0 or max_of(lna) > 0xFFFFFFFF):
             raise ValueError("used length does not fit in 32 bits")
-        if (not _unsigned(ids, 4) and ida.min() < 0) or (
-            not (_unsigned(ids, 2) and id_bound > 0xFFFF) and ida.max() >= id_bound
+        if (not _unsigned(ids, 4) and min_of(ida) < 0) or (
+            not (_unsigned(ids, 2) and id_bound > 0xFFFF) and max_of(ida) >= id_bound
         ):
             bad = int(ida[(ida < 0) | (ida >= id_bound)][0])
             raise VirtqError(queue, f"used id {bad} >= {what} {id_bound}", bad)

@@ -30,9 +30,14 @@ from vhsm.virtq.common import (
     AddressSpace,
     DirtyLogLike,
     GuestMemoryLike,
+    all_of,
+    any_of,
     check_area,
     check_queue_size,
+    max_of,
     memory_barrier,
+    min_of,
+    sum_of,
     used_arrays,
 )
 from vhsm.virtq.common import log_failure as _log_failure
@@ -487,7 +492,7 @@ class PackedQueue:
             return
         craw = self._counts_np[ida]
         counts = (craw & 0xFFFF).astype(np.int64)
-        if not counts.all():
+        if not all_of(counts):
             bad = int(ida[counts == 0][0])
             raise VirtqError(self.index, f"used buffer id {bad} not in flight", bad)
         stamp = np.arange(1, k + 1, dtype=np.uint32)
@@ -497,8 +502,8 @@ class PackedQueue:
             raise VirtqError(self.index, "used buffer id repeated in one batch", None)
         size = self._size
         nu, uw = self._next_used, self._used_wrap
-        single = int(counts.max()) == 1
-        total = k if single else int(counts.sum())
+        single = int(max_of(counts)) == 1
+        total = k if single else int(sum_of(counts))
         if total > size:  # pragma: no cover - in-flight counts never exceed the ring
             raise VirtqError(self.index, f"{total} used descriptors exceed queue size {size}")
         pos = np.arange(nu, nu + k, dtype=np.int64) if single else np.cumsum(counts) - counts + nu
@@ -584,7 +589,7 @@ class PackedQueue:
             n = min(size - p, max_chains - taken)
             # available single descriptors: AVAIL == w, USED != w, no NEXT/INDIRECT
             ok = (flags_all[p : p + n] & _MASK) == (_AVAIL if w else _USED)
-            run = n if ok.all() else int(np.argmin(ok))
+            run = n if all_of(ok) else int(np.argmin(ok))
             runs.append(dn[p : p + run].copy())  # read after the flags
             p += run
             if p == size:
@@ -621,18 +626,12 @@ class PackedQueue:
         scratch = self._scratch
         scratch[ids] = stamp  # a repeated id keeps only its last stamp
         fresh = (scratch[ids] == stamp) & (counts[ids] == 0)
-        if fresh.all() and int(lens.min()) > 0:
+        if fresh.all() and int(min_of(lens)) > 0:
             found = space.locate_together(addrs, lens)
             if found is not None:
                 self._mark_in_flight(ids, addrs, lens, wr)
                 return Batch(
-                    space,
-                    ids.astype(np.uint16),
-                    addrs,
-                    lens.astype(np.uint32),
-                    wr,
-                    np.full(k, found[0], dtype=np.int64),
-                    found[1],
+                    space, ids.astype(np.uint16), addrs, lens.astype(np.uint32), wr, *found
                 )
         return self._simple_slow(space, ids, addrs, lens, wr, fresh)
 
@@ -640,7 +639,7 @@ class PackedQueue:
         self, ids: np.ndarray, addrs: np.ndarray, lens: np.ndarray, wr: np.ndarray
     ) -> None:
         """Count one descriptor per buffer; writable ones keep (gpa, len) for the dirty log."""
-        if wr.any():
+        if any_of(wr):
             self._counts_np[ids] = np.where(wr, 1 | _WSINGLE, 1)
             wid = ids[wr]
             self._waddr_np[wid] = addrs[wr]

@@ -35,6 +35,8 @@ from vhsm.virtq.common import (
     check_queue_size,
     log_failure,
     memory_barrier,
+    min_of,
+    or_of,
     used_arrays,
 )
 
@@ -467,23 +469,18 @@ class SplitQueue:
         else:
             heads16 = np.concatenate((an[2 + p : 2 + size], an[2 : 2 + p + n - size]))
         self._next_avail = (na + n) & 0xFFFF
-        if int(heads16.max()) < size:
-            d = self._desc_np[heads16]
+        try:
+            d = self._desc_np[heads16]  # a head >= size raises: the general path reports it
+        except IndexError:
+            d = None
+        if d is not None:
             flags = d["flags"]
-            lens = d["len"].astype(np.int64)
-            if not (flags & (_NEXT | _INDIRECT)).any() and int(lens.min()) > 0:
+            lens = d["len"]
+            if not int(or_of(flags)) & (_NEXT | _INDIRECT) and int(min_of(lens)) > 0:
                 addrs = d["addr"]
                 found = space.locate_together(addrs, lens)
                 if found is not None:
-                    return Batch(
-                        space,
-                        heads16,
-                        addrs,
-                        d["len"],
-                        (flags & _WRITE) != 0,
-                        np.full(n, found[0], dtype=np.int64),
-                        found[1],
-                    )
+                    return Batch(space, heads16, addrs, lens, None, found[0], found[1], flags=flags)
         return self._pop_batch_slow(space, heads16.astype(np.int64))
 
     def _pop_batch_slow(self, space: AddressSpace, heads: np.ndarray) -> Batch:
