@@ -411,7 +411,7 @@ def test_memory_table_replaced_during_io(echo: Any) -> None:
             reap_echo(fe, posted)
     wait_idle(daemon)
     assert daemon.last_error is None
-    assert settle_fds(fds) == fds
+    assert settle_fds(fds) <= fds
 
 
 def test_call_fd_replaced_during_io(echo: Any) -> None:
@@ -430,7 +430,7 @@ def test_call_fd_replaced_during_io(echo: Any) -> None:
         del vq  # its ring views keep the front-end's own mapping (and the mmap's fd) alive
     wait_idle(daemon)
     assert daemon.last_error is None
-    assert settle_fds(fds) == fds
+    assert settle_fds(fds) <= fds
 
 
 def test_hook_raising_in_the_middle_of_a_chain(echo: Any) -> None:

@@ -189,7 +189,7 @@ def guest(request: Any) -> Iterator[Guest]:
                 fds = open_fds()
                 yield Guest(request.param, daemon, fe, scratch)
                 assert daemon.last_error is None, repr(daemon.last_error)
-                assert settle_fds(fds) == fds, "fd count grew during the hostile-guest run"
+                assert settle_fds(fds) <= fds, "fd count grew during the hostile-guest run"
                 fe.close()
         finally:
             if isinstance(backend, BlkBackend):

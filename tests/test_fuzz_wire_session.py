@@ -460,4 +460,4 @@ def test_streams_against_a_live_daemon(live: Any, items: list[Item]) -> None:
     wait_idle(daemon)
     count("wire_session_live")
     now = settle_fds(baseline)
-    assert now == baseline, f"fd count {baseline} -> {now} after {[i.label for i in items]}"
+    assert now <= baseline, f"fd count {baseline} -> {now} after {[i.label for i in items]}"

@@ -251,7 +251,7 @@ def test_too_many_fds_are_closed_and_the_connection_dropped(echo: Any, nfds: int
         for fd in fds:
             os.close(fd)
     wait_idle(daemon)
-    assert settle_fds(before) == before, "fds of a message with too many fds were leaked"
+    assert settle_fds(before) <= before, "fds of a message with too many fds were leaked"
     with Frontend.connect(path, timeout=WAIT) as fe:
         assert fe.get_features() == EchoBackend().features()
 

@@ -49,7 +49,7 @@ def test_connect_disconnect_cycles_stay_flat() -> None:
             done += one_cycle(path)
         wait_idle(daemon)
         gc.collect()
-        assert settle_fds(fds) == fds
+        assert settle_fds(fds) <= fds
         assert thread_objects() <= objects + 2, "the daemon keeps objects per past connection"
         assert daemon.last_error is None
     left = [t.name for t in set(threading.enumerate()) - threads_before if t.is_alive()]

@@ -207,3 +207,20 @@ def test_a_burst_with_one_address_outside_memory_refuses_it(
     assert b.single_region == 0 and b.region.tolist() == [0, 0, 0]
     assert len(b.errors) == 1 and f"{hostile:#x}" in str(b.errors[0])
     assert all(len(b.buffer(i)) == 64 for i in range(3))
+
+
+def test_packed_burst_ids_are_trusted_once(mem: GuestMemory) -> None:
+    """A burst's own ids array skips the repeat check, never the in-flight one."""
+    drv, q = packed_pair(mem, 8)
+    drv.add_simple_batch(
+        BUF_GPA + 64 * np.arange(4, dtype=np.uint64), np.full(4, 64, np.uint32), np.zeros(4, bool)
+    )
+    b = q.pop_batch()
+    assert not b.heads.flags.writeable  # the array add_used_batch trusts cannot change
+    q.add_used_batch(b.heads[:1], [0])
+    with pytest.raises(VirtqError, match="not in flight"):
+        q.add_used_batch(b.heads, np.zeros(4, np.uint32))
+    q.add_used_batch(b.heads[1:], np.zeros(3, np.uint32))
+    with pytest.raises(VirtqError, match="not in flight"):
+        q.add_used_batch(b.heads, np.zeros(4, np.uint32))
+    assert len(drv.get_used_batch()[0]) == 4

@@ -18,6 +18,7 @@ from vhsm.errors import GuestMemoryError, VirtqError
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import (
+    MAX_QUEUE_SIZE,
     PACKED_DESC_DTYPE,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -37,6 +38,7 @@ from vhsm.virtq.common import (
     max_of,
     memory_barrier,
     min_of,
+    or_of,
     sum_of,
     used_arrays,
 )
@@ -58,6 +60,9 @@ _WRITE_WORD = _WRITE << 48
 _WSINGLE = 1 << 16
 _new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
 _IDS = 65536
+_STAMPS = np.arange(1, MAX_QUEUE_SIZE + 1, dtype=np.uint32)  # a burst's positions, from 1
+_STAMPS.flags.writeable = False
+_FLIP = np.uint64((_AVAIL | _USED) << 48)  # the wrap bits of a used descriptor's word
 
 
 def _u_view(arr: np.ndarray, fmt: Literal["I", "Q"]) -> memoryview[int]:
@@ -86,6 +91,7 @@ class PackedQueue:
         "_device_h",
         "_driver_h",
         "_event_idx",
+        "_fresh_heads",
         "_indirect",
         "_log",
         "_log_desc_gpa",
@@ -147,6 +153,7 @@ class PackedQueue:
         self._wlen_np = np.zeros(_IDS, dtype=np.uint32)
         self._wlen = _u_view(self._wlen_np, "I")
         self._scratch = np.zeros(_IDS, dtype=np.uint32)  # duplicate-id detection
+        self._fresh_heads: np.ndarray | None = None  # the last burst's ids, known distinct
         self._wlog: dict[int, tuple[int, int] | list[tuple[int, int]]] = {}
         self._log = log
         self._log_desc_gpa = log_desc_gpa
@@ -491,37 +498,48 @@ class PackedQueue:
         if k == 0:
             return
         craw = self._counts_np[ida]
-        counts = (craw & 0xFFFF).astype(np.int64)
-        if not all_of(counts):
+        counts = craw & 0xFFFF
+        if int(min_of(counts)) == 0:
             bad = int(ida[counts == 0][0])
             raise VirtqError(self.index, f"used buffer id {bad} not in flight", bad)
-        stamp = np.arange(1, k + 1, dtype=np.uint32)
-        scratch = self._scratch
-        scratch[ida] = stamp  # a repeated id keeps only its last stamp
-        if not np.array_equal(scratch[ida], stamp):
-            raise VirtqError(self.index, "used buffer id repeated in one batch", None)
+        if ida is not self._fresh_heads:  # the ids of the last burst popped are distinct
+            stamp = _STAMPS[:k]
+            scratch = self._scratch
+            scratch[ida] = stamp  # a repeated id keeps only its last stamp
+            if not all_of(scratch[ida] == stamp):
+                raise VirtqError(self.index, "used buffer id repeated in one batch", None)
+        self._fresh_heads = None
         size = self._size
         nu, uw = self._next_used, self._used_wrap
         single = int(max_of(counts)) == 1
-        total = k if single else int(sum_of(counts))
+        total = k if single else int(sum_of(counts, dtype=np.int64))
         if total > size:  # pragma: no cover - in-flight counts never exceed the ring
             raise VirtqError(self.index, f"{total} used descriptors exceed queue size {size}")
-        pos = np.arange(nu, nu + k, dtype=np.int64) if single else np.cumsum(counts) - counts + nu
-        wrapped = pos >= size
-        pos[wrapped] -= size
         on = (_AVAIL | _USED) if uw else 0
-        flags = np.where(wrapped, (_AVAIL | _USED) ^ on, on) | np.where(lna > 0, _WRITE, 0)
-        words = (lna.astype(np.uint64) | ida.astype(np.uint64) << np.uint64(32)) | (
-            flags.astype(np.uint64) << np.uint64(48)
-        )
+        words = ida.astype(np.uint64) << np.uint64(32)
+        words |= np.uint64(on << 48)
+        if int(max_of(lna)) > 0:  # else nothing written: length 0, no WRITE flag
+            words |= lna.astype(np.uint64, copy=False)
+            words[lna > 0] |= np.uint64(_WRITE << 48)
+        if single:  # one slot each, from next_used on: one or two strided stores
+            first = min(k, size - nu)
+            pos = None
+            if first < k:
+                words[first:] ^= _FLIP
+        else:
+            pos = np.cumsum(counts, dtype=np.int64) - counts + nu
+            wrapped = pos >= size
+            pos[wrapped] -= size
+            words[wrapped] ^= _FLIP
         self._counts_np[ida] = 0
         dq = self._desc_q
         qn = self._desc_w
-        if k > 1:
-            if single and not wrapped[-1]:
-                qn[2 * nu + 3 : 2 * (nu + k) : 2] = words[1:]  # contiguous: one strided store
-            else:
-                qn[2 * pos[1:] + 1] = words[1:]
+        if pos is None:
+            qn[2 * nu + 3 : 2 * (nu + first) : 2] = words[1:first]
+            if first < k:
+                qn[1 : 2 * (k - first) : 2] = words[first:]
+        else:
+            qn[2 * pos[1:] + 1] = words[1:]
         dq[2 * nu + 1] = int(words[0])  # the first flags word last: publishes the burst
         end = nu + total
         if end >= size:
@@ -530,6 +548,8 @@ class PackedQueue:
         self._next_used = end
         self._since_signal += total
         if self._wlog or self._log is not None:
+            if pos is None:
+                pos = np.arange(nu, nu + k, dtype=np.int64) % size
             cl = craw.tolist()
             for i, (bid, ln) in enumerate(zip(ida.tolist(), lna.tolist(), strict=True)):
                 self._complete_log(bid, cl[i], ln, int(pos[i]), 1)
@@ -566,11 +586,11 @@ class PackedQueue:
         region) in a handful of numpy operations; anything else takes the general path.
         """
         space = self._space
-        runs: list[np.ndarray] = []  # copies of the runs of single descriptors
+        runs: list[np.ndarray] = []  # copies of the runs of single descriptors, as raw words
         other = Batch(space)
         taken = 0
-        dn = self._desc_np
-        flags_all = dn["flags"]
+        flags_all = self._desc_np["flags"]
+        words = self._desc_w
         dh = self._desc_h
         size = self._size
         while taken < max_chains:
@@ -590,7 +610,7 @@ class PackedQueue:
             # available single descriptors: AVAIL == w, USED != w, no NEXT/INDIRECT
             ok = (flags_all[p : p + n] & _MASK) == (_AVAIL if w else _USED)
             run = n if all_of(ok) else int(np.argmin(ok))
-            runs.append(dn[p : p + run].copy())  # read after the flags
+            runs.append(words[2 * p : 2 * (p + run)].copy())  # read after the flags
             p += run
             if p == size:
                 p = 0
@@ -599,41 +619,34 @@ class PackedQueue:
             taken += run
         if not runs:
             return other
-        seg = runs[0] if len(runs) == 1 else np.concatenate(runs)
-        simple = self._simple(
-            space,
-            seg["id"].astype(np.int64),
-            seg["addr"],
-            seg["len"].astype(np.int64),
-            (seg["flags"] & _WRITE) != 0,
-        )
+        raw = runs[0] if len(runs) == 1 else np.concatenate(runs)
+        simple = self._simple(space, raw.view(PACKED_DESC_DTYPE))
         if other.chains or other.errors:
             return Batch.concat(space, [simple, other])
         return simple
 
-    def _simple(
-        self,
-        space: AddressSpace,
-        ids: np.ndarray,
-        addrs: np.ndarray,
-        lens: np.ndarray,
-        wr: np.ndarray,
-    ) -> Batch:
+    def _simple(self, space: AddressSpace, seg: np.ndarray) -> Batch:
         """Record a run of single-descriptor buffers as in flight and locate their bytes."""
-        k = len(ids)
-        counts = self._counts_np
-        stamp = np.arange(1, k + 1, dtype=np.uint32)
+        ids, addrs, lens, flags = seg["id"], seg["addr"], seg["len"], seg["flags"]
+        stamp = _STAMPS[: len(ids)]
         scratch = self._scratch
         scratch[ids] = stamp  # a repeated id keeps only its last stamp
-        fresh = (scratch[ids] == stamp) & (counts[ids] == 0)
-        if fresh.all() and int(min_of(lens)) > 0:
+        if (
+            int(min_of(lens)) > 0
+            and int(max_of(self._counts_np[ids])) == 0
+            and all_of(scratch[ids] == stamp)
+        ):
             found = space.locate_together(addrs, lens)
             if found is not None:
-                self._mark_in_flight(ids, addrs, lens, wr)
-                return Batch(
-                    space, ids.astype(np.uint16), addrs, lens.astype(np.uint32), wr, *found
-                )
-        return self._simple_slow(space, ids, addrs, lens, wr, fresh)
+                if int(or_of(flags)) & _WRITE:
+                    self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
+                else:
+                    self._counts_np[ids] = 1
+                ids.flags.writeable = False  # add_used_batch trusts this array as distinct
+                self._fresh_heads = ids
+                return Batch(space, ids, addrs, lens, None, *found, flags=flags)
+        ids64 = ids.astype(np.int64)
+        return self._simple_slow(space, ids64, addrs, lens.astype(np.int64), (flags & _WRITE) != 0)
 
     def _mark_in_flight(
         self, ids: np.ndarray, addrs: np.ndarray, lens: np.ndarray, wr: np.ndarray
@@ -654,14 +667,12 @@ class PackedQueue:
         addrs: np.ndarray,
         lens: np.ndarray,
         wr: np.ndarray,
-        fresh: np.ndarray,
     ) -> Batch:
         """Per-buffer checks: repeated or in-flight ids, empty or unmapped buffers."""
         q = self.index
         # of several fresh entries with one id, the first is taken, the others are errors
         _, first = np.unique(ids, return_index=True)
-        fresh = fresh.copy()
-        fresh[:] = False
+        fresh = np.zeros(len(ids), dtype=bool)
         fresh[first] = self._counts_np[ids[first]] == 0
         region, offsets = space.locate(addrs.astype(np.uint64), lens.astype(np.uint64))
         good = fresh & (region >= 0) & (lens > 0)
