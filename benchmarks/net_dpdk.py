@@ -10,7 +10,7 @@ memfd (`--no-huge -m 512`) unless hugepages are free (`--in-memory
 --single-file-segments`). Installs nothing: says what is missing.
 
 Run: .venv/bin/python benchmarks/net_dpdk.py [--seconds 5] [--runs 3]
-     [--sizes 64,1500] [--rings split,packed] [--queues 1,2]
+     [--sizes 64,1500] [--rings split,packed] [--queues 1,2] [--ring-sizes 256,1024]
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ class Config:
     size: int
     ring: str
     queues: int
+    ring_size: int = 256  # virtio_user's queue_size (its default)
 
     @property
     def label(self) -> str:
         """Short name for the table."""
-        return f"{self.ring:6s} {self.queues}q {self.size:4d}B"
+        return f"{self.ring:6s} {self.queues}q {self.ring_size:4d}d {self.size:4d}B"
 
 
 @dataclass
@@ -101,6 +102,12 @@ def testpmd_args(queues: int, mode: str, extra: Sequence[str] = ()) -> list[str]
     ]
 
 
+def frontend_vdev(cfg: Config, sock: Path) -> str:
+    """The front-end's virtio-user port: queue pairs, ring size and layout of ``cfg``."""
+    vdev = f"net_virtio_user0,path={sock},queues={cfg.queues},queue_size={cfg.ring_size}"
+    return vdev + (",packed_vq=1" if cfg.ring == "packed" else "")
+
+
 def one_run(
     backend: str, cfg: Config, seconds: float, warmup: int, workdir: Path, tag: str
 ) -> list[float]:
@@ -133,12 +140,9 @@ def one_run(
     fe_log = workdir / f"{tag}-frontend.log"
     try:
         benchlib.wait_for_socket(sock, be)
-        vdev = f"net_virtio_user0,path={sock},queues={cfg.queues}"
-        if cfg.ring == "packed":
-            vdev += ",packed_vq=1"
         fe_cmd = [
             testpmd,
-            *eal_args(fe_cpu, f"vhsmfe{os.getpid()}{tag}", vdev),
+            *eal_args(fe_cpu, f"vhsmfe{os.getpid()}{tag}", frontend_vdev(cfg, sock)),
             *testpmd_args(cfg.queues, "txonly", [f"--txpkts={cfg.size}"]),
         ]
         fe = benchlib.spawn(benchlib.pinned(fe_cmd, fe_cpu), fe_log)
@@ -221,6 +225,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _rings(text: str) -> list[str]:
+    rings = [x for x in text.split(",") if x]
+    bad = [x for x in rings if x not in ("split", "packed")]
+    if bad or not rings:
+        raise argparse.ArgumentTypeError(f"ring layouts are split and packed, not {text!r}")
+    return rings
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (shared with `vhsm bench net`)."""
     ap = argparse.ArgumentParser(
@@ -230,8 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1, help="samples dropped per run")
     ap.add_argument("--runs", type=int, default=3, help="runs per back-end and configuration")
     ap.add_argument("--sizes", type=_ints, default=[64, 1500], help="packet sizes (--txpkts)")
-    ap.add_argument("--rings", default="split,packed", help="split,packed")
+    ap.add_argument("--rings", type=_rings, default=["split", "packed"], help="split,packed")
     ap.add_argument("--queues", type=_ints, default=[1, 2], help="queue pairs")
+    ap.add_argument(
+        "--ring-sizes",
+        type=_ints,
+        default=[256],
+        help="descriptors per ring (virtio_user queue_size; 256 is its default, 1024 QEMU's max)",
+    )
     ap.add_argument("--workdir", type=Path, help="keep logs and sockets here")
     ap.add_argument(
         "--busy-poll-us",
@@ -251,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"net benchmark: {why}", file=sys.stderr)
         return 2
     configs = [
-        Config(size, ring, q)
-        for ring in args.rings.split(",")
+        Config(size, ring, q, ring_size)
+        for ring in args.rings
+        for ring_size in args.ring_sizes
         for q in args.queues
         for size in args.sizes
     ]

@@ -51,21 +51,27 @@ def test_net_dpdk_runs_both_backends(
 ) -> None:
     mod = bench["net"]
     args = ["--seconds", "1", "--runs", "1", "--sizes", "64", "--rings", "split"]
-    assert mod.main([*args, "--queues", "1", "--workdir", str(tmp_path)]) == 0
+    args += ["--ring-sizes", "512", "--queues", "1", "--workdir", str(tmp_path)]
+    assert mod.main(args) == 0
     out = capsys.readouterr().out
     assert "placement: front-end testpmd on CPU" in out
-    rows = {tuple(line.split()[:4]): line for line in out.splitlines() if "64B" in line}
-    assert set(rows) == {("split", "1q", "64B", "vhsm"), ("split", "1q", "64B", "dpdk")}
+    rows = {tuple(line.split()[:5]): line for line in out.splitlines() if "64B" in line}
+    assert set(rows) == {
+        ("split", "1q", "512d", "64B", "vhsm"),
+        ("split", "1q", "512d", "64B", "dpdk"),
+    }
     assert "failed" not in out
     # packets flowed through both back-ends (a max above zero; no rate is asserted)
     for line in rows.values():
-        assert float(line.split()[6].replace(",", "")) > 0, line
+        assert float(line.split()[7].replace(",", "")) > 0, line
+    vdev = mod.frontend_vdev(mod.Config(64, "packed", 2, 1024), Path("/s"))
+    assert vdev == "net_virtio_user0,path=/s,queues=2,queue_size=1024,packed_vq=1"
 
 
 @pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason=NO_TESTPMD)
 def test_net_dpdk_packed_two_queue_pairs(bench: dict[str, Any], tmp_path: Path) -> None:
     mod = bench["net"]
-    cfg = mod.Config(1500, "packed", 2)
+    cfg = mod.Config(1500, "packed", 2, 1024)
     samples = mod.one_run("vhsm", cfg, 1, 1, tmp_path, "smoke")
     assert samples and max(samples) > 0
 
@@ -76,6 +82,15 @@ def test_net_dpdk_says_what_is_missing(
     monkeypatch.setenv("PATH", "/nonexistent")
     assert bench["net"].main(["--runs", "1"]) == 2
     assert "apt-get install dpdk-dev" in capsys.readouterr().err
+
+
+def test_net_dpdk_refuses_an_unknown_ring_layout(
+    bench: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench["net"].main(["--rings", "split,rings"])
+    assert exc.value.code == 2
+    assert "ring layouts are split and packed, not 'split,rings'" in capsys.readouterr().err
 
 
 def test_blk_vhsm_runs(
