@@ -31,6 +31,8 @@ _TX_PPS = re.compile(rb"Tx-pps:\s+(\d+)")
 BACKENDS = ("vhsm", "dpdk")
 #: `vhsm serve net --busy-poll-us` (None: the device's default); set from the options.
 BUSY_POLL_US: int | None = None
+#: `vhsm serve net --sink-reads`: checksum (Adler-32 per frame) or copy; set from the options.
+SINK_READS = "checksum"
 
 
 @dataclass
@@ -128,6 +130,8 @@ def one_run(
             "--queues",
             str(cfg.queues),
             *(["--busy-poll-us", str(BUSY_POLL_US)] if BUSY_POLL_US is not None else []),
+            "--sink-reads",
+            SINK_READS,
         ]
     else:
         vdev = f"net_vhost0,iface={sock},queues={cfg.queues}"
@@ -201,6 +205,7 @@ def report(configs: Sequence[Config], results: dict[tuple[str, str], Result]) ->
         f"machine: {benchlib.machine()}",
         f"placement: front-end testpmd on CPU {fe_cpu}, back-end on CPU {be_cpu}"
         " (taskset; testpmd lcores 0 and 1 share that CPU)",
+        f"vhsm sink reads each frame by: {SINK_READS}",
         f"{'config':18s} {'back-end':8s} {'Tx pps min':>11s} {'median':>11s} {'max':>11s}"
         f" {'vhsm/DPDK':>9s}",
     ]
@@ -250,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[256],
         help="descriptors per ring (virtio_user queue_size; 256 is its default, 1024 QEMU's max)",
     )
+    ap.add_argument(
+        "--sink-reads",
+        choices=["checksum", "copy"],
+        default="checksum",
+        help="vhsm sink: Adler-32 of every frame (default) or a copy, as DPDK's back-end does",
+    )
     ap.add_argument("--workdir", type=Path, help="keep logs and sockets here")
     ap.add_argument(
         "--busy-poll-us",
@@ -262,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; exit 2 when DPDK testpmd is missing, 1 when every run failed."""
     args = build_parser().parse_args(argv)
-    global BUSY_POLL_US
+    global BUSY_POLL_US, SINK_READS
     BUSY_POLL_US = args.busy_poll_us
+    SINK_READS = args.sink_reads
     why = benchlib.missing("dpdk-testpmd")
     if why is not None:
         print(f"net benchmark: {why}", file=sys.stderr)

@@ -112,6 +112,38 @@ def test_sink_counts_and_touches_every_byte(sink: Bench) -> None:
     assert eventfd_count(sink.calls[1]) >= 1
 
 
+def test_sink_copy_reads_every_frame_without_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vhsm.devices.net as net
+
+    gathered: list[tuple[int, int]] = []
+    gather = net._gather_rows
+
+    def spy(region: memoryview, starts: np.ndarray, n: int) -> np.ndarray:
+        rows = gather(region, starts, n)
+        gathered.append(rows.shape)
+        return rows
+
+    monkeypatch.setattr(net, "_gather_rows", spy)
+    bench = Bench(NetBackend("sink", sink_reads="copy"), size=256)
+    try:
+        big = [frame(1500, i) for i in range(100)]  # one burst of equal frames: one gather
+        heads = [send(bench, f) for f in big]
+        heads.append(send(bench, frame(100, 9), split_header=True))  # a chain: copied alone
+        bench.kick(1)
+        runt = bench.alloc(5, b"\0" * 5)
+        heads.append(bench.post(1, [(runt, 5)], []))
+        bench.kick(1)
+        assert sorted(h for h, _ in bench.used(1)) == sorted(heads)
+        stats = dev(bench).stats
+        assert (stats.tx_packets, stats.tx_bytes, stats.tx_errors) == (101, 150_100, 1)
+        assert stats.tx_checksum == 0
+        assert gathered == [(100, 1500)]
+    finally:
+        bench.close()
+    with pytest.raises(ValueError, match="sink_reads 'peek' not one of"):
+        NetBackend("sink", sink_reads="peek")
+
+
 def test_sink_header_bytes_are_not_counted(sink: Bench) -> None:
     gpa = sink.alloc(NET_HDR_SIZE + 4, b"\xff" * NET_HDR_SIZE + b"\x01\x02\x03\x04")
     sink.post(1, [(gpa, NET_HDR_SIZE + 4)], [])

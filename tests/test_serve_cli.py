@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vhsm.cli import main
+from vhsm.cli import build_parser, main
+from vhsm.commands.serve import make_backend
+from vhsm.devices.net import NetBackend
 from vhsm.frontend import BlkDevice, Frontend, FrontendListener, NetDevice, RngDevice
 
 WAIT = 20.0
@@ -98,6 +100,19 @@ def test_help_lists_devices_and_options() -> None:
         timeout=WAIT,
     )
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize(("argv", "checksum"), [([], True), (["--sink-reads", "copy"], False)])
+def test_net_sink_reads(argv: list[str], checksum: bool) -> None:
+    args = build_parser().parse_args(["serve", "net", "--socket", "s", "--mode", "sink", *argv])
+    backend = make_backend(args)
+    assert isinstance(backend, NetBackend) and backend.checksum is checksum
+
+
+def test_net_sink_reads_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "net", "--socket", "s", "--sink-reads", "peek"])
+    assert "invalid choice: 'peek'" in capsys.readouterr().err
 
 
 # --- serving ------------------------------------------------------------------------------

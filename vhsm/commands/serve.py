@@ -50,6 +50,12 @@ def register(subparsers: Any) -> None:
     )
     net.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
     net.add_argument(
+        "--sink-reads",
+        choices=["checksum", "copy"],
+        default="checksum",
+        help="how the sink reads each frame: Adler-32 checksum (default) or a plain copy",
+    )
+    net.add_argument(
         "--busy-poll-us",
         type=int,
         default=None,
@@ -100,7 +106,10 @@ def make_backend(args: argparse.Namespace) -> VhostUserBackend:
     if args.device == "net":
         net = importlib.import_module("vhsm.devices.net")
         backend: VhostUserBackend = net.NetBackend(
-            mode=args.mode, queue_pairs=args.queues, busy_poll_us=args.busy_poll_us
+            mode=args.mode,
+            queue_pairs=args.queues,
+            busy_poll_us=args.busy_poll_us,
+            sink_reads=args.sink_reads,
         )
         return backend
     raise VhsmError(f"unknown device {args.device!r}")

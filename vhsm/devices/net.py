@@ -9,10 +9,11 @@ Teaching notes:
   No checksum or segmentation offload is offered, so TX headers carry nothing the
   device must act on and RX headers are zero except ``num_buffers``.
 * ``sink`` consumes every transmitted packet, counting packets and bytes and
-  reading every byte (an Adler-32 checksum of each frame) as a real NIC's DMA
-  would. Its TX path takes whole bursts with the numpy batch API: one lock round
-  trip pops every available packet, another completes them all; single-descriptor
-  packets need no Python object each.
+  reading every byte as a real NIC's DMA would: an Adler-32 checksum of each frame
+  (``tx_checksum``), or with ``sink_reads="copy"`` a copy of it, which is what
+  DPDK's vhost back-end does into its mbufs. Its TX path takes whole bursts with the
+  numpy batch API: one lock round trip pops every available packet, another
+  completes them all; single-descriptor packets need no Python object each.
 * ``loopback`` puts each transmitted frame back on the same pair's receive queue.
   With VIRTIO_NET_F_MRG_RXBUF a frame may fill several receive chains; the header
   in the first one says how many (``num_buffers``). Without receive buffers the
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 NET_HDR = struct.Struct("<BBHHHHH")
 NET_HDR_SIZE = NET_HDR.size
 MODES = ("sink", "loopback")
+#: How the sink reads each frame: an Adler-32 checksum, or a copy (what DPDK's vhost
+#: back-end does into its mbufs).
+SINK_READS = ("checksum", "copy")
 MAX_QUEUE_SIZE = 1024
 _U64 = (1 << 64) - 1
 #: Used lengths of transmitted packets (always 0: the device writes nothing back).
@@ -86,10 +90,18 @@ class NetBackend(VhostUserBackend):
     busy_poll_us = 50
 
     def __init__(
-        self, mode: str = "sink", queue_pairs: int = 1, *, busy_poll_us: int | None = None
+        self,
+        mode: str = "sink",
+        queue_pairs: int = 1,
+        *,
+        busy_poll_us: int | None = None,
+        sink_reads: str = "checksum",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not one of {MODES}")
+        if sink_reads not in SINK_READS:
+            raise ValueError(f"sink_reads {sink_reads!r} not one of {SINK_READS}")
+        self.checksum = sink_reads == "checksum"
         if not 1 <= queue_pairs <= 0x8000:
             raise ValueError(f"queue_pairs {queue_pairs} not in 1..32768")
         self.mode = mode
@@ -227,9 +239,9 @@ class NetBackend(VhostUserBackend):
     def _sink_simple(self, batch: Batch, stats: NetStats) -> np.ndarray | None:
         """Count single-descriptor packets (header and frame in one buffer) and read them.
 
-        A burst of equal small frames in one region is copied out with one numpy gather
-        and returned, to be checksummed once the ring has its buffers back; other
-        bursts are checksummed in place, one ``zlib.adler32`` call per frame.
+        A burst of equal frames in one region is copied out with one numpy gather; with
+        checksums on (frames up to 256 bytes) the copy is returned, to be summed once
+        the ring has its buffers back. Other bursts are read frame by frame in place.
         """
         k = len(batch.heads)
         if not k:
@@ -238,28 +250,38 @@ class NetBackend(VhostUserBackend):
         shortest, longest = int(min_of(lens)), int(max_of(lens))
         region = batch.single_region
         views = batch.region_views
+        checksum = self.checksum
         if shortest < NET_HDR_SIZE:  # runts: count them, keep the rest
             good = lens >= NET_HDR_SIZE
             stats.tx_errors += k - int(np.count_nonzero(good))
-            _sink_frames(views, batch.region[good], batch.offsets[good], lens[good], stats)
+            kept = batch.region[good]
+            _sink_frames(views, kept, batch.offsets[good], lens[good], stats, checksum)
             return None
-        if shortest == longest <= _VEC_MAX_FRAME and region is not None and k >= _VEC_MIN_BURST:
+        if (
+            shortest == longest
+            and (shortest <= _VEC_MAX_FRAME or not checksum)
+            and region is not None
+            and k >= _VEC_MIN_BURST
+        ):
             stats.tx_packets += k
             stats.tx_bytes += k * (shortest - NET_HDR_SIZE)
             starts = batch.offsets + NET_HDR_SIZE
-            return _gather_rows(views[region], starts, shortest - NET_HDR_SIZE)
-        where = region if region is not None else batch.region
-        _sink_frames(views, where, batch.offsets, lens, stats)
+            frames = _gather_rows(views[region], starts, shortest - NET_HDR_SIZE)
+            return frames if checksum else None
+        where: np.ndarray | int = region if region is not None else batch.region
+        _sink_frames(views, where, batch.offsets, lens, stats, checksum)
         return None
 
-    @staticmethod
-    def _sink_chain(chain: DescriptorChain, stats: NetStats) -> None:
-        """Count and checksum one multi-descriptor packet."""
+    def _sink_chain(self, chain: DescriptorChain, stats: NetStats) -> None:
+        """Count and read one multi-descriptor packet."""
         if chain.readable_len < NET_HDR_SIZE:
             stats.tx_errors += 1
             return
         stats.tx_packets += 1
         stats.tx_bytes += chain.readable_len - NET_HDR_SIZE
+        if not self.checksum:
+            chain.read(chain.readable_len - NET_HDR_SIZE, NET_HDR_SIZE)
+            return
         adler = zlib.adler32(b"")
         skip = NET_HDR_SIZE
         for view in chain.readable:
@@ -331,25 +353,24 @@ def _sink_frames(
     offsets: np.ndarray,
     lens: np.ndarray,
     stats: NetStats,
+    checksum: bool,
 ) -> None:
-    """Count and checksum frames in place, one ``zlib.adler32`` call each."""
+    """Count frames and read each in place: one ``zlib.adler32`` call, or one copy."""
     k = len(lens)
     if not k:
         return
     stats.tx_packets += k
     stats.tx_bytes += int(sum_of(lens, dtype=np.int64)) - NET_HDR_SIZE * k
-    checksum = stats.tx_checksum
-    adler32 = zlib.adler32
     starts = (offsets + NET_HDR_SIZE).tolist()
     ends = (offsets + lens).tolist()
-    if isinstance(region, int):  # the usual burst: one region
-        view = views[region]
-        for start, end in zip(starts, ends, strict=True):
-            checksum += adler32(view[start:end])
+    regions = [region] * k if isinstance(region, int) else region.tolist()
+    frames = (views[r][start:end] for r, start, end in zip(regions, starts, ends, strict=True))
+    if checksum:
+        total = stats.tx_checksum + sum(map(zlib.adler32, frames))
+        stats.tx_checksum = total & _U64
     else:
-        for r, start, end in zip(region.tolist(), starts, ends, strict=True):
-            checksum += adler32(views[r][start:end])
-    stats.tx_checksum = checksum & _U64
+        for frame in frames:
+            bytes(frame)
 
 
 def _gather_rows(region: memoryview, starts: np.ndarray, n: int) -> np.ndarray:
