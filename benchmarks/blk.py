@@ -32,6 +32,8 @@ from vhsm.frontend import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, Frontend, FrontendM
 BLOCK = 4096
 HEADER = struct.Struct("<IIQ")
 BACKENDS = ("vhsm", "qsd")
+#: `vhsm serve --busy-poll-us` for vhsm back-ends (None: the device's default, off).
+BUSY_POLL_US: int | None = None
 IMAGE_SIZE = 64 << 20
 
 
@@ -78,6 +80,20 @@ def make_image(path: Path, size: int = IMAGE_SIZE) -> None:
             f.write(os.urandom(1 << 20))
 
 
+def vhsm_options() -> list[str]:
+    """Options every `vhsm serve` of this benchmark gets (its busy-poll window)."""
+    return [] if BUSY_POLL_US is None else ["--busy-poll-us", str(BUSY_POLL_US)]
+
+
+def add_busy_poll_option(ap: argparse.ArgumentParser) -> None:
+    """The ``--busy-poll-us`` option of the blk and latency benchmarks."""
+    ap.add_argument(
+        "--busy-poll-us",
+        type=int,
+        help="vhsm's busy-poll window after each request (default 0: sleep in epoll)",
+    )
+
+
 def backend_command(kind: str, sock: Path, image: Path) -> list[str]:
     """The back-end process: `vhsm serve blk` or qemu-storage-daemon's vhost-user-blk export."""
     if kind == "vhsm":
@@ -89,6 +105,7 @@ def backend_command(kind: str, sock: Path, image: Path) -> list[str]:
             str(sock),
             "--file",
             str(image),
+            *vhsm_options(),
         ]
     return [
         benchlib.require("qemu-storage-daemon"),
@@ -296,13 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--backends", default=",".join(BACKENDS), help="vhsm,qsd")
     ap.add_argument("--workdir", type=Path, help="keep the image, logs and sockets here")
+    add_busy_poll_option(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison (qemu-storage-daemon runs are skipped, with a note, if missing)."""
-    global BACKENDS
+    global BACKENDS, BUSY_POLL_US
     args = build_parser().parse_args(argv)
+    BUSY_POLL_US = args.busy_poll_us
     wanted = tuple(b for b in args.backends.split(",") if b)
     why = benchlib.missing("qemu-storage-daemon")
     if why is not None and "qsd" in wanted:

@@ -96,7 +96,7 @@ def one_run(target: str, image: Path, requests: int, workdir: Path, tag: str) ->
     sock = workdir / f"{tag}.sock"
     sock.unlink(missing_ok=True)
     if device == "rng":
-        cmd = [*benchlib.vhsm_command(), "serve", "rng", "--socket", str(sock)]
+        cmd = [*benchlib.vhsm_command(), "serve", "rng", "--socket", str(sock), *blk.vhsm_options()]
     else:
         cmd = blk.backend_command(backend, sock, image)
     proc = benchlib.spawn(benchlib.pinned(cmd, be_cpu), workdir / f"{tag}.log")
@@ -119,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=int, default=3, help="runs per back-end")
     ap.add_argument("--targets", default=",".join(TARGETS), help=",".join(TARGETS))
     ap.add_argument("--workdir", type=Path, help="keep the image, logs and sockets here")
+    blk.add_busy_poll_option(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print median / p99 per back-end."""
     args = build_parser().parse_args(argv)
+    blk.BUSY_POLL_US = args.busy_poll_us
     targets = [t for t in args.targets.split(",") if t]
     why = benchlib.missing("qemu-storage-daemon")
     if why is not None and "blk/qsd" in targets:

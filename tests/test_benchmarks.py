@@ -107,6 +107,19 @@ def test_blk_vhsm_runs(
     assert "failed" not in out
 
 
+def test_blk_and_latency_pass_the_busy_poll_window(
+    bench: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mod = bench["blk"]
+    monkeypatch.setattr(mod, "BUSY_POLL_US", None)
+    assert "--busy-poll-us" not in mod.backend_command("vhsm", tmp_path / "s", tmp_path / "i")
+    args = ["--seconds", "0.2", "--runs", "1", "--depths", "1", "--backends", "vhsm"]
+    assert mod.main([*args, "--busy-poll-us", "20", "--workdir", str(tmp_path)]) == 0
+    command = mod.backend_command("vhsm", tmp_path / "s", tmp_path / "i")
+    assert command[-2:] == ["--busy-poll-us", "20"]
+    assert "--busy-poll-us" not in mod.backend_command("qsd", tmp_path / "s", tmp_path / "i")
+
+
 @pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason=NO_QSD)
 def test_blk_qemu_storage_daemon_runs(bench: dict[str, Any], tmp_path: Path) -> None:
     mod = bench["blk"]

@@ -109,6 +109,27 @@ def test_net_sink_reads(argv: list[str], checksum: bool) -> None:
     assert isinstance(backend, NetBackend) and backend.checksum is checksum
 
 
+@pytest.mark.parametrize(
+    ("argv", "window"),
+    [
+        (["rng"], 0),
+        (["rng", "--busy-poll-us", "30"], 30),
+        (["net"], 50),
+        (["net", "--busy-poll-us", "0"], 0),
+    ],
+)
+def test_busy_poll_window(argv: list[str], window: int) -> None:
+    args = build_parser().parse_args(["serve", *argv, "--socket", "s"])
+    assert make_backend(args).busy_poll_us == window
+
+
+def test_busy_poll_window_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "rng", "--socket", "s", "--busy-poll-us", "-5"])
+    assert exc.value.code == 2
+    assert "-5 not in 0..1000000 microseconds" in capsys.readouterr().err
+
+
 def test_net_sink_reads_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "net", "--socket", "s", "--sink-reads", "peek"])

@@ -55,13 +55,6 @@ def register(subparsers: Any) -> None:
         default="checksum",
         help="how the sink reads each frame: Adler-32 checksum (default) or a plain copy",
     )
-    net.add_argument(
-        "--busy-poll-us",
-        type=int,
-        default=None,
-        metavar="US",
-        help="poll the TX rings this long after a burst before sleeping (default 50, 0: off)",
-    )
     parser.set_defaults(func=run)
 
 
@@ -75,6 +68,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--once", action="store_true", help="exit when the first front-end disconnects"
     )
+    parser.add_argument(
+        "--busy-poll-us",
+        type=_micros,
+        default=None,
+        metavar="US",
+        help="poll the rings this long after a burst before sleeping in epoll"
+        " (default: net 50, others 0 = off)",
+    )
+
+
+def _micros(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value} not in 0..1000000 microseconds")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -88,6 +99,14 @@ def _positive(text: str) -> int:
 
 
 def make_backend(args: argparse.Namespace) -> VhostUserBackend:
+    """Build the device the arguments name, with its busy-poll window if one is given."""
+    backend = _make_device(args)
+    if args.busy_poll_us is not None:
+        backend.busy_poll_us = args.busy_poll_us
+    return backend
+
+
+def _make_device(args: argparse.Namespace) -> VhostUserBackend:
     """Build the device the arguments name (imported lazily)."""
     if args.device == "rng":
         from vhsm.devices.rng import RngBackend
@@ -106,10 +125,7 @@ def make_backend(args: argparse.Namespace) -> VhostUserBackend:
     if args.device == "net":
         net = importlib.import_module("vhsm.devices.net")
         backend: VhostUserBackend = net.NetBackend(
-            mode=args.mode,
-            queue_pairs=args.queues,
-            busy_poll_us=args.busy_poll_us,
-            sink_reads=args.sink_reads,
+            mode=args.mode, queue_pairs=args.queues, sink_reads=args.sink_reads
         )
         return backend
     raise VhsmError(f"unknown device {args.device!r}")

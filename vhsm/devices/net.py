@@ -60,8 +60,8 @@ _U64 = (1 << 64) - 1
 #: Used lengths of transmitted packets (always 0: the device writes nothing back).
 _ZEROS = np.zeros(1 << 16, dtype=np.uint32)  # unsigned: add_used_batch skips range checks
 _ZEROS.flags.writeable = False
-#: Sink bursts checksummed with numpy (else one zlib.adler32 call per frame): at least
-#: this many frames of one size, at most _VEC_MAX_FRAME bytes (float32-exact sums).
+#: Sink bursts read with one numpy gather (else frame by frame): at least this many
+#: frames of one size, at most _VEC_MAX_FRAME bytes when checksummed (float32-exact sums).
 _VEC_MIN_BURST = 64
 _VEC_MAX_FRAME = 256 + NET_HDR_SIZE  # a = 1 + sum of bytes stays below 65521
 _ADLER_MOD = 65521
@@ -407,11 +407,6 @@ def _adler32_of_rows(frames: np.ndarray) -> int:
     b = np.remainder(b, _ADLER_MOD)
     # int32 totals: k * 65521 < 2^31 for any ring (k <= 32768)
     return int(sum_of(sums[:, 0])) + k + (int(sum_of(b)) << 16)
-
-
-def _adler32_rows(region: memoryview, starts: np.ndarray, n: int) -> int:
-    """Sum of the Adler-32 checksums of the ``n``-byte frames at ``starts`` in ``region``."""
-    return _adler32_of_rows(_gather_rows(region, starts, n))
 
 
 def _pop_rx(rx: VringT) -> DescriptorChain | None:

@@ -27,6 +27,7 @@ RING_EVENT_FLAGS_DISABLE = 0x1
 RING_EVENT_FLAGS_DESC = 0x2
 
 MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
 
 #: The ufunc reductions themselves: ``ndarray.max()`` and friends go through a Python
 #: wrapper that costs more than the reduction on a burst-sized array.
@@ -36,7 +37,6 @@ or_of = np.bitwise_or.reduce
 all_of = np.logical_and.reduce
 any_of = np.logical_or.reduce
 sum_of = np.add.reduce
-DESC_SIZE = 16
 
 # numpy views of ring memory (little-endian, as VIRTIO_F_VERSION_1 requires).
 SPLIT_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
