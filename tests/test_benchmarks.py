@@ -45,6 +45,20 @@ def test_virtq_bench_runs(bench: dict[str, Any], capsys: pytest.CaptureFixture[s
     }
 
 
+def test_net_burst_runs(bench: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench["burst"].main(["--bursts", "20", "--frame", "300"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fits = [line.split()[:2] for line in out if " fit: " in line]
+    assert fits == [[r, m] for r in ("split", "packed") for m in ("checksum", "copy")]
+    assert len([line for line in out if line.split()[2:3] in (["16"], ["64"], ["256"])]) == 12
+
+
+def test_net_burst_refuses_a_frame_too_big(bench: dict[str, Any]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench["burst"].main(["--frame", "5000"])
+    assert exc.value.code == 2
+
+
 @pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason=NO_TESTPMD)
 def test_net_dpdk_runs_both_backends(
     bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -402,6 +403,30 @@ def test_streams_into_decoder_and_session(
     count(f"wire_session_sans_io[{plane_kind}]")
     leaked = {fd: what for fd, what in after.items() if fd not in before}
     assert not leaked, f"fds leaked: {leaked} by {[i.label for i in items]}"
+
+
+def test_a_table_that_drops_a_running_ring_leaves_no_mapping_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by the fuzzer: the warning kept the exception, its traceback the old mapping.
+
+    Log records (pytest's, or any handler that keeps them) must not hold exceptions:
+    their frames hold memory views, and the old table's fd stays open with them.
+    """
+    packed = 1 << 34
+    small = VhostUserMemoryRegion(0, 4096, UVA, 0)  # the ring at 0x1000 is outside it
+    items = [*negotiation(features=OFFERED | packed), *ring_setup()]
+    table = make_request(FrontendReq.SET_MEM_TABLE, VhostUserMemory((small,)))
+    items.append(item_of(table, [("memfd", 4096)], "SET_MEM_TABLE"))
+    before = fd_table()
+    with caplog.at_level(logging.WARNING):
+        log = run_sans_io(items, [], "device")
+    gc.collect()
+    assert log[-1] == "ok SET_MEM_TABLE"
+    assert "not mapped by the new table" in caplog.text
+    assert not [a for r in caplog.records for a in r.args or () if isinstance(a, BaseException)]
+    leaked = {fd: what for fd, what in fd_table().items() if fd not in before}
+    assert not leaked
 
 
 # --- the same streams against a live daemon ------------------------------------------

@@ -208,7 +208,7 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
             try:
                 chain = vring.pop()
             except VirtqError as exc:
-                log.warning("bad chain: %s", exc)
+                log.warning("bad chain: %s", str(exc))
                 vring.complete_error(exc)
                 if exc.head is None:
                     # Nothing was consumed (avail idx moved too far, §8): retrying would spin

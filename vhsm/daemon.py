@@ -417,9 +417,9 @@ class VhostUserDaemon:
             )
         except OSError as err:
             if not self._stopped:
-                log.warning("%s: connection error: %s", self.name, err)
+                log.warning("%s: connection error: %s", self.name, str(err))
         except VhsmError as err:
-            log.error("%s: closing the connection: %s", self.name, err)
+            log.error("%s: closing the connection: %s", self.name, str(err))
         except Exception as err:
             self.last_error = err
             name = msg.name if msg is not None else "-"

@@ -130,7 +130,7 @@ class DevicePlane:
         try:
             self.vrings[index].signal_err()
         except BackendError as err:
-            log.warning("ring %d: in-band VRING_ERR failed: %s", index, err)
+            log.warning("ring %d: in-band VRING_ERR failed: %s", index, str(err))
 
     def reset(self) -> None:
         """Drop everything tied to the session: rings, fds, log, channel, inflight, memory."""
@@ -181,7 +181,9 @@ class DevicePlane:
                 try:
                     self._apply_addr(index)
                 except GuestMemoryError as err:
-                    log.warning("ring %d: addresses not mapped by the new table: %s", index, err)
+                    log.warning(
+                        "ring %d: addresses not mapped by the new table: %s", index, str(err)
+                    )
                     self.vrings[index].update_memory()
         _hook(self.backend.update_memory, self.memory)
         _hook(self.backend.memory_updated)
@@ -278,7 +280,7 @@ class DevicePlane:
                 try:
                     vring.set_inflight(self._inflight.queue(index))
                 except VirtqError as err:  # the ring runs untracked; the front-end is told
-                    log.warning("ring %d: inflight buffer not usable: %s", index, err)
+                    log.warning("ring %d: inflight buffer not usable: %s", index, str(err))
                     error = err
             vring.started = True
         if error is not None:

@@ -194,7 +194,7 @@ class DirtyLog:
         except BlockingIOError:
             pass  # counter saturated: the reader has a wake-up pending anyway
         except OSError as exc:
-            log.warning("signalling the log fd %d failed: %s", fd, exc)
+            log.warning("signalling the log fd %d failed: %s", fd, str(exc))
 
     def close(self) -> None:
         """Unmap the log and close the log fd (idempotent); later marks raise."""

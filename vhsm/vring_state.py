@@ -48,7 +48,7 @@ def _close(fd: int | None) -> None:
         try:
             os.close(fd)
         except OSError as exc:
-            log.debug("closing fd %d: %s", fd, exc)
+            log.debug("closing fd %d: %s", fd, str(exc))
 
 
 def _eventfd_signal(fd: int) -> None:
@@ -166,7 +166,7 @@ class VringState:
         try:
             self._build(carry=True)
         except GuestMemoryError as exc:
-            log.warning("ring %d: areas not mapped by the new table: %s", self.index, exc)
+            log.warning("ring %d: areas not mapped by the new table: %s", self.index, str(exc))
             self._drop_queue()
             return False
         return True

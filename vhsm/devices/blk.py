@@ -187,7 +187,9 @@ class BlkBackend(VhostUserBackend):
         try:
             status = self._dispatch(rtype, sector, data_in, data_out)
         except OSError as exc:
-            log.warning("blk queue %d: request type %d sector %d: %s", queue, rtype, sector, exc)
+            log.warning(
+                "blk queue %d: request type %d sector %d: %s", queue, rtype, sector, str(exc)
+            )
             status = VIRTIO_BLK_S_IOERR
         status_view[0] = status
         return chain.writable_len

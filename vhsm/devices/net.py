@@ -298,7 +298,7 @@ class NetBackend(VhostUserBackend):
             try:
                 chain = tx.pop()
             except VirtqError as exc:
-                log.warning("net: bad TX chain: %s", exc)
+                log.warning("net: bad TX chain: %s", str(exc))
                 stats.tx_errors += 1
                 tx.complete_error(exc)
                 continue
@@ -415,5 +415,5 @@ def _pop_rx(rx: VringT) -> DescriptorChain | None:
         try:
             return rx.pop()
         except VirtqError as exc:
-            log.warning("net: bad RX chain: %s", exc)
+            log.warning("net: bad RX chain: %s", str(exc))
             rx.complete_error(exc)

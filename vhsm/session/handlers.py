@@ -239,7 +239,7 @@ class SessionHandlers:
             data = bytes(self.backend.get_config(request.offset, request.size))
         except BackendError as err:
             log.warning(
-                "GET_CONFIG offset %d size %d refused: %s", request.offset, request.size, err
+                "GET_CONFIG offset %d size %d refused: %s", request.offset, request.size, str(err)
             )
             self.reply_with(msg, None)
             return
@@ -318,7 +318,7 @@ class SessionHandlers:
         try:
             own = self.backend.set_device_state_fd(transfer.direction, transfer.phase, fd)
         except BackendError as err:
-            log.warning("SET_DEVICE_STATE_FD refused by the device: %s", err)
+            log.warning("SET_DEVICE_STATE_FD refused by the device: %s", str(err))
             self.reply_with(msg, VhostUserU64(_DEVICE_STATE_NO_FD | 1))
             return
         if own is None:
@@ -331,7 +331,7 @@ class SessionHandlers:
             self.backend.check_device_state()
             result = 0
         except BackendError as err:
-            log.warning("device state transfer failed: %s", err)
+            log.warning("device state transfer failed: %s", str(err))
             result = 1
         self.reply_with(_msg(event), VhostUserU64(result))
 

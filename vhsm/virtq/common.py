@@ -49,7 +49,7 @@ _logger = logging.getLogger("vhsm.virtq")
 
 def log_failure(queue: int, exc: Exception) -> None:
     """Report a dirty-log mark that failed (log too small): the data path carries on."""
-    _logger.warning("queue %d: dirty log not updated: %s", queue, exc)
+    _logger.warning("queue %d: dirty log not updated: %s", queue, str(exc))
 
 
 def memory_barrier() -> None:
