@@ -461,7 +461,7 @@ def test_no_fd_leak_after_1000_connections(served) -> None:
         wait_until(lambda: not daemon.serving)
     # A guest-memory mapping still viewed by a finishing thread is unmapped (and its fd
     # closed) by the garbage collector: wait for that, a leak never settles.
-    wait_until(lambda: gc.collect() >= 0 and open_fds() == before)
+    wait_until(lambda: gc.collect() >= 0 and open_fds() <= before)
 
 
 def test_stop_leaves_no_thread_and_removes_the_socket(sock_path) -> None:
@@ -478,7 +478,7 @@ def test_stop_leaves_no_thread_and_removes_the_socket(sock_path) -> None:
     fe.close()
     assert set(threading.enumerate()) == threads
     assert not sock_path.exists()
-    assert open_fds() == before
+    assert open_fds() <= before
     assert ("disconnected",) in backend.events
     daemon.stop()  # idempotent
 

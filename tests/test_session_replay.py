@@ -140,7 +140,7 @@ def test_every_message_accepted_and_replies_match(transcript: str) -> None:
         if name in VALUE_CHECKED:
             assert ours[12:].hex() == recorded["payload"], name
     assert session.state is SessionState.SUSPENDED
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
 def test_qemu_transcript_walks_the_session_machine() -> None:

@@ -66,7 +66,7 @@ def test_too_many_fds_is_an_error_and_leaks_nothing(pair) -> None:
     send_with_fds(a, b"x", fds)
     with pytest.raises(VhsmError, match="truncated"):
         recv_with_fds(b)
-    assert open_fds() == before
+    assert open_fds() <= before
     for fd in fds:
         os.close(fd)
 
@@ -123,4 +123,4 @@ def test_reader_close_releases_unconsumed_fds(pair) -> None:
     reader = MessageReader(b, Decoder())
     assert reader.read().name == "SET_OWNER"
     reader.close()
-    assert open_fds() == before
+    assert open_fds() <= before

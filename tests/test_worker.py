@@ -211,5 +211,5 @@ def test_no_fd_leak_and_no_thread_left() -> None:
         handler.signal_exit()
         handler.join()
         handler.close()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) <= before
     assert threading.active_count() == threads
