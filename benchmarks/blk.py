@@ -27,6 +27,7 @@ from pathlib import Path
 
 import benchlib
 
+from vhsm.commands.serve import busy_poll_micros
 from vhsm.frontend import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, Frontend, FrontendMemory, Virtqueue
 
 BLOCK = 4096
@@ -89,7 +90,7 @@ def add_busy_poll_option(ap: argparse.ArgumentParser) -> None:
     """The ``--busy-poll-us`` option of the blk and latency benchmarks."""
     ap.add_argument(
         "--busy-poll-us",
-        type=int,
+        type=busy_poll_micros,
         help="vhsm's busy-poll window after each request (default 0: sleep in epoll)",
     )
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import benchlib
 
+from vhsm.commands.serve import busy_poll_micros
+
 _TX_PPS = re.compile(rb"Tx-pps:\s+(\d+)")
 BACKENDS = ("vhsm", "dpdk")
 #: `vhsm serve net --busy-poll-us` (None: the device's default); set from the options.
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", type=Path, help="keep logs and sockets here")
     ap.add_argument(
         "--busy-poll-us",
-        type=int,
+        type=busy_poll_micros,
         help="vhsm's TX busy-poll window (default: the device's, 50; 0: off)",
     )
     return ap

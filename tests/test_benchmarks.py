@@ -134,6 +134,16 @@ def test_blk_and_latency_pass_the_busy_poll_window(
     assert "--busy-poll-us" not in mod.backend_command("qsd", tmp_path / "s", tmp_path / "i")
 
 
+@pytest.mark.parametrize("name", ["net", "blk", "latency"])
+def test_a_negative_busy_poll_window_is_refused(
+    bench: dict[str, Any], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench[name].build_parser().parse_args(["--busy-poll-us", "-1"])
+    assert exc.value.code == 2
+    assert "-1 not in 0..1000000 microseconds" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason=NO_QSD)
 def test_blk_qemu_storage_daemon_runs(bench: dict[str, Any], tmp_path: Path) -> None:
     mod = bench["blk"]

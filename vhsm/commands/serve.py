@@ -70,7 +70,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--busy-poll-us",
-        type=_micros,
+        type=busy_poll_micros,
         default=None,
         metavar="US",
         help="poll the rings this long after a burst before sleeping in epoll"
@@ -78,7 +78,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _micros(text: str) -> int:
+def busy_poll_micros(text: str) -> int:
+    """A ``--busy-poll-us`` value: whole microseconds, 0..1000000 (also used by benchmarks)."""
     try:
         value = int(text)
     except ValueError:
