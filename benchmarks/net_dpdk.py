@@ -28,6 +28,7 @@ from pathlib import Path
 import benchlib
 
 from vhsm.commands.serve import busy_poll_micros
+from vhsm.devices import net
 
 _TX_PPS = re.compile(rb"Tx-pps:\s+(\d+)")
 BACKENDS = ("vhsm", "dpdk")
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--sink-reads",
-        choices=["checksum", "copy"],
+        choices=net.SINK_READS,
         default="checksum",
         help="vhsm sink: Adler-32 of every frame (default) or a copy, as DPDK's back-end does",
     )

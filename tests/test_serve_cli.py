@@ -130,6 +130,15 @@ def test_busy_poll_window_out_of_range(capsys: pytest.CaptureFixture[str]) -> No
     assert "-5 not in 0..1000000 microseconds" in capsys.readouterr().err
 
 
+def test_net_sink_reads_offers_every_way_the_device_has() -> None:
+    from vhsm.devices.net import SINK_READS
+
+    for reads in SINK_READS:
+        args = build_parser().parse_args(["serve", "net", "--socket", "s", "--sink-reads", reads])
+        backend = make_backend(args)
+        assert isinstance(backend, NetBackend) and backend.checksum is (reads == "checksum")
+
+
 def test_net_sink_reads_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "net", "--socket", "s", "--sink-reads", "peek"])

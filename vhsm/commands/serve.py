@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     net.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
     net.add_argument(
         "--sink-reads",
-        choices=["checksum", "copy"],
+        choices=["checksum", "copy"],  # net.SINK_READS; the device module loads numpy lazily
         default="checksum",
         help="how the sink reads each frame: Adler-32 checksum (default) or a plain copy",
     )
