@@ -118,8 +118,8 @@ def test_sink_copy_reads_every_frame_without_checksums(monkeypatch: pytest.Monke
     gathered: list[tuple[int, int]] = []
     gather = net._gather_rows
 
-    def spy(region: memoryview, starts: np.ndarray, n: int) -> np.ndarray:
-        rows = gather(region, starts, n)
+    def spy(region: memoryview, offsets: np.ndarray, n: int, skip: int) -> np.ndarray:
+        rows = gather(region, offsets, n, skip)
         gathered.append(rows.shape)
         return rows
 

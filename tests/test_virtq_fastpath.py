@@ -73,7 +73,9 @@ def test_fast_paths_match_the_model(
                 got[c.head] = c.writable_len
         assert sorted(got) == sorted(posted)
         order = sorted(got, key=lambda h: (h * 2654435761 + seed) % 4093)
-        if used_batch:
+        if used_batch and len(set(got.values())) == 1:  # one length for every id
+            q.add_used_batch(order, next(iter(got.values())))
+        elif used_batch:
             q.add_used_batch(order, [got[h] for h in order])
         else:
             for h in order:
@@ -224,3 +226,35 @@ def test_packed_burst_ids_are_trusted_once(mem: GuestMemory) -> None:
     with pytest.raises(VirtqError, match="not in flight"):
         q.add_used_batch(b.heads, np.zeros(4, np.uint32))
     assert len(drv.get_used_batch()[0]) == 4
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+@pytest.mark.parametrize("length", [0, 48])
+def test_one_length_for_every_id(mem: GuestMemory, kind: str, length: int) -> None:
+    """``add_used_batch(ids, n)``: every element gets length n, across the ring's end."""
+    drv: Any
+    q: Any
+    drv, q = split_pair(mem, 8) if kind == "split" else packed_pair(mem, 8)
+    for burst in (5, 6):  # the second burst wraps
+        addrs = BUF_GPA + 64 * np.arange(burst, dtype=np.uint64)
+        drv.add_simple_batch(addrs, np.full(burst, 64, np.uint32), np.full(burst, length > 0))
+        b = q.pop_batch()
+        assert b.lens_range == (64, 64)
+        q.add_used_batch(b.heads, length)
+        ids, lens = drv.get_used_batch()
+        assert ids.tolist() == b.heads.tolist() and lens.tolist() == [length] * burst
+    for bad in (-1, 1 << 32):
+        with pytest.raises(ValueError, match=f"used length {bad} does not fit in 32 bits"):
+            q.add_used_batch([0], bad)
+
+
+def test_lens_range_of_a_batch_built_without_one(mem: GuestMemory) -> None:
+    """The general path leaves ``lens_range`` to be computed on first use."""
+    drv, q = split_pair(mem, 8)
+    addrs = np.array([BUF_GPA, BUF_GPA + 0x1000, MEM_SIZE + 0x1000], dtype=np.uint64)
+    drv.add_simple_batch(addrs, np.array([16, 40, 8], np.uint32), np.zeros(3, bool))
+    b = q.pop_batch()  # one address outside memory: the general path
+    assert len(b.errors) == 1 and b.lens_range == (16, 40)
+    q.add_used_batch(b.heads, 0)
+    drv.get_used_batch()
+    assert q.pop_batch().lens_range == (0, 0)

@@ -302,7 +302,9 @@ def test_hostile_split_ring(
                 q.add_used(chain.head, chain.writable_len)
         except VirtqError as exc:
             if exc.head is None:
-                assert avail_idx > 8
+                # a wild index: as written, or after a writable buffer overlapping the
+                # ring overwrote it (chain.fill)
+                assert avail_idx > 8 or avail[1] != avail_idx
                 break
             consumed += 1
     assert consumed <= 8

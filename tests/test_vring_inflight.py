@@ -158,6 +158,20 @@ def test_only_uncompleted_requests_come_back_in_order(rig: Rig, warm: int) -> No
     assert rig.drv.get_used() == (last, 1)
 
 
+def test_one_length_for_a_tracked_batch(rig: Rig) -> None:
+    """``add_used_batch(ids, n)`` with inflight tracking: completed, and not resubmitted."""
+    vring = rig.vring()
+    vring.set_inflight(rig.attach())
+    heads = [rig.post(t, 1) for t in (b"one", b"two", b"three")]
+    assert [c.head for c in iter(vring.pop, None)] == heads
+    vring.add_used_batch(heads[:2], 9)
+    assert [rig.drv.get_used(), rig.drv.get_used()] == [(heads[0], 9), (heads[1], 9)]
+    fresh = rig.vring(base=rig.resume_base())
+    fresh.set_inflight(rig.attach())
+    again = fresh.pop()
+    assert again is not None and again.head == heads[2] and fresh.pop() is None
+
+
 def test_a_second_crash_resubmits_what_is_still_in_flight(rig: Rig) -> None:
     vring = rig.vring()
     vring.set_inflight(rig.attach())

@@ -268,7 +268,7 @@ class _SharedVring:
             self._state.add_used(head, length)
 
     def add_used_batch(
-        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Publish many used elements."""
         with self._wlock:
@@ -376,7 +376,7 @@ class VringT(Protocol):
         """Publish one used element."""
 
     def add_used_batch(
-        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Publish many used elements."""
 

@@ -466,7 +466,7 @@ class VringState:
         q.add_used(head, length)
 
     def add_used_batch(
-        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Publish many used elements at once."""
         q = self._require()
@@ -486,11 +486,11 @@ class VringState:
         q.add_used_batch(ids, lens)
 
     def _add_used_packed(
-        self, q: Queue, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+        self, q: Queue, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Complete tracked packed buffers as one inflight batch (checked before any write)."""
         bids = [int(b) for b in ids]
-        lns = [int(n) for n in lens]
+        lns = [lens] * len(bids) if isinstance(lens, int) else [int(n) for n in lens]
         slots = [self._slot_of.get(b) for b in bids]
         if len(lns) != len(bids):
             raise ValueError(f"{len(bids)} ids but {len(lns)} lengths")

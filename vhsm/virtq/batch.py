@@ -6,7 +6,7 @@ import numpy as np
 
 from vhsm.errors import VirtqError
 from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import VIRTQ_DESC_F_WRITE, AddressSpace
+from vhsm.virtq.common import VIRTQ_DESC_F_WRITE, AddressSpace, max_of, min_of
 
 _EMPTY_U16 = np.zeros(0, dtype=np.uint16)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
@@ -28,12 +28,13 @@ class Batch:
     The three groups are not in ring order relative to each other.
 
     The fast paths build neither ``region`` nor ``writable`` up front: a burst in one
-    region records only that index (``single_region``) and the descriptors' flags;
-    the arrays are made on first use.
+    region records only that index (``single_region``), the descriptors' flags and
+    the lengths' range (``lens_range``); the arrays are made on first use.
     """
 
     __slots__ = (
         "_flags",
+        "_lens_range",
         "_region",
         "_writable",
         "addrs",
@@ -58,8 +59,13 @@ class Batch:
         errors: list[VirtqError] | None = None,
         *,
         flags: np.ndarray | None = None,
+        lens_range: tuple[int, int] | None = None,
     ) -> None:
-        """``region`` may be one index for every buffer; ``flags`` may stand in for ``writable``."""
+        """A burst; fast paths pass one ``region`` index, ``flags``, and ``lens_range``.
+
+        ``flags`` stands in for ``writable``; ``lens_range`` is the lengths' (min, max)
+        when the caller's checks computed it.
+        """
         if writable is None and flags is None:
             raise ValueError("a batch needs writable or the descriptors' flags")
         self.heads = heads
@@ -69,6 +75,7 @@ class Batch:
         self._flags = flags
         self._region = region
         self.offsets = offsets
+        self._lens_range = lens_range
         self.region_views: tuple[memoryview, ...] = space.views
         self.chains: list[DescriptorChain] = chains if chains is not None else []
         self.errors: list[VirtqError] = errors if errors is not None else []
@@ -100,6 +107,16 @@ class Batch:
         if isinstance(region, int):
             region = self._region = np.full(len(self.heads), region, dtype=np.int64)
         return region
+
+    @property
+    def lens_range(self) -> tuple[int, int]:
+        """(shortest, longest) length of the single-descriptor buffers; (0, 0) if none."""
+        lens_range = self._lens_range
+        if lens_range is None:
+            lens = self.lens
+            lens_range = (int(min_of(lens)), int(max_of(lens))) if len(lens) else (0, 0)
+            self._lens_range = lens_range
+        return lens_range
 
     @property
     def writable(self) -> np.ndarray:

@@ -154,21 +154,19 @@ class AddressSpace:
         except GuestMemoryError as exc:
             raise VirtqError(queue, f"table at {addr:#x}+{length:#x}: {exc}", head) from None
 
-    def locate_together(self, addrs: np.ndarray, lens: np.ndarray) -> tuple[int, np.ndarray] | None:
+    def locate_together(self, addrs: np.ndarray, longest: int) -> tuple[int, np.ndarray] | None:
         """(region index, int64 offsets) when every buffer lies in the first one's region.
 
         The fast path of a burst (buffers from one pool); None sends the caller to
-        :meth:`locate`. ``addrs`` are uint64, ``lens`` positive and unsigned or int64.
-        Two reductions check it all: as uint64, an address below the region's start
-        wraps above its end, and offsets below the region size cannot overflow.
+        :meth:`locate`. ``addrs`` are uint64, ``longest`` the largest length. One
+        reduction checks it all: as uint64, an address below the region's start wraps
+        above its end.
         """
         first = int(addrs[0])
         for i, (start, end, _) in enumerate(self.regions):
             if start <= first < end:
-                size = end - start
                 offsets = addrs - np.uint64(start)
-                ends = offsets + (lens if lens.dtype.kind == "u" else lens.astype(np.uint64))
-                if int(max_of(offsets)) < size and int(max_of(ends)) <= size:
+                if int(max_of(offsets)) + longest <= end - start:
                     return i, offsets.view(np.int64)
                 return None
         return None
@@ -196,26 +194,32 @@ def _unsigned(a: object, max_bytes: int) -> bool:
 
 def used_arrays(
     queue: int, ids: object, lens: object, id_bound: int, what: str
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | int]:
     """(ids, lens) of an ``add_used_batch`` as integer arrays, checked.
 
-    ValueError unless there are as many lengths as ids, each fitting in 32 bits;
-    VirtqError naming the first id outside ``[0, id_bound)`` (``what`` names the bound).
-    Integer arrays are used as they are (no copy); other sequences become int64.
-    Reductions are skipped where the array's dtype already guarantees the range.
+    ValueError unless there are as many lengths as ids (or one int for all), each
+    fitting in 32 bits; VirtqError naming the first id outside ``[0, id_bound)``
+    (``what`` names the bound). Integer arrays are used as they are (no copy); other
+    sequences become int64. Reductions are skipped where the dtype guarantees the range.
     """
     ida = ids if _integers(ids) else np.asarray(ids, dtype=np.int64)
-    lna = lens if _integers(lens) else np.asarray(lens, dtype=np.int64)
-    if len(ida) != len(lna):
-        raise ValueError(f"{len(ida)} ids but {len(lna)} lengths")
-    if len(ida):
-        if not _unsigned(lens, 4) and (min_of(lna) < 0 or max_of(lna) > 0xFFFFFFFF):
+    lna: np.ndarray | int
+    if isinstance(lens, int):
+        if not 0 <= lens <= 0xFFFFFFFF:
+            raise ValueError(f"used length {lens} does not fit in 32 bits")
+        lna = lens
+    else:
+        lna = lens if _integers(lens) else np.asarray(lens, dtype=np.int64)
+        if len(ida) != len(lna):
+            raise ValueError(f"{len(ida)} ids but {len(lna)} lengths")
+        if len(lna) and not _unsigned(lens, 4) and (min_of(lna) < 0 or max_of(lna) > 0xFFFFFFFF):
             raise ValueError("used length does not fit in 32 bits")
-        if (not _unsigned(ids, 4) and min_of(ida) < 0) or (
-            not (_unsigned(ids, 2) and id_bound > 0xFFFF) and max_of(ida) >= id_bound
-        ):
-            bad = int(ida[(ida < 0) | (ida >= id_bound)][0])
-            raise VirtqError(queue, f"used id {bad} >= {what} {id_bound}", bad)
+    if len(ida) and (
+        (not _unsigned(ids, 4) and min_of(ida) < 0)
+        or (not (_unsigned(ids, 2) and id_bound > 0xFFFF) and max_of(ida) >= id_bound)
+    ):
+        bad = int(ida[(ida < 0) | (ida >= id_bound)][0])
+        raise VirtqError(queue, f"used id {bad} >= {what} {id_bound}", bad)
     return ida, lna
 
 

@@ -484,7 +484,7 @@ class PackedQueue:
             self._log_used(wg, length, p, k)
 
     def add_used_batch(
-        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray
+        self, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Write many used descriptors; the first one's flags word is written last.
 
@@ -518,7 +518,10 @@ class PackedQueue:
         on = (_AVAIL | _USED) if uw else 0
         words = ida.astype(np.uint64) << np.uint64(32)
         words |= np.uint64(on << 48)
-        if int(max_of(lna)) > 0:  # else nothing written: length 0, no WRITE flag
+        if isinstance(lna, int):  # one length for all
+            if lna:
+                words |= np.uint64(lna | _WRITE << 48)
+        elif int(max_of(lna)) > 0:  # else nothing written: length 0, no WRITE flag
             words |= lna.astype(np.uint64, copy=False)
             words[lna > 0] |= np.uint64(_WRITE << 48)
         if single:  # one slot each, from next_used on: one or two strided stores
@@ -551,7 +554,8 @@ class PackedQueue:
             if pos is None:
                 pos = np.arange(nu, nu + k, dtype=np.int64) % size
             cl = craw.tolist()
-            for i, (bid, ln) in enumerate(zip(ida.tolist(), lna.tolist(), strict=True)):
+            lengths = [lna] * k if isinstance(lna, int) else lna.tolist()
+            for i, (bid, ln) in enumerate(zip(ida.tolist(), lengths, strict=True)):
                 self._complete_log(bid, cl[i], ln, int(pos[i]), 1)
 
     def _log_used(
@@ -631,12 +635,14 @@ class PackedQueue:
         stamp = _STAMPS[: len(ids)]
         scratch = self._scratch
         scratch[ids] = stamp  # a repeated id keeps only its last stamp
+        shortest = int(min_of(lens))
         if (
-            int(min_of(lens)) > 0
+            shortest > 0
             and int(max_of(self._counts_np[ids])) == 0
             and all_of(scratch[ids] == stamp)
         ):
-            found = space.locate_together(addrs, lens)
+            longest = int(max_of(lens))
+            found = space.locate_together(addrs, longest)
             if found is not None:
                 if int(or_of(flags)) & _WRITE:
                     self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
@@ -644,7 +650,10 @@ class PackedQueue:
                     self._counts_np[ids] = 1
                 ids.flags.writeable = False  # add_used_batch trusts this array as distinct
                 self._fresh_heads = ids
-                return Batch(space, ids, addrs, lens, None, *found, flags=flags)
+                lens_range = (shortest, longest)
+                return Batch(
+                    space, ids, addrs, lens, None, *found, flags=flags, lens_range=lens_range
+                )
         ids64 = ids.astype(np.int64)
         return self._simple_slow(space, ids64, addrs, lens.astype(np.int64), (flags & _WRITE) != 0)
 
