@@ -232,6 +232,8 @@ class NetBackend(VhostUserBackend):
                 tx.add_used_batch(ids, 0)  # TX: the device writes nothing
             if frames is not None:  # copied out before the buffers went back: sum the copy
                 stats.tx_checksum = (stats.tx_checksum + _adler32_of_rows(frames)) & _U64
+            if not tx.has_available():  # cheaper than popping an empty batch
+                return
 
     def _sink_simple(self, batch: Batch, stats: NetStats) -> np.ndarray | None:
         """Count single-descriptor packets (header and frame in one buffer) and read them.

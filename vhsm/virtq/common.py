@@ -193,14 +193,15 @@ def _unsigned(a: object, max_bytes: int) -> bool:
 
 
 def used_arrays(
-    queue: int, ids: object, lens: object, id_bound: int, what: str
+    queue: int, ids: object, lens: object, id_bound: int, what: str, *, trusted: bool = False
 ) -> tuple[np.ndarray, np.ndarray | int]:
     """(ids, lens) of an ``add_used_batch`` as integer arrays, checked.
 
     ValueError unless there are as many lengths as ids (or one int for all), each
     fitting in 32 bits; VirtqError naming the first id outside ``[0, id_bound)``
-    (``what`` names the bound). Integer arrays are used as they are (no copy); other
-    sequences become int64. Reductions are skipped where the dtype guarantees the range.
+    (``what`` names the bound), unless ``trusted`` says the queue itself produced the
+    ids in range. Integer arrays are used as they are (no copy); other sequences
+    become int64. Reductions are skipped where the dtype guarantees the range.
     """
     ida = ids if _integers(ids) else np.asarray(ids, dtype=np.int64)
     lna: np.ndarray | int
@@ -214,9 +215,13 @@ def used_arrays(
             raise ValueError(f"{len(ida)} ids but {len(lna)} lengths")
         if len(lna) and not _unsigned(lens, 4) and (min_of(lna) < 0 or max_of(lna) > 0xFFFFFFFF):
             raise ValueError("used length does not fit in 32 bits")
-    if len(ida) and (
-        (not _unsigned(ids, 4) and min_of(ida) < 0)
-        or (not (_unsigned(ids, 2) and id_bound > 0xFFFF) and max_of(ida) >= id_bound)
+    if (
+        not trusted
+        and len(ida)
+        and (
+            (not _unsigned(ids, 4) and min_of(ida) < 0)
+            or (not (_unsigned(ids, 2) and id_bound > 0xFFFF) and max_of(ida) >= id_bound)
+        )
     ):
         bad = int(ida[(ida < 0) | (ida >= id_bound)][0])
         raise VirtqError(queue, f"used id {bad} >= {what} {id_bound}", bad)
