@@ -272,3 +272,17 @@ def test_split_burst_heads_skip_the_range_check_only_as_popped(mem: GuestMemory)
         q.add_used_batch(np.array([8], np.uint16), 0)
     q.add_used_batch(b.heads, 0)
     assert sorted(drv.get_used_batch()[0].tolist()) == sorted(b.heads.tolist())
+
+
+def test_packed_burst_loses_its_trust_after_a_single_completion(mem: GuestMemory) -> None:
+    """``add_used`` of one buffer of a burst makes the burst's array go through every check."""
+    drv, q = packed_pair(mem, 8)
+    drv.add_simple_batch(
+        BUF_GPA + 64 * np.arange(3, dtype=np.uint64), np.full(3, 64, np.uint32), np.zeros(3, bool)
+    )
+    b = q.pop_batch()
+    q.add_used(int(b.heads[1]), 0)
+    with pytest.raises(VirtqError, match=f"used buffer id {int(b.heads[1])} not in flight"):
+        q.add_used_batch(b.heads, 0)
+    q.add_used_batch(b.heads[[0, 2]], 0)
+    assert len(drv.get_used_batch()[0]) == 3

@@ -61,6 +61,8 @@ _WSINGLE = 1 << 16
 _new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
 _IDS = 65536
 _STAMPS = np.arange(1, MAX_QUEUE_SIZE + 1, dtype=np.uint32)  # a burst's positions, from 1
+_ONES = np.ones(MAX_QUEUE_SIZE, dtype=np.uint32)  # in-flight counts of a plain burst
+_ONES.flags.writeable = False
 _STAMPS.flags.writeable = False
 _FLIP = np.uint64((_AVAIL | _USED) << 48)  # the wrap bits of a used descriptor's word
 
@@ -92,6 +94,7 @@ class PackedQueue:
         "_driver_h",
         "_event_idx",
         "_fresh_heads",
+        "_fresh_plain",
         "_indirect",
         "_log",
         "_log_desc_gpa",
@@ -154,6 +157,7 @@ class PackedQueue:
         self._wlen = _u_view(self._wlen_np, "I")
         self._scratch = np.zeros(_IDS, dtype=np.uint32)  # duplicate-id detection
         self._fresh_heads: np.ndarray | None = None  # the last burst's ids, known distinct
+        self._fresh_plain = False  # ... and each one descriptor, read-only: in-flight count 1
         self._wlog: dict[int, tuple[int, int] | list[tuple[int, int]]] = {}
         self._log = log
         self._log_desc_gpa = log_desc_gpa
@@ -458,6 +462,7 @@ class PackedQueue:
                 raise ValueError(f"used length {length} does not fit in 32 bits")
             raise VirtqError(self.index, f"buffer id {bid} is not in flight", bid)
         counts[bid] = 0
+        self._fresh_heads = None  # the last burst is no longer whole
         p = self._next_used
         # len, id and flags in one aligned 8-byte store: the flags word publishes the rest.
         self._desc_q[(p << 1) + 1] = (
@@ -497,22 +502,26 @@ class PackedQueue:
         k = len(ida)
         if k == 0:
             return
-        craw = self._counts_np[ida]
-        counts = craw & 0xFFFF
-        if int(min_of(counts)) == 0:
-            bad = int(ida[counts == 0][0])
-            raise VirtqError(self.index, f"used buffer id {bad} not in flight", bad)
-        if ida is not self._fresh_heads:  # the ids of the last burst popped are distinct
-            stamp = _STAMPS[:k]
-            scratch = self._scratch
-            scratch[ida] = stamp  # a repeated id keeps only its last stamp
-            if not all_of(scratch[ida] == stamp):
-                raise VirtqError(self.index, "used buffer id repeated in one batch", None)
-        self._fresh_heads = None
         size = self._size
         nu, uw = self._next_used, self._used_wrap
-        single = int(max_of(counts)) == 1
-        total = k if single else int(sum_of(counts, dtype=np.int64))
+        fresh, self._fresh_heads = ida is self._fresh_heads, None
+        if fresh and self._fresh_plain:  # untouched since popped: distinct, each count 1
+            craw = counts = _ONES[:k]
+            single, total = True, k
+        else:
+            craw = self._counts_np[ida]
+            counts = craw & 0xFFFF
+            if int(min_of(counts)) == 0:
+                bad = int(ida[counts == 0][0])
+                raise VirtqError(self.index, f"used buffer id {bad} not in flight", bad)
+            if not fresh:  # the ids of the last burst popped are distinct
+                stamp = _STAMPS[:k]
+                scratch = self._scratch
+                scratch[ida] = stamp  # a repeated id keeps only its last stamp
+                if not all_of(scratch[ida] == stamp):
+                    raise VirtqError(self.index, "used buffer id repeated in one batch", None)
+            single = int(max_of(counts)) == 1
+            total = k if single else int(sum_of(counts, dtype=np.int64))
         if total > size:  # pragma: no cover - in-flight counts never exceed the ring
             raise VirtqError(self.index, f"{total} used descriptors exceed queue size {size}")
         on = (_AVAIL | _USED) if uw else 0
@@ -644,10 +653,12 @@ class PackedQueue:
             longest = int(max_of(lens))
             found = space.locate_together(addrs, longest)
             if found is not None:
-                if int(or_of(flags)) & _WRITE:
-                    self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
-                else:
+                plain = not int(or_of(flags)) & _WRITE
+                if plain:
                     self._counts_np[ids] = 1
+                else:
+                    self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
+                self._fresh_plain = plain
                 ids.flags.writeable = False  # add_used_batch trusts this array as distinct
                 self._fresh_heads = ids
                 lens_range = (shortest, longest)
@@ -791,6 +802,7 @@ class PackedQueue:
                 f"({len(ids)} ids) of {total} descriptors do not fit a ring of {size}",
             )
         self._counts_np[:] = 0
+        self._fresh_heads = None
         self._wlog.clear()
         for bid, n in in_flight:
             self._counts[bid] = n
