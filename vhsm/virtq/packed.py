@@ -62,6 +62,10 @@ _new = object.__new__  # a chain with its slots filled inline: no __init__ frame
 _IDS = 65536
 _STAMPS = np.arange(1, MAX_QUEUE_SIZE + 1, dtype=np.uint32)  # a burst's positions, from 1
 _ONES = np.ones(MAX_QUEUE_SIZE, dtype=np.uint32)  # in-flight counts of a plain burst
+#: In-flight entries of a fresh burst: one descriptor (low 16 bits), its position above
+#: _WSINGLE, so a repeated id shows as a stamp overwritten by a later one.
+_PLAIN_STAMPS = (_STAMPS << 17) | 1
+_PLAIN_STAMPS.flags.writeable = False
 _ONES.flags.writeable = False
 _STAMPS.flags.writeable = False
 _FLIP = np.uint64((_AVAIL | _USED) << 48)  # the wrap bits of a used descriptor's word
@@ -600,7 +604,7 @@ class PackedQueue:
         """
         space = self._space
         runs: list[np.ndarray] = []  # copies of the runs of single descriptors, as raw words
-        other = Batch(space)
+        other: Batch | None = None  # longer chains and errors, when there are any
         taken = 0
         flags_all = self._desc_np["flags"]
         words = self._desc_w
@@ -613,6 +617,8 @@ class PackedQueue:
             if (fl0 >> 7) & 1 != w or (fl0 >> 15) & 1 == w:
                 break
             if fl0 & (_NEXT | _INDIRECT):  # a longer chain: the scalar walker
+                if other is None:
+                    other = Batch(space)
                 try:
                     other.chains.append(self._walk())
                 except VirtqError as exc:
@@ -631,40 +637,34 @@ class PackedQueue:
             self._next_avail = p
             taken += run
         if not runs:
-            return other
+            return other if other is not None else Batch(space)
         raw = runs[0] if len(runs) == 1 else np.concatenate(runs)
         simple = self._simple(space, raw.view(PACKED_DESC_DTYPE))
-        if other.chains or other.errors:
-            return Batch.concat(space, [simple, other])
-        return simple
+        return simple if other is None else Batch.concat(space, [simple, other])
 
     def _simple(self, space: AddressSpace, seg: np.ndarray) -> Batch:
         """Record a run of single-descriptor buffers as in flight and locate their bytes."""
         ids, addrs, lens, flags = seg["id"], seg["addr"], seg["len"], seg["flags"]
-        stamp = _STAMPS[: len(ids)]
-        scratch = self._scratch
-        scratch[ids] = stamp  # a repeated id keeps only its last stamp
+        counts = self._counts_np
         shortest = int(min_of(lens))
-        if (
-            shortest > 0
-            and int(max_of(self._counts_np[ids])) == 0
-            and all_of(scratch[ids] == stamp)
-        ):
-            longest = int(max_of(lens))
-            found = space.locate_together(addrs, longest)
-            if found is not None:
-                plain = not int(or_of(flags)) & _WRITE
-                if plain:
-                    self._counts_np[ids] = 1
-                else:
-                    self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
-                self._fresh_plain = plain
-                ids.flags.writeable = False  # add_used_batch trusts this array as distinct
-                self._fresh_heads = ids
-                lens_range = (shortest, longest)
-                return Batch(
-                    space, ids, addrs, lens, None, *found, flags=flags, lens_range=lens_range
-                )
+        if shortest > 0 and int(max_of(counts[ids])) == 0:  # none in flight
+            stamps = _PLAIN_STAMPS[: len(ids)]
+            counts[ids] = stamps  # in flight now; a repeated id keeps only its last stamp
+            if all_of(counts[ids] == stamps):
+                longest = int(max_of(lens))
+                found = space.locate_together(addrs, longest)
+                if found is not None:
+                    plain = not int(or_of(flags)) & _WRITE
+                    if not plain:
+                        self._mark_in_flight(ids, addrs, lens, (flags & _WRITE) != 0)
+                    self._fresh_plain = plain
+                    ids.flags.writeable = False  # add_used_batch trusts this array as distinct
+                    self._fresh_heads = ids
+                    lens_range = (shortest, longest)
+                    return Batch(
+                        space, ids, addrs, lens, None, *found, flags=flags, lens_range=lens_range
+                    )
+            counts[ids] = 0  # not taken here: the general path marks what it takes
         ids64 = ids.astype(np.int64)
         return self._simple_slow(space, ids64, addrs, lens.astype(np.int64), (flags & _WRITE) != 0)
 
