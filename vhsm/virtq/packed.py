@@ -62,11 +62,11 @@ _new = object.__new__  # a chain with its slots filled inline: no __init__ frame
 _IDS = 65536
 _STAMPS = np.arange(1, MAX_QUEUE_SIZE + 1, dtype=np.uint32)  # a burst's positions, from 1
 _ONES = np.ones(MAX_QUEUE_SIZE, dtype=np.uint32)  # in-flight counts of a plain burst
+_ONES.flags.writeable = False
 #: In-flight entries of a fresh burst: one descriptor (low 16 bits), its position above
 #: _WSINGLE, so a repeated id shows as a stamp overwritten by a later one.
 _PLAIN_STAMPS = (_STAMPS << 17) | 1
 _PLAIN_STAMPS.flags.writeable = False
-_ONES.flags.writeable = False
 _STAMPS.flags.writeable = False
 _FLIP = np.uint64((_AVAIL | _USED) << 48)  # the wrap bits of a used descriptor's word
 
