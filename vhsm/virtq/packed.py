@@ -69,6 +69,10 @@ _PLAIN_STAMPS = (_STAMPS << 17) | 1
 _PLAIN_STAMPS.flags.writeable = False
 _STAMPS.flags.writeable = False
 _FLIP = np.uint64((_AVAIL | _USED) << 48)  # the wrap bits of a used descriptor's word
+#: Used descriptor words (len 0) of every buffer id, without and with both wrap bits set.
+_USED_WORDS = np.arange(_IDS, dtype=np.uint64) << np.uint64(32)
+_USED_WORDS = np.stack((_USED_WORDS, _USED_WORDS | _FLIP))
+_USED_WORDS.flags.writeable = False
 
 
 def _u_view(arr: np.ndarray, fmt: Literal["I", "Q"]) -> memoryview[int]:
@@ -528,9 +532,7 @@ class PackedQueue:
             total = k if single else int(sum_of(counts, dtype=np.int64))
         if total > size:  # pragma: no cover - in-flight counts never exceed the ring
             raise VirtqError(self.index, f"{total} used descriptors exceed queue size {size}")
-        on = (_AVAIL | _USED) if uw else 0
-        words = ida.astype(np.uint64) << np.uint64(32)
-        words |= np.uint64(on << 48)
+        words = _USED_WORDS[uw][ida]  # id << 32 with this wrap's AVAIL/USED flags
         if isinstance(lna, int):  # one length for all
             if lna:
                 words |= np.uint64(lna | _WRITE << 48)
