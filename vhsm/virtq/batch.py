@@ -63,7 +63,8 @@ class Batch:
     ) -> None:
         """A burst; fast paths pass one ``region`` index, ``flags``, and ``lens_range``.
 
-        ``flags`` stands in for ``writable``; ``lens_range`` is the lengths' (min, max)
+        ``flags`` (any integer words with the descriptors' flags in their low bits)
+        stands in for ``writable``; ``lens_range`` is the lengths' (min, max)
         when the caller's checks computed it.
         """
         if writable is None and flags is None:

@@ -499,7 +499,7 @@ class SplitQueue:
                 longest = int(max_of(lens))
                 found = space.locate_together(addrs, longest)
                 if found is not None:
-                    flags = w.view(np.uint16)[:, 6]
+                    flags = w[:, 3]  # flags | next << 16: only the WRITE bit is read
                     lens_range = (shortest, longest)
                     heads16.flags.writeable = False
                     self._fresh_heads = heads16
