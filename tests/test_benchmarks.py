@@ -34,6 +34,13 @@ def test_every_benchmark_script_exists() -> None:
         assert (benchmarks_dir() / script).is_file(), script
 
 
+def test_net_bench_sink_copies_by_default(bench: dict[str, Any]) -> None:
+    """Like for like: DPDK's back-end copies each packet, so the vhsm sink does too."""
+    parser = bench["net"].build_parser()
+    assert parser.parse_args([]).sink_reads == "copy"
+    assert parser.parse_args(["--sink-reads", "checksum"]).sink_reads == "checksum"
+
+
 def test_virtq_bench_runs(bench: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert bench["virtq"].main(["--size", "256", "--chains", "2048"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]

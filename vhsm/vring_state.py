@@ -28,7 +28,7 @@ from vhsm.inflight import InflightChain, InflightPacked
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike, check_queue_size
+from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike, check_queue_size, length_list
 from vhsm.virtq.packed import PackedQueue
 from vhsm.virtq.split import SplitQueue
 
@@ -490,7 +490,7 @@ class VringState:
     ) -> None:
         """Complete tracked packed buffers as one inflight batch (checked before any write)."""
         bids = [int(b) for b in ids]
-        lns = [lens] * len(bids) if isinstance(lens, int) else [int(n) for n in lens]
+        lns = length_list(lens, len(bids))
         slots = [self._slot_of.get(b) for b in bids]
         if len(lns) != len(bids):
             raise ValueError(f"{len(bids)} ids but {len(lns)} lengths")

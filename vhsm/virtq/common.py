@@ -228,6 +228,16 @@ def used_arrays(
     return ida, lna
 
 
+def length_list(lens: Sequence[int] | np.ndarray | int, k: int) -> list[int]:
+    """The ``k`` used lengths of an ``add_used_batch`` as ints (one int stands for all)."""
+    if isinstance(lens, int):
+        return [lens] * k
+    if isinstance(lens, np.ndarray):
+        out: list[int] = lens.tolist()
+        return out
+    return [int(n) for n in lens]
+
+
 def check_queue_size(size: int, *, packed: bool) -> None:
     """Reject a queue size the ring layout cannot have (§8, §9)."""
     if not 1 <= size <= MAX_QUEUE_SIZE:

@@ -35,6 +35,7 @@ from vhsm.virtq.common import (
     any_of,
     check_area,
     check_queue_size,
+    length_list,
     max_of,
     memory_barrier,
     min_of,
@@ -569,7 +570,7 @@ class PackedQueue:
             if pos is None:
                 pos = np.arange(nu, nu + k, dtype=np.int64) % size
             cl = craw.tolist()
-            lengths = [lna] * k if isinstance(lna, int) else lna.tolist()
+            lengths = length_list(lna, k)
             for i, (bid, ln) in enumerate(zip(ida.tolist(), lengths, strict=True)):
                 self._complete_log(bid, cl[i], ln, int(pos[i]), 1)
 

@@ -33,6 +33,7 @@ from vhsm.virtq.common import (
     GuestMemoryLike,
     check_area,
     check_queue_size,
+    length_list,
     log_failure,
     max_of,
     memory_barrier,
@@ -442,8 +443,7 @@ class SplitQueue:
         self._next_used = nu
         self._used_h[1] = nu
         if self._log is not None:
-            lengths = [lna] * k if isinstance(lna, int) else lna.tolist()
-            self._log_used(zip(ida.tolist(), lengths, strict=True), p, k)
+            self._log_used(zip(ida.tolist(), length_list(lna, k), strict=True), p, k)
 
     def _log_used(self, elems: Iterable[tuple[int, int]], p: int, k: int) -> None:
         """Mark the written buffers and used-ring bytes in the dirty log."""
