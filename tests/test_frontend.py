@@ -15,7 +15,7 @@ import pytest
 
 from vhsm.backend import EPOLLIN, VhostUserBackend, drain
 from vhsm.daemon import Listener, VhostUserDaemon
-from vhsm.errors import GuestMemoryError
+from vhsm.errors import GuestMemoryError, VhsmError
 from vhsm.frontend import (
     B2F,
     F2B,
@@ -464,3 +464,36 @@ def test_net_helper_sends_and_receives_frames(sockdir: Path) -> None:
             assert net.receive() == frame[::-1]
     finally:
         daemon.stop()
+
+
+def test_net_in_qemu_order_enables_rings_before_set_features(sockdir: Path) -> None:
+    """QEMU 7.2 vhost-user-net's order is served: the early enables govern the started rings."""
+    from vhsm.devices.net import NetBackend
+
+    daemon = VhostUserDaemon("net", NetBackend("loopback"))
+    path = sockdir / "net.sock"
+    daemon.start(Listener(path))
+    try:
+        with Frontend.connect(path) as fe:
+            fe.start(queues=2, size=64, enable_first=True)
+            names = _names(fe, F2B)
+            assert names.count("SET_VRING_ENABLE") == 2
+            assert names.index("SET_VRING_ENABLE") < names.index("SET_FEATURES")
+            assert names[-1] != "SET_VRING_ENABLE"
+            net = NetDevice(fe)
+            net.post_rx(2)
+            for n in (60, 1514):
+                frame = bytes(i & 0xFF for i in range(n))
+                net.send(frame)
+                assert net.receive() == frame
+            fe.reconnect()  # the same order again on the new connection
+            net.post_rx(1)
+            net.send(b"\x01" * 64)
+            assert net.receive() == b"\x01" * 64
+    finally:
+        daemon.stop()
+
+
+def test_enable_first_needs_the_queues(served: tuple[Path, UpperBackend]) -> None:
+    with Frontend.connect(served[0]) as fe, pytest.raises(VhsmError, match="pass queues"):
+        fe.start(enable_first=True)

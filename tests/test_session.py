@@ -241,6 +241,39 @@ def test_rings_not_configured_before_set_features(session: Session) -> None:
     assert info.value.rule_id == "VU-STATE-002"
 
 
+def test_qemu_net_enables_every_ring_before_set_features(session: Session) -> None:
+    """QEMU 7.2 vhost-user-net: SET_VRING_ENABLE at realize, none after the rings start."""
+    session.handle(req(R.GET_FEATURES))
+    session.handle(req(R.GET_PROTOCOL_FEATURES))
+    session.handle(req(R.SET_PROTOCOL_FEATURES, VhostUserU64(ALL_PROTOCOL)))
+    session.handle(req(R.SET_OWNER))
+    for index in (0, 1):
+        session.handle(req(R.SET_VRING_CALL, VhostUserVringFd(index, False), fds=(efd(),)))
+    reply = session.handle(req(R.SET_VRING_ENABLE, vstate(0, 1), ack=True))
+    assert reply is not None and reply.payload == VhostUserU64(0)
+    assert session.vring_state(0) is VringMachineState.STOPPED_ENABLED
+    assert session.state is SessionState.NEGOTIATING
+    assert [(f.rule_id, f.rule.severity) for f in session.findings] == [("VU-STATE-012", "INTEROP")]
+    session.handle(req(R.SET_FEATURES, VhostUserU64(session.offered_features)))
+    start_ring(session, 0)
+    start_ring(session, 1)
+    # the early enable took effect at start; ring 1, never enabled, stays disabled
+    assert session.vring_state(0) is VringMachineState.STARTED_ENABLED
+    assert session.vring_state(1) is VringMachineState.STARTED_DISABLED
+    assert len(session.findings) == 1
+
+
+def test_early_disable_after_reset_device_is_recorded(session: Session) -> None:
+    negotiate(session)
+    session.handle(req(R.SET_VRING_ENABLE, vstate(1, 1)))
+    session.handle(req(R.RESET_DEVICE))
+    assert session.vring_state(1) is VringMachineState.STOPPED_DISABLED
+    session.handle(req(R.SET_VRING_ENABLE, vstate(1, 1)))
+    session.handle(req(R.SET_VRING_ENABLE, vstate(1, 0)))
+    assert session.vring_state(1) is VringMachineState.STOPPED_DISABLED
+    assert [f.rule_id for f in session.findings] == ["VU-STATE-012", "VU-STATE-012"]
+
+
 def test_device_state_only_while_suspended(session: Session) -> None:
     negotiate(session)
     start_ring(session)

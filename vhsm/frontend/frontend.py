@@ -187,6 +187,8 @@ class Frontend:
         self.queue_num: int | None = None
         self.max_mem_slots: int | None = None
         self.status = 0
+        #: Rings enabled before SET_FEATURES (QEMU net's order): not enabled again at start.
+        self.enabled_first: set[int] = set()
 
     def __enter__(self) -> Self:
         return self
@@ -385,6 +387,7 @@ class Frontend:
         owner_first: bool = False,
         packed: bool = False,
         backend_req: bool = True,
+        enable_first: Sequence[int] = (),
     ) -> None:
         """Negotiate virtio and protocol features (§7.2).
 
@@ -392,7 +395,9 @@ class Frontend:
         queries, SET_BACKEND_REQ_FD, then SET_OWNER, SET_FEATURES);
         ``owner_first=True`` is Cloud Hypervisor's (SET_OWNER first). Explicit
         ``features`` / ``protocol_features`` are sent verbatim. With STATUS,
-        ACKNOWLEDGE | DRIVER | FEATURES_OK is set afterwards.
+        ACKNOWLEDGE | DRIVER | FEATURES_OK is set afterwards. ``enable_first``:
+        rings enabled with SET_VRING_ENABLE just before SET_FEATURES (and not again
+        when they start), as QEMU 7.2's vhost-user-net does at realize.
         """
         self._negotiation = {
             "features": features,
@@ -400,6 +405,7 @@ class Frontend:
             "owner_first": owner_first,
             "packed": packed,
             "backend_req": backend_req,
+            "enable_first": tuple(enable_first),
         }
         if owner_first:
             self.set_owner()
@@ -420,6 +426,9 @@ class Frontend:
                 self.set_backend_req_fd()
         if not owner_first:
             self.set_owner()
+        self.enabled_first = set(enable_first) if self.protocol_features_set else set()
+        for index in sorted(self.enabled_first):
+            self.enable_vring(index, True)
         self.set_features(
             self.default_features(offered, packed=packed) if features is None else features
         )
@@ -490,7 +499,7 @@ class Frontend:
         self.call(FrontendReq.SET_VRING_CALL, VhostUserVringFd(i), fds=[vq.call_fd])
         self.call(FrontendReq.SET_VRING_ERR, VhostUserVringFd(i), fds=[vq.err_fd])
         vq.base = None
-        if enable and self.protocol_features_in_use:
+        if enable and self.protocol_features_in_use and i not in self.enabled_first:
             self.enable_vring(i, True)
 
     def enable_vring(self, index: int, enabled: bool = True) -> None:
@@ -549,22 +558,29 @@ class Frontend:
         packed: bool = False,
         inflight: bool = False,
         backend_req: bool = True,
+        enable_first: bool = False,
     ) -> Self:
         """Negotiate, send the memory table and set up rings: a device ready for I/O.
 
         ``queues``: a count or indices (default: GET_QUEUE_NUM's answer or 1).
         ``inflight``: GET_INFLIGHT_FD + SET_INFLIGHT_FD when INFLIGHT_SHMFD is negotiated.
+        ``enable_first``: QEMU 7.2 vhost-user-net's order, every ring enabled before
+        SET_FEATURES and none after it starts (needs ``queues`` given).
         """
+        if enable_first and queues is None:
+            raise VhsmError("enable_first needs the queues to enable (pass queues)")
+        early = [] if queues is None else _indices(queues)
         self.negotiate(
             features,
             protocol_features,
             owner_first=owner_first,
             packed=packed,
             backend_req=backend_req,
+            enable_first=early if enable_first else (),
         )
         if queues is None:
             queues = self.queue_num or 1
-        indices = list(range(queues)) if isinstance(queues, int) else list(queues)
+        indices = _indices(queues)
         self._start_opts = {"indices": indices, "size": size, "inflight": inflight}
         if inflight and self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             self.get_inflight_fd(max(indices) + 1, size)
@@ -613,6 +629,7 @@ class Frontend:
                     owner_first=bool(opts.get("owner_first", False)),
                     packed=bool(opts.get("packed", False)),
                     backend_req=bool(opts.get("backend_req", True)),
+                    enable_first=opts.get("enable_first", ()),
                 )
                 break
             except PeerClosed:
@@ -641,6 +658,10 @@ class Frontend:
         self.memory.close()
         if self._own_recorder:
             self.recorder.close()
+
+
+def _indices(queues: int | Sequence[int]) -> list[int]:
+    return list(range(queues)) if isinstance(queues, int) else list(queues)
 
 
 def _close_fds(fds: Sequence[int]) -> None:

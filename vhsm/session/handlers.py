@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from transitions import EventData
 
 from vhsm.errors import BackendError, GuestMemoryError, ProtocolViolation
+from vhsm.session.machines import SessionState
 from vhsm.wire import (
     Message,
     ProtocolFeature,
@@ -143,6 +144,10 @@ class SessionHandlers:
 
     def _guard_stops_other_ring(self, event: EventData) -> bool:
         return not self._guard_stops_last_started_ring(event)
+
+    def _guard_features_set_first(self, event: EventData) -> bool:
+        # NEGOTIATING is exactly "no SET_FEATURES yet" (RESET_DEVICE returns to it).
+        return getattr(event.model, "state", None) is not SessionState.NEGOTIATING
 
     # --- session callbacks: negotiation ----------------------------------------------
     def _do_reply_features(self, event: EventData) -> None:
