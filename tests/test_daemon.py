@@ -328,6 +328,21 @@ def test_unpollable_kick_fd_is_nacked(served, sock_path) -> None:
         assert upper(fe, 0, b"recovered") == b"RECOVERED"
 
 
+def test_unpollable_kick_fd_on_a_started_ring_keeps_the_old_kick(served, sock_path) -> None:
+    _, _, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        with open(sock_path.parent / "plain", "w") as plain:
+            reply = fe.request(
+                FrontendReq.SET_VRING_KICK,
+                VhostUserVringFd(0),
+                fds=[plain.fileno()],
+                need_reply=True,
+            )
+        assert reply is not None and reply.payload.value == 1
+        assert upper(fe, 0, b"still kicked") == b"STILL KICKED"
+
+
 def test_protocol_violation_closes_and_the_next_front_end_is_served(served, caplog) -> None:
     backend, daemon, path = served
     fe = connect(path)

@@ -25,6 +25,7 @@ from vhsm.wire import (
     VhostUserVringState,
     VirtioFeature,
     encode,
+    make_reply,
     make_request,
 )
 
@@ -219,6 +220,36 @@ def test_reset_device_returns_rings_and_session_to_initial(session: Session) -> 
     assert isinstance(session.backend, Device) and session.backend.resets == 1
 
 
+def test_set_status_zero_resets_the_device(session: Session) -> None:
+    negotiate(session)
+    session.handle(req(R.SET_STATUS, VhostUserU64(0x0F)))
+    assert isinstance(session.backend, Device) and session.backend.resets == 0
+    session.handle(req(R.SET_STATUS, VhostUserU64(0)))
+    assert session.backend.resets == 1
+    assert session.handle(req(R.GET_STATUS)) == make_reply(R.GET_STATUS, VhostUserU64(0))
+
+
+def test_get_shared_object_reply_is_what_the_catalogue_declares() -> None:
+    import uuid
+
+    from vhsm.wire import Channel, VhostUserShared
+
+    class Exporter(Device):
+        def get_shared_object(self, object_id: uuid.UUID) -> int | None:
+            return efd() if object_id.int == 1 else None
+
+    session = Session(Exporter())
+    negotiate(session)
+    for object_id, nfds in ((uuid.UUID(int=1), 1), (uuid.UUID(int=2), 0)):
+        reply = session.handle(req(R.GET_SHARED_OBJECT, VhostUserShared(object_id)))
+        assert reply is not None
+        # What vhsm's own front-end and auditor decode must accept vhsm's reply.
+        (decoded,) = Decoder(Channel.MAIN).feed(encode(reply), reply.fds)
+        assert decoded.error is None and len(decoded.fds) == nfds
+        for fd in decoded.fds:
+            os.close(fd)
+
+
 def test_reset_owner_only_disables(session: Session) -> None:
     negotiate(session)
     session.handle(req(R.SET_VRING_ENABLE, vstate(0, 1)))
@@ -372,12 +403,34 @@ def test_n7_skip_drain_without_inflight(session: Session) -> None:
     assert info.value.rule_id == "VU-NEG-007"
 
 
-def test_n8_feature_change_while_running_is_warned(session: Session) -> None:
+def test_n8_feature_change_while_running_is_rejected(session: Session) -> None:
     negotiate(session, features=V1 | VF30 | EVENT_IDX)
     start_ring(session)
-    session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30)))
+    reply = session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30), ack=True))
+    assert reply is not None and reply.payload == VhostUserU64(1)
     assert session.findings[-1].rule_id == "VU-NEG-008"
+    assert session.acked_features == V1 | VF30 | EVENT_IDX
+
+
+def test_n8_packed_layout_cannot_replace_a_running_split_ring(session: Session) -> None:
+    packed = int(VirtioFeature.RING_PACKED)
+    device = Device(features=V1 | VF30 | packed)
+    session = Session(device)
+    negotiate(session, features=V1 | VF30)
+    start_ring(session)
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30 | packed)))
+    assert info.value.rule_id == "VU-NEG-008"
     assert session.acked_features == V1 | VF30
+
+
+def test_n8_log_all_may_toggle_while_running() -> None:
+    log_all = int(VirtioFeature.LOG_ALL)
+    session = Session(Device(features=V1 | VF30 | log_all))
+    negotiate(session, features=V1 | VF30)
+    start_ring(session)
+    session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30 | log_all)))
+    assert session.acked_features == V1 | VF30 | log_all and not session.findings
 
 
 def test_n9_iotlb_without_access_platform(session: Session) -> None:

@@ -188,10 +188,13 @@ def test_vring_pair(state: VringMachineState, trigger: str, kw: dict[str, int]) 
     session = session_with_ring(state)
     expected = expected_vring_dest(state, trigger, kw)
     msg = message(trigger, **kw)
+    if state.started and trigger == "set_features" and kw["value"] != FEATURES:
+        expected = None  # the session refuses it first: only LOG_ALL may change (VU-NEG-008)
     if expected is None:
         with pytest.raises(ProtocolViolation) as info:
             session.handle(msg)
-        assert info.value.rule_id == VRING.invalid_state_rules.get(trigger, "VU-STATE-001")
+        default = "VU-NEG-008" if trigger == "set_features" else "VU-STATE-001"
+        assert info.value.rule_id == VRING.invalid_state_rules.get(trigger, default)
         assert session.vring_state(0) is state
         return
     session.handle(msg)

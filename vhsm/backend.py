@@ -109,7 +109,12 @@ class VhostUserBackend:
         """Raise BackendError if the last state transfer failed."""
 
     def reset_device(self) -> None:
-        """Return the device to its initial state (RESET_DEVICE, SET_STATUS 0)."""
+        """Return the device to its initial state.
+
+        Called on RESET_DEVICE (after every ring was reset) and on SET_STATUS 0: a
+        device status of 0 means reset. Ring state is the session's; this hook resets
+        what the device itself keeps (negotiated layouts, pending requests...).
+        """
 
     # --- workers -------------------------------------------------------------
     def queues_per_thread(self) -> Sequence[Sequence[int]]:

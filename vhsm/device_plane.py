@@ -249,13 +249,15 @@ class DevicePlane:
         return int(self.vrings[index].get_queue_base())
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
-        """Watch the new kick fd (None: poll the ring) and close the old one."""
+        """Watch the new kick fd (None: poll the ring) and close the old one.
+
+        An fd epoll refuses (a regular file...) is closed and refused; the ring keeps the
+        kick it had, so a started ring stays served.
+        """
         handler = self._handler_of[index]
         try:
             handler.set_kick(index, fd, polled=fd is None)
-        except OSError as err:  # not pollable (a regular file...): refuse it
-            handler.set_kick(index, None)
-            self.vrings[index].set_kick(None)
+        except OSError as err:
             with contextlib.suppress(OSError):
                 os.close(fd)  # type: ignore[arg-type]
             raise WireError(

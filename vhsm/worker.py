@@ -127,10 +127,13 @@ class VringEpollHandler:
     def set_kick(self, index: int, fd: int | None, *, polled: bool = False) -> None:
         """Watch `fd` as ring `index`'s kick fd (None: unwatch; `polled`: poll the ring).
 
-        The old fd is unregistered from epoll here, so its owner may close it afterwards.
-        The fd stays owned by the caller.
+        The new fd is registered first: when epoll refuses it (OSError) nothing changed and
+        the old kick keeps working. The old fd is unregistered from epoll here, so its owner
+        may close it afterwards. The fd stays owned by the caller.
         """
         with self._lock:
+            if fd is not None:
+                self._epoll.register(fd, _KICK_EVENTS)
             old = self._kick_of.pop(index, None)
             if old is not None:
                 self._kicks.pop(old, None)
@@ -138,7 +141,6 @@ class VringEpollHandler:
                     self._epoll.unregister(old)
             self._polled.discard(index)
             if fd is not None:
-                self._epoll.register(fd, _KICK_EVENTS)
                 self._kicks[fd] = index
                 self._kick_of[index] = fd
             elif polled:

@@ -299,6 +299,8 @@ class SessionHandlers:
 
     def _do_apply_status(self, event: EventData) -> None:
         self.status = _value(event)
+        if self.status == 0:  # a status of 0 means reset (virtio device status byte)
+            self.backend.reset_device()
 
     def _do_reply_status(self, event: EventData) -> None:
         self.reply_with(_msg(event), VhostUserU64(self.status))
@@ -312,9 +314,8 @@ class SessionHandlers:
     def _do_reply_shared_object(self, event: EventData) -> None:
         msg = _msg(event)
         fd = self.backend.get_shared_object(_payload(event, VhostUserShared).uuid)
-        self.reply_with(
-            msg, VhostUserU64(0 if fd is not None else 1), (fd,) if fd is not None else ()
-        )
+        # The reply body is empty, as the catalogue declares; the fd alone answers.
+        self.reply_with(msg, None, (fd,) if fd is not None else ())
 
     def _do_apply_device_state_fd(self, event: EventData) -> None:
         msg = _msg(event)
