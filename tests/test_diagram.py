@@ -372,13 +372,14 @@ def test_text_is_made_safe_for_mermaid() -> None:
     assert diagram_trace._text("a;b #1 <x>\nc") == "a,b no.1 \u2039x\u203a c"
 
 
-def test_readme_embeds_the_current_diagrams() -> None:
-    """README.md's mermaid copies match diagrams/ (they render on code-hosting sites)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+def test_design_page_embeds_the_current_diagrams() -> None:
+    """docs/design.md's mermaid copies match diagrams/ (they render on the site and forges)."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "design.md"
+    text = page.read_text(encoding="utf-8")
     for machine in diagram.MACHINES:
         marker = f"<!-- embed: diagrams/{machine}.mmd -->\n```mermaid\n"
-        assert marker in readme, f"README.md lost the embedded {machine} diagram"
-        embedded = readme.split(marker, 1)[1].split("```\n", 1)[0]
+        assert marker in text, f"docs/design.md lost the embedded {machine} diagram"
+        embedded = text.split(marker, 1)[1].split("```\n", 1)[0]
         assert embedded == _committed(f"{machine}.mmd"), (
-            f"README.md embeds a stale diagrams/{machine}.mmd: paste the file's contents"
+            f"docs/design.md embeds a stale diagrams/{machine}.mmd: paste the file's contents"
         )

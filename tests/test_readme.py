@@ -1,4 +1,9 @@
-"""The README's examples run: the seed example serves I/O, the fixture example passes."""
+"""The documented examples run.
+
+README's seed example serves I/O; the fixture example of the testing how-to
+passes; and the tutorial, followed literally, gives a device whose own test
+passes and which passes `vhsm audit backend`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,18 @@ from typing import Any
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TUTORIAL = ROOT / "docs" / "tutorial.md"
+TEST_HOWTO = ROOT / "docs" / "howto" / "test.md"
 
 pytest_plugins = ["pytester"]
 
 
-def example(name: str) -> str:
-    text = README.read_text(encoding="utf-8")
+def example(name: str, page: Path = README) -> str:
+    text = page.read_text(encoding="utf-8")
     match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S)
-    assert match, f"README.md lost the {name!r} example"
+    assert match, f"{page.relative_to(ROOT)} lost the {name!r} example"
     return match.group(1)
 
 
@@ -42,5 +50,26 @@ def test_seed_example_serves_random_bytes(frontend: Any, event_idx: bool) -> Non
 
 
 def test_fixture_example_passes(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_reverser=example("fixtures"))
+    pytester.makepyfile(test_reverser=example("fixtures", TEST_HOWTO))
     pytester.runpytest("-p", "vhsm", "-q").assert_outcomes(passed=1)
+
+
+def test_tutorial_device_passes_its_own_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(seeded_rng=example("tutorial-device", TUTORIAL))
+    pytester.makepyfile(test_seeded_rng=example("tutorial-test", TUTORIAL))
+    pytester.syspathinsert()
+    pytester.runpytest("-p", "vhsm", "-q").assert_outcomes(passed=2)
+
+
+def test_tutorial_device_passes_the_backend_audit(
+    vhost_user_backend: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vhsm.cli import main
+
+    namespace: dict[str, Any] = {"__name__": "seeded_rng"}
+    exec(compile(example("tutorial-device", TUTORIAL), "tutorial:device", "exec"), namespace)
+    running = vhost_user_backend(namespace["SeededRng"](seed=3))
+    status = main(["audit", "backend", "--socket", str(running.path), "--device", "rng"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "verdict: PASS" in out

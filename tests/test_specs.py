@@ -19,7 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_checkout_specs_are_found() -> None:
     assert specs_dir() == ROOT / "specs"
-    assert {p.stem for p in specs_dir().glob("*.yaml")} == {"requests", "session", "vring", "rules"}
+    assert {p.stem for p in specs_dir().glob("*.yaml")} == {
+        "requests",
+        "session",
+        "vring",
+        "rules",
+        "upstream",
+    }
 
 
 def test_unknown_spec_is_a_clear_error() -> None:

@@ -42,8 +42,11 @@ class AuditFinding:
         """One readable line."""
         where = f"#{self.index}" if self.index is not None else "-"
         when = f" t={self.t:.6f}" if self.t is not None else ""
-        head = f"{self.rule.severity:7} {self.rule_id} [§{self.rule.section}] {self.side}"
-        return f"{head} {where}{when} {self.request} in {self.state}: {self.detail}"
+        head = f"{self.rule.severity:7} {self.rule_id} {self.side}"
+        return (
+            f"{head} {where}{when} {self.request} in {self.state}: {self.detail}"
+            f" (see {self.rule.url})"
+        )
 
 
 @attrs.frozen
@@ -116,7 +119,7 @@ class Report:
                 {
                     **attrs.asdict(f),
                     "severity": f.rule.severity,
-                    "section": f.rule.section,
+                    "spec": f.rule.url,
                     "statement": f.rule.statement,
                 }
                 for f in self.findings

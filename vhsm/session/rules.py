@@ -15,7 +15,7 @@ Severity = Literal["MUST", "SHOULD", "INTEROP"]
 
 @attrs.frozen
 class Rule:
-    """One rule: stable id, severity, digest section, statement, runtime action."""
+    """One rule: stable id, severity, section key, statement, runtime action."""
 
     id: str
     severity: Severity
@@ -23,6 +23,41 @@ class Rule:
     statement: str
     action: Literal["reject", "warn"]
     item: str | None = None
+
+    @property
+    def upstream(self) -> Upstream:
+        """Where the upstream specification describes what this rule is about."""
+        return upstream(self.section)
+
+    @property
+    def url(self) -> str:
+        """The link to the upstream specification's section for this rule."""
+        return self.upstream.url
+
+
+@attrs.frozen
+class Upstream:
+    """A section of the upstream vhost-user (or virtio) specification, with its link."""
+
+    title: str
+    url: str
+
+
+def upstream(section: str) -> Upstream:
+    """Map a ``section`` key of ``specs/`` to the upstream specification's section.
+
+    Keys come from ``specs/upstream.yaml``; a key missing there falls back to its
+    major number ("7.9" to "7"), and an unknown major number to the document itself,
+    so every citation a report prints leads somewhere.
+    """
+    doc = load_spec("upstream")
+    sections: dict[str, dict[str, str]] = doc["sections"]
+    entry = sections.get(section) or sections.get(section.split(".")[0])
+    if entry is None:
+        return Upstream("vhost-user protocol", doc["base"])
+    if "url" in entry:
+        return Upstream(entry["title"], doc[entry["url"]])
+    return Upstream(entry["title"], f"{doc['base']}#{entry['anchor']}")
 
 
 @attrs.frozen
