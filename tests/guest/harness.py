@@ -332,8 +332,10 @@ def qemu_argv(
     *,
     memory_mb: int = 256,
     cmdline: str = "",
+    smp: int = 1,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The QEMU command line of a guest boot."""
+    """The QEMU command line of a guest boot (``extra_args`` go last)."""
     argv = [
         str(env.qemu),
         "-machine", "q35",
@@ -343,7 +345,7 @@ def qemu_argv(
         "-no-reboot",
         "-display", "none",
         "-monitor", "none",
-        "-smp", "1",
+        "-smp", str(smp),
         "-m", f"{memory_mb}M",
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-numa", "node,memdev=mem",
@@ -355,7 +357,7 @@ def qemu_argv(
     ]  # fmt: skip
     for device in devices:
         argv += device.args
-    return argv
+    return argv + list(extra_args)
 
 
 def boot_guest(
@@ -369,52 +371,32 @@ def boot_guest(
     modules: Sequence[str] = VIRTIO_MODULES,
     memory_mb: int = 256,
     cmdline: str = "",
+    smp: int = 1,
 ) -> GuestResult:
     """Boot the guest, run `script` (busybox sh) in it, and return what happened.
 
     The guest powers off after the script. QEMU is killed after `timeout` seconds,
     or as soon as one of `backends` exits (the guest would hang on its device).
     """
+    from .vm import start_guest  # vm.py builds on this module
+
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="vhsm-guest-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     initramfs = build_initramfs(
         env.kernel, script, work / "initramfs.cpio", modules=modules, busybox=env.busybox
     )
-    console, output, qemu_log = work / "console.log", work / "output.log", work / "qemu.log"
-    argv = qemu_argv(env, initramfs, console, output, devices, memory_mb=memory_mb, cmdline=cmdline)
-    (work / "qemu.argv").write_text(" ".join(argv) + "\n")
-    start = time.monotonic()
-    status: str | None = None
-    with open(qemu_log, "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            while proc.poll() is None:
-                if time.monotonic() - start > timeout:
-                    status = "timeout"
-                    break
-                if any(not b.alive() for b in backends):
-                    status = "backend-exited"
-                    break
-                time.sleep(0.1)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    elapsed = time.monotonic() - start
-    text = _read(output)
-    verdict, values = parse_output(text)
-    result = GuestResult(
-        status=status or verdict,
-        output=text,
-        console=_read(console),
-        qemu_log=_read(qemu_log),
-        returncode=proc.returncode,
-        elapsed=elapsed,
-        values=values,
-        backend_logs={f"{b.argv[0]} ... ({b.socket})": b.log() for b in backends},
-        workdir=work,
+    guest = start_guest(
+        env,
+        initramfs,
+        work,
+        devices=devices,
+        backends=backends,
+        memory_mb=memory_mb,
+        smp=smp,
+        cmdline=cmdline,
     )
+    result = guest.result(guest.wait_exit(timeout))
     if own_dir and result.passed:
         shutil.rmtree(work, ignore_errors=True)
     return result
