@@ -32,6 +32,7 @@ from guest.scripts import (
     guest_virtio_features,
     rng_script,
 )
+from guest.writers import WriterPlan
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -166,3 +167,40 @@ def test_blk_and_rng_in_one_guest(guest_env: GuestEnv, tmp_path: Path, sock_dir:
     check_rng_result(result, 4096)
     assert plan.verify_image(image, result) == [r.name for r in plan.regions]
     assert_backend_clean(result, blk, rng)
+
+
+# One request queue per vCPU: each writer is pinned to a CPU, so it submits on that
+# CPU's queue; every queue's interrupt count shows it completed requests.
+QUEUE_IRQS = r"""
+echo "VHSM-KV hw_queues=$(ls /sys/block/vda/mq | wc -l)"
+awk '$NF ~ /^virtio[0-9]+-req\.[0-9]+$/ {
+    s = 0; for (i = 2; i < NF; i++) if ($i ~ /^[0-9]+$/) s += $i
+    split($NF, q, "."); print "VHSM-KV irqs.q" q[2] "=" s
+}' /proc/interrupts
+"""
+
+
+@pytest.mark.usefixtures("vhsm_blk")
+def test_blk_guest_multiqueue_one_queue_per_vcpu(
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
+) -> None:
+    queues = 4
+    plan = WriterPlan(writers=queues, writes=8, pin=True)
+    image = plan.prepare_image(tmp_path / "disk.img")
+    sock = sock_dir / "blk.sock"
+    argv = [*serve_blk_argv(image, sock), "--queues", str(queues)]
+    with running_backend(argv, sock, tmp_path / "vhsm-blk.log") as be:
+        result = boot_guest(
+            guest_env,
+            script=plan.script() + QUEUE_IRQS,
+            devices=[vhost_user_blk(sock, num_queues=queues)],
+            backends=[be],
+            workdir=tmp_path / "guest",
+            smp=queues,
+            timeout=240,
+        )
+    assert plan.verify_image(image, result) == queues * 8
+    assert result.values["hw_queues"] == str(queues), result.report()
+    irqs = {q: int(result.values.get(f"irqs.q{q}", "0")) for q in range(queues)}
+    assert all(irqs.values()), f"a queue completed nothing: {irqs}\n{result.report()}"
+    assert_backend_clean(result, be)

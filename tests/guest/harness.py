@@ -53,23 +53,34 @@ def _check_socket_path(socket: Path) -> str:
     return path
 
 
-def vhost_user_device(driver: str, socket: Path, *, id: str, **props: str | int) -> GuestDevice:
-    """A vhost-user device whose back-end listens on `socket` (QEMU connects as client)."""
+def vhost_user_device(
+    driver: str, socket: Path, *, id: str, reconnect: int | None = None, **props: str | int
+) -> GuestDevice:
+    """A vhost-user device whose back-end listens on `socket` (QEMU connects as client).
+
+    With `reconnect`, QEMU's chardev reconnects every that many seconds after the
+    back-end went away (and QEMU restarts the device on the new connection).
+    """
     extra = "".join(f",{k.replace('_', '-')}={v}" for k, v in props.items())
+    chardev = f"socket,id={id}-chr,path={_check_socket_path(socket)}"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
     return GuestDevice(
         id=id,
         args=(
             "-chardev",
-            f"socket,id={id}-chr,path={_check_socket_path(socket)}",
+            chardev,
             "-device",
             f"{driver},id={id},chardev={id}-chr{extra}",
         ),
     )
 
 
-def vhost_user_blk(socket: Path, *, id: str = "vublk0", **props: str | int) -> GuestDevice:
+def vhost_user_blk(
+    socket: Path, *, id: str = "vublk0", reconnect: int | None = None, **props: str | int
+) -> GuestDevice:
     """A vhost-user-blk-pci device (the guest sees /dev/vda if it is the only disk)."""
-    return vhost_user_device("vhost-user-blk-pci", socket, id=id, **props)
+    return vhost_user_device("vhost-user-blk-pci", socket, id=id, reconnect=reconnect, **props)
 
 
 def vhost_user_rng(socket: Path, *, id: str = "vurng0", **props: str | int) -> GuestDevice:
