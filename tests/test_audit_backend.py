@@ -19,6 +19,7 @@ from vhsm.cli import main
 from vhsm.daemon import Listener, VhostUserDaemon
 from vhsm.devices.blk import BlkBackend
 from vhsm.devices.rng import RngBackend
+from vhsm.devices.vsock import VsockBackend
 from vhsm.wire import FrontendReq, VhostUserU64, VirtioFeature, encode, make_reply
 from vhsm.wire.framing import HEADER
 
@@ -40,6 +41,34 @@ def serving(backend: RngBackend | BlkBackend, path: Path) -> Iterator[VhostUserD
         yield daemon
     finally:
         daemon.stop()
+
+
+def test_vhsm_vsock_is_clean(sock_dir: Path) -> None:
+    short = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # unix paths: 107 bytes at most
+    vsock = VsockBackend(31337, short / "v.sock", claim_cid=False)
+    daemon = VhostUserDaemon("vsock", vsock)
+    vsock.set_vring_worker(daemon.get_epoll_handlers()[0])
+    daemon.start(Listener(short / "vu.sock"))
+    try:
+        report = run_suite(short / "vu.sock", "vsock", timeout=2.0)
+        assert daemon.last_error is None
+    finally:
+        daemon.stop()
+        vsock.close()
+        shutil.rmtree(short, ignore_errors=True)
+    failed = [(c.name, c.outcome, c.detail) for c in report.cases if c.failed]
+    assert failed == []
+    assert report.findings == []
+    assert report.exit_status() == 0
+    got = outcomes(report)
+    for name in (
+        "data round trip (vsock)",
+        "config space read",
+        "reconnect and resume",
+        "ring stop/start cycles",
+        "RESET_DEVICE and re-initialisation",
+    ):
+        assert got[name] == "pass", name
 
 
 def outcomes(report: Report) -> dict[str, str]:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -385,8 +385,11 @@ def boot_guest(
     memory_mb: int = 256,
     cmdline: str = "",
     smp: int = 1,
+    files: Mapping[str, bytes] | None = None,
 ) -> GuestResult:
     """Boot the guest, run `script` (busybox sh) in it, and return what happened.
+
+    `files` are extra executables put in the initramfs (path inside the guest: bytes).
 
     The guest powers off after the script. QEMU is killed after `timeout` seconds,
     or as soon as one of `backends` exits (the guest would hang on its device).
@@ -397,7 +400,12 @@ def boot_guest(
     work = Path(tempfile.mkdtemp(prefix="vhsm-guest-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     initramfs = build_initramfs(
-        env.kernel, script, work / "initramfs.cpio", modules=modules, busybox=env.busybox
+        env.kernel,
+        script,
+        work / "initramfs.cpio",
+        modules=modules,
+        busybox=env.busybox,
+        files=files,
     )
     guest = start_guest(
         env,

@@ -15,7 +15,7 @@ import shutil
 import stat
 import struct
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,8 +288,12 @@ def build_initramfs(
     *,
     modules: Sequence[str] = VIRTIO_MODULES,
     busybox: Path | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write an initramfs that loads `modules`, runs `script` with sh, reports, powers off."""
+    """Write an initramfs that loads `modules`, runs `script` with sh, reports, powers off.
+
+    `files`: extra executables, by path inside the guest (e.g. ``bin/tool``).
+    """
     busybox = busybox or find_busybox()
     if busybox is None:
         raise FileNotFoundError("no static busybox (install Debian's busybox-static)")
@@ -307,5 +311,7 @@ def build_initramfs(
     init = _INIT.format(info=MARK_INFO, begin=MARK_BEGIN, result=MARK_RESULT)
     cpio.file("init", init.encode(), 0o755)
     cpio.file("test.sh", script.encode(), 0o755)
+    for name, data in (files or {}).items():
+        cpio.file(name, data, 0o755)
     out.write_bytes(cpio.finish())
     return out

@@ -23,7 +23,9 @@ from vhsm.frontend import (
     NetDevice,
     RngDevice,
 )
+from vhsm.devices.vsock_packet import Op as VsockOp
 from vhsm.frontend.frontend import DEVICE_FEATURE_MASK
+from vhsm.frontend.vsock import VsockDevice
 from vhsm.transport import PeerClosed
 from vhsm.wire import (
     BlkFeature,
@@ -272,11 +274,34 @@ class Scenarios(SuiteCore):
                 net = NetDevice(fe, self.queues[0], self.queues[1])
                 net.post_rx(1)
                 net.send(b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(50))
+            elif self.device == "vsock":
+                _vsock_round_trip(fe)
         except TimeoutError as exc:
             raise BackendError(f"data round trip{suffix}: {exc}") from None
         except BackendError as exc:
             raise BackendError(f"data round trip{suffix}: {exc}") from None
         return "pass", ""
+
+
+def _vsock_round_trip(fe: Frontend) -> None:
+    """A guest REQUEST to an unlikely host port must be answered (RST, or RESPONSE then RST).
+
+    Exactly one receive buffer is posted and used, so the ring cycles stay exact.
+    """
+    if not fe.has_protocol(ProtocolFeature.CONFIG):
+        raise BackendError("vsock: no CONFIG protocol feature to read the guest CID with")
+    cid = int.from_bytes(fe.get_config(0, 8), "little")
+    vsock = VsockDevice(fe, cid, rx_buffers=1)
+    src, dst = 0x7FFF_0001, 0x7FFF_F00D
+    vsock.send(vsock.header(VsockOp.REQUEST, src, dst))
+    hdr, _ = vsock.recv(repost=False)
+    if (hdr.src_port, hdr.dst_port) != (dst, src) or hdr.op not in (
+        VsockOp.RST,
+        VsockOp.RESPONSE,
+    ):
+        raise BackendError(f"vsock: REQUEST answered with {hdr}")
+    if hdr.op == VsockOp.RESPONSE:
+        vsock.send(vsock.header(VsockOp.RST, src, dst))
 
 
 class BadInputs(SuiteCore):

@@ -37,13 +37,14 @@ from vhsm.wire import (
 )
 from vhsm.wire.framing import HEADER
 
-DEVICES = ("blk", "generic", "net", "rng")
+DEVICES = ("blk", "generic", "net", "rng", "vsock")
 #: Rings each device type is started with.
 DEVICE_QUEUES: dict[str, tuple[int, ...]] = {
     "blk": (0,),
     "generic": (0,),
     "net": (0, 1),
     "rng": (0,),
+    "vsock": (0, 1),
 }
 RING_SIZE = 128
 #: A ring index no reference device has (and the largest the fd requests can name).

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     backend.add_argument("--socket", required=True, type=Path, metavar="PATH")
     backend.add_argument(
         "--device",
-        choices=devices,
+        choices=(*devices, "vsock"),  # vhsm.audit.probe.DEVICES: vsock has no frontend mode
         default="generic",
         help="device type, for ring set-up and the data round trip (default generic)",
     )

@@ -1,4 +1,4 @@
-"""`vhsm serve rng|blk|net`: run a reference device on a vhost-user socket.
+"""`vhsm serve rng|blk|net|vsock`: run a reference device on a vhost-user socket.
 
 Keeps serving across front-end reconnects until SIGINT/SIGTERM (or, with
 `--once`, until the first connection ends), then removes the socket file.
@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     """Add `serve` and its device sub-commands."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve a reference device (rng, blk, net) on a vhost-user socket",
+        help="serve a reference device (rng, blk, net, vsock) on a vhost-user socket",
         description="Serve a reference device on a vhost-user socket until interrupted.",
     )
     devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
@@ -54,6 +54,18 @@ def register(subparsers: Any) -> None:
         choices=["checksum", "copy"],  # net.SINK_READS; the device module loads numpy lazily
         default="checksum",
         help="how the sink reads each frame: Adler-32 checksum (default) or a plain copy",
+    )
+    vsock = devices.add_parser("vsock", help="virtio-vsock joined to unix sockets on the host")
+    _common(vsock)
+    vsock.add_argument(
+        "--guest-cid", required=True, type=_cid, metavar="N", help="the guest's context id (>= 3)"
+    )
+    vsock.add_argument(
+        "--uds-path",
+        required=True,
+        metavar="PATH",
+        help="host programs connect here and write 'CONNECT <port>'; guest connections to"
+        " host port P go to PATH_P",
     )
     parser.set_defaults(func=run)
 
@@ -99,6 +111,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cid(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CID: {text!r}") from None
+
+
 def make_backend(args: argparse.Namespace) -> VhostUserBackend:
     """Build the device the arguments name, with its busy-poll window if one is given."""
     backend = _make_device(args)
@@ -129,6 +148,13 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
             mode=args.mode, queue_pairs=args.queues, sink_reads=args.sink_reads
         )
         return backend
+    if args.device == "vsock":
+        from vhsm.devices.vsock import VsockBackend
+
+        uds = Path(args.uds_path)
+        if not uds.parent.is_dir():
+            raise VhsmError(f"cannot create {uds}: directory {uds.parent} does not exist")
+        return VsockBackend(args.guest_cid, uds)
     raise VhsmError(f"unknown device {args.device!r}")
 
 
@@ -140,7 +166,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.client and not path.parent.is_dir():
         raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
     backend = make_backend(args)
-    daemon = VhostUserDaemon(f"vhsm-{args.device}", backend)
+    try:
+        daemon = VhostUserDaemon(f"vhsm-{args.device}", backend)
+    except BaseException:
+        _close(backend)
+        raise
+    attach = getattr(backend, "set_vring_worker", None)
+    if callable(attach):
+        attach(daemon.get_epoll_handlers()[0])
     handle = daemon.shutdown_handle()
     restore = _install_signals(lambda: handle.shutdown())
     try:
@@ -155,13 +188,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         daemon.stop()
         restore()
-        closer = getattr(backend, "close", None)
-        if callable(closer):
-            closer()
+        _close(backend)
     if daemon.last_error is not None:
         log.error("stopped after an internal error: %s", daemon.last_error)
         return 1
     return 0
+
+
+def _close(backend: VhostUserBackend) -> None:
+    closer = getattr(backend, "close", None)
+    if callable(closer):
+        closer()
 
 
 def _install_signals(stop: Callable[[], None]) -> Callable[[], None]:

@@ -41,6 +41,7 @@ from vhsm.wire import (
     VhostUserInflight,
     VhostUserMemory,
     VhostUserSingleMemoryRegion,
+    VhostUserTransferDeviceState,
     VhostUserU64,
     VhostUserVringAddr,
     VhostUserVringFd,
@@ -370,6 +371,73 @@ class Frontend:
         self.call(FrontendReq.RESET_DEVICE)
         for vq in self.vrings.values():
             vq.base = None
+
+    def set_device_state_fd(self, direction: int, fd: int) -> int | None:
+        """SET_DEVICE_STATE_FD (needs DEVICE_STATE): hand over ``fd`` (a pipe end, phase 0).
+
+        Returns the back-end's own fd to use instead, or None to use ``fd``'s pipe.
+        ``fd`` stays the caller's to close.
+        """
+        reply = self.call(
+            FrontendReq.SET_DEVICE_STATE_FD, VhostUserTransferDeviceState(direction, 0), fds=[fd]
+        )
+        if reply is None or not isinstance(reply.payload, VhostUserU64):
+            raise BackendError("SET_DEVICE_STATE_FD: no u64 reply")
+        if reply.payload.value & 0xFF:
+            _close_fds(reply.fds)
+            raise BackendError(f"SET_DEVICE_STATE_FD refused: {reply.payload.value:#x}")
+        return reply.fds[0] if reply.fds else None
+
+    def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE: 0 when the last transfer succeeded."""
+        return self._u64(FrontendReq.CHECK_DEVICE_STATE)
+
+    def save_device_state(self) -> bytes:
+        """Read the device state (rings stopped): SET_DEVICE_STATE_FD save, read to EOF.
+
+        Raises BackendError when CHECK_DEVICE_STATE reports a failure.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            own = self.set_device_state_fd(0, write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        source = read_end if own is None else own
+        if own is not None:
+            os.close(read_end)
+        chunks = []
+        try:
+            while chunk := os.read(source, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(source)
+        if self.check_device_state() != 0:
+            raise BackendError("CHECK_DEVICE_STATE reported a failed save")
+        return b"".join(chunks)
+
+    def load_device_state(self, data: bytes) -> int:
+        """Send a saved state (SET_DEVICE_STATE_FD load); return CHECK_DEVICE_STATE's answer."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            own = self.set_device_state_fd(1, read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        sink = write_end if own is None else own
+        if own is not None:
+            os.close(write_end)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(sink, view) :]
+        finally:
+            os.close(sink)
+        return self.check_device_state()
 
     # --- negotiation -------------------------------------------------------------------
     def default_features(self, offered: int, *, packed: bool = False) -> int:
