@@ -15,6 +15,7 @@ import attrs
 
 from vhsm.audit.probe import BAD_INDEX, FOREIGN_UVA, RING_SIZE, Skip, SuiteCore, _ack_value
 from vhsm.audit.report import Outcome
+from vhsm.devices.vsock_packet import Op as VsockOp
 from vhsm.errors import BackendError
 from vhsm.frontend import (
     SUPPORTED_PROTOCOL_FEATURES,
@@ -23,7 +24,6 @@ from vhsm.frontend import (
     NetDevice,
     RngDevice,
 )
-from vhsm.devices.vsock_packet import Op as VsockOp
 from vhsm.frontend.frontend import DEVICE_FEATURE_MASK
 from vhsm.frontend.vsock import VsockDevice
 from vhsm.transport import PeerClosed
