@@ -47,7 +47,6 @@ def test_vhsm_vsock_is_clean(sock_dir: Path) -> None:
     short = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # unix paths: 107 bytes at most
     vsock = VsockBackend(31337, short / "v.sock", claim_cid=False)
     daemon = VhostUserDaemon("vsock", vsock)
-    vsock.set_vring_worker(daemon.get_epoll_handlers()[0])
     daemon.start(Listener(short / "vu.sock"))
     try:
         report = run_suite(short / "vu.sock", "vsock", timeout=2.0)

@@ -55,7 +55,6 @@ class Env:
 def start_env(d: Path, *, rx_buffers: int = 32, buf_alloc: int = 256 * 1024) -> Env:
     backend = VsockBackend(CID, d / "v.sock", claim_cid=False)
     daemon = VhostUserDaemon("vsock-test", backend)
-    backend.set_vring_worker(daemon.get_epoll_handlers()[0])
     daemon.start(Listener(d / "vu.sock"))
     fe = Frontend.connect(d / "vu.sock", timeout=10)
     fe.start(queues=[0, 1], protocol_features=PROTO)
@@ -409,7 +408,6 @@ def test_device_state_moves_a_stream_to_a_second_daemon(sockdir: Path) -> None:
             got += chunk
     backend = VsockBackend(CID, sockdir / "v.sock", claim_cid=False)
     daemon = VhostUserDaemon("vsock-dst", backend)
-    backend.set_vring_worker(daemon.get_epoll_handlers()[0])
     daemon.start(Listener(sockdir / "vu.sock"))
     # the destination front-end: same guest memory, the state before the rings start
     fe = Frontend.connect(sockdir / "vu.sock", memory=env.fe.memory, timeout=10)

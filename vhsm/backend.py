@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from vhsm.memory import GuestMemoryAtomic
     from vhsm.virtq import DescriptorChain
     from vhsm.vring import VringT
+    from vhsm.worker import VringEpollHandler
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,14 @@ class VhostUserBackend:
     def busy_poll_queue(self, index: int) -> bool:
         """Return whether workers may busy-poll ring `index` (when `busy_poll_us` is set)."""
         return True
+
+    def set_vring_workers(self, workers: Sequence[VringEpollHandler]) -> None:
+        """Receive the worker event loops (one per `queues_per_thread` entry) once, at start.
+
+        A device that serves its own fds (sockets, a TAP) registers them here with
+        ``workers[i].register_listener(fd, events, data)``; readiness then reaches
+        `handle_event` as ``device_event == data`` on that worker's thread.
+        """
 
     def exit_event(self, thread_index: int) -> int | None:
         """Return an eventfd that stops worker `thread_index`, or None for the daemon's own."""

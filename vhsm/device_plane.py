@@ -77,6 +77,7 @@ class DevicePlane:
         missing = set(range(self.num_queues)) - set(self._handler_of)
         if missing:
             raise BackendError(f"queues_per_thread leaves queues {sorted(missing)} unserved")
+        backend.set_vring_workers(list(self.handlers))
         self._session: Session | None = None
         self._acked = 0
         self._addrs: dict[int, VhostUserVringAddr] = {}

@@ -410,6 +410,12 @@ class VringT(Protocol):
     def set_queue_base(self, num: int) -> None:
         """SET_VRING_BASE num."""
 
+    def queue_next_avail(self) -> int:
+        """Next avail index (split) / position (packed)."""
+
+    def set_queue_next_avail(self, base: int) -> None:
+        """Set the next avail index (split: put back chains popped but not completed)."""
+
     def read_kick(self) -> bool:
         """Consume a kick; returns enabled."""
 

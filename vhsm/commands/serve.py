@@ -171,9 +171,6 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         _close(backend)
         raise
-    attach = getattr(backend, "set_vring_worker", None)
-    if callable(attach):
-        attach(daemon.get_epoll_handlers()[0])
     handle = daemon.shutdown_handle()
     restore = _install_signals(lambda: handle.shutdown())
     try:

@@ -13,7 +13,7 @@ Teaching notes:
 * Three queues: receive (0, host to guest), transmit (1, guest to host) and event
   (2, left to the front-end: QEMU keeps it). Config space is the 64-bit guest CID.
 * Every socket is non-blocking and watched by the device's one worker
-  (``set_vring_worker``): the ``uds`` listener and each connection's socket are
+  (``set_vring_workers``): the ``uds`` listener and each connection's socket are
   worker listeners, so kicks and socket readiness are handled on one thread and
   no lock is ever held while waiting for a peer.
 * Credit flow control (`vhsm.devices.vsock_conn`): a host socket is read only
@@ -132,8 +132,11 @@ class VsockBackend(VhostUserBackend):
         self.closed = False
 
     # --- wiring -------------------------------------------------------------------------
-    def set_vring_worker(self, worker: VringEpollHandler) -> None:
-        """Serve the sockets on ``worker`` (the daemon's only one: ``get_epoll_handlers()[0]``)."""
+    def set_vring_workers(self, workers: Sequence[VringEpollHandler]) -> None:
+        """Serve the sockets on the daemon's one worker (called when the daemon is built)."""
+        if self._worker is not None:
+            raise BackendError("vsock: a device serves one daemon")
+        worker = workers[0]
         self._worker = worker
         self._vrings = worker.vrings
         worker.register_listener(self.listener.fileno(), select.EPOLLIN, LISTENER_TOKEN)
