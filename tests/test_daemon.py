@@ -566,3 +566,65 @@ def test_listener_mode_stale_live_and_foreign_paths(sock_path) -> None:
     assert sock_path.read_text() == "not a socket"
     with pytest.raises(VhsmError, match="cannot listen"):
         Listener(sock_path.parent / "missing" / "vu.sock")
+
+
+# --- internal errors and what they keep ----------------------------------------------------
+def mapped_guest_regions() -> list[str]:
+    """Lines of /proc/self/maps naming a front-end guest memfd (vhsm.frontend names them)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "vhsm-guest-" in line]
+
+
+def test_internal_error_is_kept_as_a_summary_not_with_its_frames(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception kept with its traceback pinned the session's guest mappings."""
+    _, daemon, path = served
+    from vhsm.session import Session
+
+    def broken(self: Any, msg: Any) -> Any:
+        raise RuntimeError("a bug in the daemon, on purpose")
+
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        monkeypatch.setattr(Session, "handle", broken)
+        fe.send(make_request(FrontendReq.GET_FEATURES))
+        assert fe.expect_closed(WAIT)
+    monkeypatch.undo()
+    wait_until(lambda: not daemon.serving)
+    wait_until(lambda: daemon.last_error is not None)
+    assert daemon.last_error == "RuntimeError: a bug in the daemon, on purpose"
+    gc.collect()
+    assert mapped_guest_regions() == [], "guest memory stayed mapped after the front-end left"
+    assert not daemon.failed
+    with connect(path) as again:
+        again.start(queues=1, size=64)
+        assert upper(again, 0, b"served") == b"SERVED"
+
+
+def test_region_ending_at_2_64_is_refused_not_an_internal_error(served, caplog) -> None:
+    from vhsm.wire import VhostUserMemory, VhostUserU64, VhostUserVringAddr
+    from vhsm.wire.payloads import VhostUserMemoryRegion
+
+    _, daemon, path = served
+    top = (1 << 64) - (1 << 20)
+    fd = os.memfd_create("top", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 20)
+    try:
+        with connect(path) as fe:
+            fe.negotiate()
+            region = VhostUserMemoryRegion(top, 1 << 20, 0x7F00_0000_0000, 0)
+            reply = fe.request(
+                FrontendReq.SET_MEM_TABLE, VhostUserMemory([region]), fds=[fd], need_reply=True
+            )
+            assert reply is not None and reply.payload == VhostUserU64(1)
+            fe.call(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 64))
+            uva = 0x7F00_0000_0000
+            addr = VhostUserVringAddr(0, 0, uva, uva + 4096, uva + 8192, 0)
+            reply = fe.request(FrontendReq.SET_VRING_ADDR, addr, need_reply=True)
+            assert reply is not None and reply.payload == VhostUserU64(1)
+            assert fe.get_features()  # still connected
+    finally:
+        os.close(fd)
+    assert "VU-MEM-004" in caplog.text
+    assert daemon.last_error is None

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Pause before accepting again when out of fds or memory (seconds).
+ACCEPT_RETRY = 0.5
 #: Client mode: first and largest pause between connection attempts (seconds).
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
@@ -159,7 +161,12 @@ class VhostUserDaemon:
         self._stopped = False
         self._closing = False  # the current connection ended; its reset is running
         self.connections = 0
-        self.last_error: BaseException | None = None
+        #: A one-line summary of the last internal error (a bug, never a peer's doing):
+        #: kept as text, not as the exception, whose frames would pin the session's
+        #: guest mappings long after the front-end left.
+        self.last_error: str | None = None
+        #: Set when the daemon itself stopped on an internal error (not one session).
+        self.failed = False
         #: Added to every new session's `listeners` (state changes, for demos and audits).
         self.session_listeners: list[StateListener] = []
 
@@ -273,6 +280,9 @@ class VhostUserDaemon:
                 except OSError as err:
                     if err.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
                         continue
+                    if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._starved(err)
+                        continue
                     raise
                 if active is not None and active.is_alive() and _ending(self._closing, active_sock):
                     active.join()  # the old front-end is gone, its reset runs: serve the new one
@@ -300,7 +310,8 @@ class VhostUserDaemon:
                 self._threads.append(active)
                 active.start()
         except Exception as err:
-            self.last_error = err
+            self.last_error = _summary(err)
+            self.failed = True
             log.exception("%s: accept loop failed", self.name)
         finally:
             self._finish()
@@ -312,12 +323,27 @@ class VhostUserDaemon:
 
     def _client_loop(self, path: Path, sock: socket.socket, once: bool) -> None:
         current: socket.socket | None = sock
-        while current is not None:
-            self._handle_connection(current)
-            if once or self._shutting_down():
-                break
-            current = self._connect(path, None)
-        self._finish()
+        try:
+            while current is not None:
+                self._handle_connection(current)
+                if once or self._shutting_down():
+                    break
+                current = self._connect(path, None)
+        except VhsmError as err:
+            self.failed = True
+            self.last_error = _summary(err)
+            log.error("%s: %s", self.name, str(err))
+        finally:
+            self._finish()
+
+    def _starved(self, err: OSError) -> None:
+        """Out of fds (or memory) to accept with: say so, pause, keep the connection queued."""
+        log.error(
+            "%s: cannot accept a front-end: %s (fd or memory limit reached); retrying",
+            self.name,
+            err.strerror or err,
+        )
+        select.select([self._shutdown_fd], [], [], ACCEPT_RETRY)
 
     def _request_shutdown(self) -> None:
         # No lock: this runs in signal handlers, which may interrupt a holder of the lock.
@@ -421,7 +447,7 @@ class VhostUserDaemon:
         except VhsmError as err:
             log.error("%s: closing the connection: %s", self.name, str(err))
         except Exception as err:
-            self.last_error = err
+            self.last_error = _summary(err)
             name = msg.name if msg is not None else "-"
             log.exception(
                 "%s: closing the connection after an internal error handling %s", self.name, name
@@ -445,6 +471,11 @@ def _ending(closing: bool, sock: socket.socket | None) -> bool:
         return True
     hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
     return any(mask & hangup for _, mask in events)
+
+
+def _summary(err: BaseException) -> str:
+    """An exception as one line of text (no traceback, no frames kept alive)."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _call_hook(name: str, hook: object) -> None:

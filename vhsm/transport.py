@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
 from collections.abc import Sequence
 
@@ -40,8 +41,27 @@ def recv_with_fds(sock: socket.socket, size: int = READ_SIZE) -> tuple[bytes, li
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise VhsmError(f"more than {MAX_FDS} fds in one message: control data truncated")
+        raise VhsmError(_truncation_cause(len(fds)))
     return data, fds
+
+
+def _truncation_cause(received: int) -> str:
+    """Why the kernel cut the fds of a message short, in words.
+
+    The control buffer holds `MAX_FDS` fds, so fewer than that received means the
+    kernel could not install them here: this process is at its fd limit.
+    """
+    if received >= MAX_FDS:
+        return f"more than {MAX_FDS} fds in one message: control data truncated"
+    try:
+        in_use: int | str = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = "?"
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (
+        f"the fds attached to a message could not be received: this process has {in_use} fds "
+        f"open and may open {soft} (RLIMIT_NOFILE); raise the limit or look for a leak"
+    )
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

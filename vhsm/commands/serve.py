@@ -186,9 +186,11 @@ def run(args: argparse.Namespace) -> int:
         daemon.stop()
         restore()
         _close(backend)
-    if daemon.last_error is not None:
+    if daemon.failed:
         log.error("stopped after an internal error: %s", daemon.last_error)
         return 1
+    if daemon.last_error is not None:
+        log.warning("a session had ended on an internal error: %s", daemon.last_error)
     return 0
 
 
