@@ -628,3 +628,70 @@ def test_region_ending_at_2_64_is_refused_not_an_internal_error(served, caplog) 
         os.close(fd)
     assert "VU-MEM-004" in caplog.text
     assert daemon.last_error is None
+
+
+# --- a patient but bounded listener ---------------------------------------------------------
+@pytest.fixture
+def impatient(sock_path: Path) -> Iterator[tuple[VhostUserDaemon, Path]]:
+    daemon = VhostUserDaemon("impatient", UpperBackend(), handshake_timeout=0.3)
+    daemon.start(Listener(sock_path))
+    yield daemon, sock_path
+    daemon.stop()
+
+
+def raw_connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.connect(str(path))
+    sock.settimeout(WAIT)
+    return sock
+
+
+SET_FEATURES_HEADER = struct.pack("<III", int(FrontendReq.SET_FEATURES), 1, 8)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", SET_FEATURES_HEADER[:5], SET_FEATURES_HEADER],
+    ids=["nothing", "half-a-header", "header-without-payload"],
+)
+def test_a_silent_or_stalled_client_does_not_keep_others_out(impatient, caplog, sent) -> None:
+    """A client that sends nothing, or stops inside a message, is closed in time."""
+    daemon, path = impatient
+    with raw_connect(path) as silent:
+        silent.sendall(sent)
+        with connect(path) as fe:  # served once the silent one timed out, not refused
+            fe.start(queues=1, size=64)
+            assert upper(fe, 0, b"served") == b"SERVED"
+        assert silent.recv(1) == b""
+    assert "VU-FRAME-011" in caplog.text
+    assert daemon.last_error is None
+
+
+def test_an_idle_front_end_is_not_timed_out(impatient) -> None:
+    """After its first message a front-end may be silent as long as it likes."""
+    _, path = impatient
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        threading.Event().wait(0.8)  # longer than the hand-shake timeout
+        assert upper(fe, 0, b"still here") == b"STILL HERE"
+        with connect(path) as second:  # the served front-end spoke: the newcomer is refused
+            assert second.expect_closed(WAIT)
+
+
+def test_handshake_timeout_must_be_positive() -> None:
+    with pytest.raises(VhsmError, match="hand-shake timeout"):
+        VhostUserDaemon("bad", UpperBackend(), handshake_timeout=0)
+
+
+def test_socket_mode_is_set_without_touching_the_path(sock_path, monkeypatch) -> None:
+    """chmod() after bind() follows a symlink swapped in by a writer of the directory."""
+    calls: list[object] = []
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(os, "lchmod", lambda *a, **k: calls.append(a), raising=False)
+    old = os.umask(0)
+    try:
+        with Listener(sock_path):
+            assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert calls == [], "the socket's mode was changed through its path"

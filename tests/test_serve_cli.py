@@ -86,6 +86,55 @@ def test_path_is_not_a_socket(capsys, workdir) -> None:
     assert path.read_text() == "keep me"
 
 
+def test_socket_path_too_long(capsys, workdir) -> None:
+    path = workdir / ("s" * 120)
+    err = one_line_error(capsys, ["serve", "rng", "--socket", str(path)])
+    assert "cannot listen" in err and "too long" in err
+
+
+def test_stale_socket_that_cannot_be_removed(capsys, workdir, monkeypatch) -> None:
+    """A stale socket in a directory we may not write: one line, not a traceback."""
+    path = workdir / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # root ignores a read-only directory's mode
+    err = one_line_error(capsys, ["serve", "rng", "--socket", str(path)])
+    assert "cannot remove the stale socket" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "4000"])
+def test_handshake_timeout_out_of_range(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "rng", "--socket", "s", "--handshake-timeout", value])
+    assert "--handshake-timeout" in capsys.readouterr().err
+
+
+def test_a_silent_client_is_dropped_and_sigterm_exits_0(workdir) -> None:
+    path = workdir / "silent.sock"
+    proc = serve("rng", "--socket", str(path), "--handshake-timeout", "0.5")
+    try:
+        with connect(path) as first:
+            first.get_features()
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))
+        silent.settimeout(WAIT)
+        with connect(path) as fe:  # waits behind the silent one for 0.5 s at most
+            fe.start(queues=1, size=64)
+            assert len(RngDevice(fe).read(16)) == 16
+        assert silent.recv(1) == b"", "the silent client was not disconnected"
+        silent.close()
+    finally:
+        code, err = finish(proc)
+    assert code == 0, err
+    assert "VU-FRAME-011" in err
+    assert "Traceback" not in err
+
+
 def test_help_lists_devices_and_options() -> None:
     out = subprocess.run(
         [*VHSM, "serve", "blk", "--help"], capture_output=True, text=True, timeout=WAIT

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Pending connections the kernel queues while one front-end is being served.
+LISTEN_BACKLOG = 64
+#: Seconds a new connection may stay silent before its first message, or stop inside
+#: a message, before it is closed (VU-FRAME-011): a silent client would otherwise keep
+#: every other front-end out. Real front-ends send their first request at once.
+HANDSHAKE_TIMEOUT = 5.0
 #: Pause before accepting again when out of fds or memory (seconds).
 ACCEPT_RETRY = 0.5
 #: Client mode: first and largest pause between connection attempts (seconds).
@@ -49,19 +55,21 @@ class Listener:
 
     An existing path is replaced only when it is a stale socket (nobody
     listening); a live socket raises "socket in use", anything else raises too.
+    Every failure is a VhsmError with a one-line message.
+
+    The mode is set on the socket before `bind()` creates the file (Linux gives
+    the file the socket's mode, less the umask), so the file is 0600 from its
+    first instant and nothing is ever changed through the path: a writer of the
+    directory cannot swap in a symlink and have another file's mode changed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, backlog: int = 4) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, backlog: int = LISTEN_BACKLOG) -> None:
         self.path = Path(path)
         _remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)  # the file is 0600 from bind() on: no window for others
         try:
-            try:
-                sock.bind(str(self.path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(self.path, 0o600)
+            os.fchmod(sock.fileno(), 0o600)
+            sock.bind(str(self.path))
             sock.listen(backlog)
         except OSError as err:
             sock.close()
@@ -111,7 +119,12 @@ def _remove_stale(path: Path) -> None:
         probe.connect(str(path))
     except ConnectionRefusedError:
         log.info("removing stale socket %s", path)
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as err:
+            raise VhsmError(
+                f"cannot remove the stale socket {path}: {err.strerror or err}"
+            ) from err
         return
     except OSError as err:
         raise VhsmError(f"cannot probe {path}: {err.strerror or err}") from err
@@ -138,6 +151,8 @@ class VhostUserDaemon:
         name: shown in thread names and logs.
         backend: the device.
         memory: the guest memory holder shared with the device (created when omitted).
+        handshake_timeout: seconds a front-end may stay silent after connecting, or
+            stop in the middle of a message, before it is disconnected (None: no limit).
     """
 
     def __init__(
@@ -145,8 +160,14 @@ class VhostUserDaemon:
         name: str,
         backend: VhostUserBackend,
         memory: GuestMemoryAtomic | None = None,
+        *,
+        handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     ) -> None:
+        if handshake_timeout is not None and not handshake_timeout > 0:
+            raise VhsmError(f"hand-shake timeout must be positive, not {handshake_timeout}")
         self.name = name
+        self.handshake_timeout = handshake_timeout
+        self._greeted = threading.Event()  # the served connection sent a whole message
         self.backend = backend
         self.memory = memory if memory is not None else GuestMemoryAtomic()
         self.plane = DevicePlane(backend, self.memory)
@@ -287,6 +308,8 @@ class VhostUserDaemon:
                 if active is not None and active.is_alive() and _ending(self._closing, active_sock):
                     active.join()  # the old front-end is gone, its reset runs: serve the new one
                 if active is not None and active.is_alive():
+                    self._await_greeting(active)
+                if active is not None and active.is_alive():
                     log.warning(
                         "%s: refusing a second front-end on %s (one is being served)",
                         self.name,
@@ -298,6 +321,7 @@ class VhostUserDaemon:
                     conn.close()
                     break
                 self._closing = False
+                self._greeted.clear()
                 active_sock = conn
                 active = threading.Thread(
                     target=self._connection_thread,
@@ -315,6 +339,19 @@ class VhostUserDaemon:
             log.exception("%s: accept loop failed", self.name)
         finally:
             self._finish()
+
+    def _await_greeting(self, active: threading.Thread) -> None:
+        """Let the served connection finish its hand-shake (or time out) before judging.
+
+        A newcomer is refused only once the served front-end has said something:
+        a silent client holds the others back for one hand-shake timeout at most.
+        """
+        if self.handshake_timeout is None:
+            return
+        deadline = time.monotonic() + self.handshake_timeout + GREETING_MARGIN
+        while active.is_alive() and not self._greeted.wait(0.02):
+            if time.monotonic() > deadline or self._shutting_down():
+                return
 
     def _connection_thread(self, conn: socket.socket, once: bool) -> None:
         self._handle_connection(conn)
@@ -393,7 +430,8 @@ class VhostUserDaemon:
         session.listeners.extend(self.session_listeners)
         self.plane.attach(session)
         decoder = Decoder()
-        reader = MessageReader(conn, decoder)
+        self._greeted.clear()
+        reader = MessageReader(conn, decoder, patience=self.handshake_timeout)
         _call_hook("connected", self.backend.connected)
         log.info("%s: front-end connected", self.name)
         try:
@@ -416,6 +454,7 @@ class VhostUserDaemon:
         try:
             while True:
                 msg = reader.read()
+                self._greeted.set()
                 reply = session.handle(msg)
                 if session.acked_protocol_features & ProtocolFeature.XEN_MMAP:
                     decoder.xen_mmap = True
@@ -453,6 +492,9 @@ class VhostUserDaemon:
                 "%s: closing the connection after an internal error handling %s", self.name, name
             )
 
+
+#: Extra seconds a newcomer waits past the served connection's hand-shake timeout.
+GREETING_MARGIN = 0.5
 
 #: How long a new connection waits for the served one to show its hang-up (a front-end
 #: that reconnects at once can beat its own close to the daemon; QEMU reconnect).

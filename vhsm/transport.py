@@ -10,10 +10,11 @@ from __future__ import annotations
 import array
 import os
 import resource
+import select
 import socket
 from collections.abc import Sequence
 
-from vhsm.errors import VhsmError
+from vhsm.errors import FramingError, VhsmError
 from vhsm.wire import MAX_FDS, Decoder, Message, encode
 
 #: Bytes asked for per read: a whole 8-region memory table fits in one.
@@ -80,16 +81,32 @@ def send_message(sock: socket.socket, msg: Message) -> None:
 
 
 class MessageReader:
-    """Reads whole messages from a socket through an incremental `Decoder`."""
+    """Reads whole messages from a socket through an incremental `Decoder`.
 
-    def __init__(self, sock: socket.socket, decoder: Decoder) -> None:
+    `patience` (seconds, None: forever) bounds how long a peer may stay silent
+    before its first message and how long it may take to finish a message it
+    started (rule VU-FRAME-011). Between whole messages a peer may be idle for
+    as long as it likes: a front-end sends nothing while its guest runs.
+    """
+
+    def __init__(
+        self, sock: socket.socket, decoder: Decoder, *, patience: float | None = None
+    ) -> None:
         self.sock = sock
         self.decoder = decoder
+        self.patience = patience
+        #: Whether a whole message has arrived on this connection yet.
+        self.greeted = False
         self._ready: list[Message] = []
 
     def read(self) -> Message:
-        """Block until one whole message arrived; raise PeerClosed at end of stream."""
+        """Block until one whole message arrived; raise PeerClosed at end of stream.
+
+        Raises FramingError (VU-FRAME-011) when the peer is silent too long
+        before its first message or in the middle of one.
+        """
         while not self._ready:
+            self._await_bytes()
             data, fds = recv_with_fds(self.sock)
             if not data:
                 for fd in fds:
@@ -97,7 +114,24 @@ class MessageReader:
                 self.decoder.close()
                 raise PeerClosed("peer closed the connection")
             self._ready.extend(self.decoder.feed(data, fds))
+        self.greeted = True
         return self._ready.pop(0)
+
+    def _await_bytes(self) -> None:
+        """Wait for bytes, within `patience` while greeting or inside a message."""
+        if self.patience is None or (self.greeted and not self.decoder.buffered):
+            return
+        readable, _, _ = select.select([self.sock], [], [], self.patience)
+        if readable:
+            return
+        where = "inside a message" if self.decoder.buffered else "before its first message"
+        raise FramingError(
+            "-",
+            "stream",
+            f"silent {where} for {self.patience:g}s",
+            f"bytes within the hand-shake timeout ({self.patience:g}s)",
+            "VU-FRAME-011",
+        )
 
     def close(self) -> None:
         """Close the fds of messages read but not consumed."""

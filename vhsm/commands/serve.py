@@ -81,6 +81,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--once", action="store_true", help="exit when the first front-end disconnects"
     )
     parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="close a front-end that sends nothing for S seconds after connecting, or stops"
+        " in the middle of a message (default 5; 0 = wait forever)",
+    )
+    parser.add_argument(
         "--busy-poll-us",
         type=busy_poll_micros,
         default=None,
@@ -98,6 +106,17 @@ def busy_poll_micros(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
     if not 0 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError(f"{value} not in 0..1000000 microseconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A ``--handshake-timeout`` value: seconds, 0..3600 (0: no timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value:g} not in 0..3600 seconds")
     return value
 
 
@@ -160,14 +179,19 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until a signal (or `--once`); return the exit status."""
-    from vhsm.daemon import Listener, VhostUserDaemon
+    from vhsm.daemon import HANDSHAKE_TIMEOUT, Listener, VhostUserDaemon
 
     path = Path(args.socket)
     if not args.client and not path.parent.is_dir():
         raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
     backend = make_backend(args)
+    timeout = getattr(args, "handshake_timeout", None)
     try:
-        daemon = VhostUserDaemon(f"vhsm-{args.device}", backend)
+        daemon = VhostUserDaemon(
+            f"vhsm-{args.device}",
+            backend,
+            handshake_timeout=HANDSHAKE_TIMEOUT if timeout is None else (timeout or None),
+        )
     except BaseException:
         _close(backend)
         raise
