@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import socket
@@ -603,6 +604,7 @@ def test_internal_error_is_kept_as_a_summary_not_with_its_frames(
 
 
 def test_region_ending_at_2_64_is_refused_not_an_internal_error(served, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vhsm")
     from vhsm.wire import VhostUserMemory, VhostUserU64, VhostUserVringAddr
     from vhsm.wire.payloads import VhostUserMemoryRegion
 
@@ -656,6 +658,7 @@ SET_FEATURES_HEADER = struct.pack("<III", int(FrontendReq.SET_FEATURES), 1, 8)
 )
 def test_a_silent_or_stalled_client_does_not_keep_others_out(impatient, caplog, sent) -> None:
     """A client that sends nothing, or stops inside a message, is closed in time."""
+    caplog.set_level(logging.INFO, logger="vhsm")
     daemon, path = impatient
     with raw_connect(path) as silent:
         silent.sendall(sent)

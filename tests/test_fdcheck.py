@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -186,6 +187,7 @@ REQUESTS = [
 def test_wrong_fds_are_nacked_closed_and_the_daemon_serves_on(
     echo: Any, directory: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vhsm")
     daemon, path = echo
     wait_idle(daemon)
     before = open_fds()
