@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
 from vhsm.memory import GuestMemoryAtomic
 from vhsm.session import Session, StateListener
+from vhsm.signals import stop_on_signals
 from vhsm.transport import MessageReader, PeerClosed, send_message
 from vhsm.wire import Decoder, ProtocolFeature
 
@@ -133,6 +135,12 @@ def _remove_stale(path: Path) -> None:
     raise VhsmError(f"socket in use: {path} (another back-end is listening)")
 
 
+def describe(backend: VhostUserBackend) -> str:
+    """Name a back-end for start-up lines: its class, with the module it comes from."""
+    cls = type(backend)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 class ShutdownHandle:
     """Stops a daemon from any thread or a signal handler (writes an eventfd)."""
 
@@ -229,14 +237,33 @@ class VhostUserDaemon:
         self._spawn(self._client_loop, f"{self.name}-client", Path(path), sock, once)
 
     def serve(self, path: str | os.PathLike[str], *, once: bool = False) -> None:
-        """Listen at `path` and serve until stopped (or, with `once`, one connection)."""
-        listener = Listener(path)
+        """Listen at `path` and serve until stopped (or, with `once`, one connection).
+
+        Meant for a script's main: in the main thread, SIGINT and SIGTERM stop
+        the daemon cleanly (connection closed, threads joined, socket removed)
+        and `serve` returns; it prints one line saying what is served where. A
+        path it cannot listen on (a socket in use, a missing directory, a file
+        that is not a socket) ends the process with that one line as the error
+        (`SystemExit`) instead of a traceback; in other threads it raises
+        `VhsmError`.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            listener = Listener(path)
+        except VhsmError as err:
+            if main:
+                raise SystemExit(f"{self.name}: {err}") from None
+            raise
         self._own_listener = True
+        restore = stop_on_signals(self.shutdown_handle().shutdown)
         try:
             self.start(listener, once=once)
-            self.wait()
+            print(f"{self.name}: serving {describe(self.backend)} on {path}", file=sys.stderr)
+            while not self.wait(0.5):
+                pass
         finally:
             self.stop()
+            restore()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon ended (stop, shutdown handle, or `once` done); True if so."""
