@@ -147,6 +147,11 @@ class _SharedVring:
         """Ring index."""
         return self._state.index
 
+    def set_queue_ready(self, ready: bool) -> None:
+        """Mark the ring started or stopped (rust-vmm name), under the lock."""
+        with self._wlock:
+            self._state.set_queue_ready(ready)
+
     def set_enabled(self, enabled: bool) -> None:
         """Set the enabled flag."""
         self._state.enabled = enabled

@@ -4,6 +4,14 @@ Wraps `vhsm.virtq.SplitDriver` / `PackedDriver` with what a VMM adds: the
 eventfds handed over in SET_VRING_KICK / SET_VRING_CALL / SET_VRING_ERR,
 indirect tables allocated in guest memory, and a blocking `wait_used` that
 polls the call eventfd with a timeout.
+
+`wait_used` is strict by default: a real guest driver sleeps until the device
+signals the call eventfd, so a used element the driver was owed a call for
+(interrupts enabled; with event-idx, the element that crosses the driver's
+used event) fails the wait when that call never comes, instead of passing
+because the ring happened to be polled. Elements already visible when the
+driver re-enabled interrupts are not owed a call (the device may have
+published them before it could see the request).
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import contextlib
 import os
 import select
 import time
+from collections import deque
 from collections.abc import Sequence
 
+from vhsm.errors import VhsmError
 from vhsm.frontend.memory import FrontendMemory
 from vhsm.virtq import PackedDriver, SplitDriver
 
@@ -27,8 +37,22 @@ def _eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
+class MissedNotification(VhsmError, TimeoutError):
+    """A used element arrived without the call the driver was owed (the device never signalled)."""
+
+
 class Virtqueue:
-    """One ring as the front-end (the guest's driver) sees it."""
+    """One ring as the front-end (the guest's driver) sees it.
+
+    Args:
+        memory: Guest memory the ring and indirect tables are allocated in.
+        index: The ring's index in the device.
+        size: Ring size.
+        packed: Lay out a packed ring instead of a split one.
+        event_idx: VIRTIO_RING_F_EVENT_IDX was negotiated.
+        region: The memory region to allocate the ring in (default: any).
+        strict: `wait_used` fails when the device skips a call it owed the driver.
+    """
 
     def __init__(
         self,
@@ -39,11 +63,14 @@ class Virtqueue:
         packed: bool = False,
         event_idx: bool = False,
         region: int | None = None,
+        strict: bool = True,
     ) -> None:
         self.memory = memory
         self.index = index
         self.size = size
         self.packed = packed
+        self.event_idx = event_idx
+        self.strict = strict
         self.driver: SplitDriver | PackedDriver
         footprint = (PackedDriver if packed else SplitDriver).footprint(size)
         self.ring_gpa = memory.alloc(footprint, align=4096, region=region)
@@ -57,6 +84,11 @@ class Virtqueue:
         #: The base last returned by GET_VRING_BASE (None while running).
         self.base: int | None = None
         self._indirect: dict[int, int] = {}
+        # Reaped used elements not yet handed out: (head, len, owed a call, call seen).
+        self._ready: deque[tuple[int, int, bool, bool]] = deque()
+        self._reaped = 0  # used elements taken from the ring so far
+        self._owed_from = 0  # interrupts on: elements from this count on are owed a call
+        self.driver.enable_interrupts()
 
     # --- addresses for SET_VRING_ADDR ---------------------------------------------
     @property
@@ -112,30 +144,91 @@ class Virtqueue:
         return needed or force
 
     def get_used(self) -> tuple[int, int] | None:
-        """Reap one used element (head / id, bytes written) if there is one."""
-        got = self.driver.get_used()
-        if got is not None:
-            table = self._indirect.pop(got[0], None)
-            if table is not None:
-                self.memory.free(table)
-        return got
+        """Reap one used element (head / id, bytes written) if there is one (no call check)."""
+        self._reap(call_seen=False)
+        if not self._ready:
+            return None
+        head, length, _, _ = self._ready.popleft()
+        return self._release(head, length)
 
     def wait_used(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
-        """Wait for the next used element, polling the call eventfd; TimeoutError if none."""
+        """Wait for the next used element, as a driver sleeping on the call eventfd would.
+
+        Returns (head / id, bytes written). TimeoutError when nothing is used in
+        time; with `strict` (the default), `MissedNotification` when an element
+        the driver was owed a call for arrives and the call does not come within
+        the timeout.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            got = self.get_used()
-            if got is not None:
-                return got
+            if self._consume_call():
+                self._reap(call_seen=True)
+            self._reap(call_seen=False)
+            if self._ready:
+                head, length, owed, seen = self._ready[0]
+                if self.strict and owed and not seen and not self._wait_call(deadline):
+                    raise MissedNotification(
+                        f"ring {self.index}: used element {head} arrived but the device never "
+                        f"signalled the call eventfd the driver was owed "
+                        f"({self._owed_reason()}); a real guest would wait forever. Does the "
+                        "back-end call signal_used_queue() after add_used()? (strict=False "
+                        "on the Frontend, or the frontend fixture, turns this check off)"
+                    )
+                self._ready.popleft()
+                return self._release(head, length)
             if self.driver.enable_interrupts():
+                # Visible before the request could be seen: not owed a call.
+                self._reap(call_seen=False, owed=False)
                 continue
+            self._owed_from = self._reaped
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"ring {self.index}: no used buffer within {timeout} s")
-            readable, _, _ = select.select([self.call_fd], [], [], min(left, 0.05))
-            if readable:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self.call_fd)
+            select.select([self.call_fd], [], [], min(left, 0.05))
+
+    def _owed_reason(self) -> str:
+        if self.event_idx:
+            return "event-idx: it crossed the used event the driver set"
+        return "interrupts were enabled"
+
+    def _reap(self, *, call_seen: bool, owed: bool | None = None) -> None:
+        """Take every used element now visible off the ring into the ready queue."""
+        if call_seen:
+            self._ready = deque((h, n, o, True) for h, n, o, _ in self._ready)
+        while (got := self.driver.get_used()) is not None:
+            number = self._reaped
+            self._reaped += 1
+            if owed is None:
+                # Without event-idx every element past the enable is owed a call; with
+                # event-idx only the one at the used event (a call covers the batch).
+                is_owed = number == self._owed_from if self.event_idx else number >= self._owed_from
+            else:
+                is_owed = owed
+            self._ready.append((got[0], got[1], is_owed, call_seen))
+
+    def _consume_call(self) -> bool:
+        try:
+            os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _wait_call(self, deadline: float) -> bool:
+        """Wait for the call eventfd until `deadline`; mark what is ready as signalled."""
+        while True:
+            if self._consume_call():
+                self._reap(call_seen=True)
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self.call_fd], [], [], min(left, 0.05))
+
+    def _release(self, head: int, length: int) -> tuple[int, int]:
+        table = self._indirect.pop(head, None)
+        if table is not None:
+            self.memory.free(table)
+        return head, length
 
     def error_signalled(self) -> bool:
         """Whether the back-end wrote the error eventfd (consumes the signal)."""
