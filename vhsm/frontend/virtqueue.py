@@ -166,7 +166,10 @@ class Virtqueue:
             self._reap(call_seen=False)
             if self._ready:
                 head, length, owed, seen = self._ready[0]
-                if self.strict and owed and not seen and not self._wait_call(deadline):
+                # The call gets a full timeout of its own: a late element must not
+                # leave it only the rest of the wait.
+                call_deadline = time.monotonic() + timeout
+                if self.strict and owed and not seen and not self._wait_call(call_deadline):
                     raise MissedNotification(
                         f"ring {self.index}: used element {head} arrived but the device never "
                         f"signalled the call eventfd the driver was owed "
