@@ -136,3 +136,27 @@ def test_start_sets_up_every_ring_the_device_has(frontend: Any) -> None:
         vq.post([(src, 2)], [(dst, 2)])
         vq.kick()
         assert vq.wait_used()[1] == 2
+
+
+@pytest.mark.parametrize(("event_idx", "packed"), LAYOUTS)
+def test_heads_stay_the_callers_until_handed_out(frontend: Any, event_idx, packed) -> None:
+    """A head is freed only when wait_used returns it, so reposting cannot reuse a pending one."""
+    fe = frontend(Echo(), features=features(event_idx, packed), packed=packed, size=8)
+    vq, mem = fe.vring(0), fe.memory
+    buffers: dict[int, tuple[int, bytes]] = {}
+
+    def post(tag: bytes) -> None:
+        src, dst = mem.alloc(4), mem.alloc(4)
+        mem.write(src, tag)
+        buffers[vq.post([(src, 4)], [(dst, 4)])] = (dst, tag)
+
+    for i in range(4):
+        post(b"a%03d" % i)
+    vq.kick()
+    for round_ in range(12):
+        head, _ = vq.wait_used(5.0)
+        dst, tag = buffers.pop(head)
+        assert mem.read(dst, 4) == tag
+        post(b"b%03d" % round_)
+        vq.kick()
+    assert vq.driver.pending_used() <= len(buffers)

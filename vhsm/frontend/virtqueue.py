@@ -20,7 +20,6 @@ import contextlib
 import os
 import select
 import time
-from collections import deque
 from collections.abc import Sequence
 
 from vhsm.errors import VhsmError
@@ -84,10 +83,11 @@ class Virtqueue:
         #: The base last returned by GET_VRING_BASE (None while running).
         self.base: int | None = None
         self._indirect: dict[int, int] = {}
-        # Reaped used elements not yet handed out: (head, len, owed a call, call seen).
-        self._ready: deque[tuple[int, int, bool, bool]] = deque()
-        self._reaped = 0  # used elements taken from the ring so far
-        self._owed_from = 0  # interrupts on: elements from this count on are owed a call
+        # Used elements are numbered in the order they are reaped (0, 1, ...).
+        self._reaped = 0  # how many were taken from the ring
+        self._owed_from = 0  # interrupts on since: elements from this number on are owed a call
+        self._free_below = 0  # visible before the driver re-enabled interrupts: not owed
+        self._covered = 0  # a call was seen after elements below this number were visible
         self.driver.enable_interrupts()
 
     # --- addresses for SET_VRING_ADDR ---------------------------------------------
@@ -145,11 +145,11 @@ class Virtqueue:
 
     def get_used(self) -> tuple[int, int] | None:
         """Reap one used element (head / id, bytes written) if there is one (no call check)."""
-        self._reap(call_seen=False)
-        if not self._ready:
+        got = self.driver.get_used()
+        if got is None:
             return None
-        head, length, _, _ = self._ready.popleft()
-        return self._release(head, length)
+        self._reaped += 1
+        return self._release(*got)
 
     def wait_used(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
         """Wait for the next used element, as a driver sleeping on the call eventfd would.
@@ -157,31 +157,28 @@ class Virtqueue:
         Returns (head / id, bytes written). TimeoutError when nothing is used in
         time; with `strict` (the default), `MissedNotification` when an element
         the driver was owed a call for arrives and the call does not come within
-        the timeout.
+        a timeout of its own.
         """
         deadline = time.monotonic() + timeout
         while True:
-            if self._consume_call():
-                self._reap(call_seen=True)
-            self._reap(call_seen=False)
-            if self._ready:
-                head, length, owed, seen = self._ready[0]
-                # The call gets a full timeout of its own: a late element must not
-                # leave it only the rest of the wait.
-                call_deadline = time.monotonic() + timeout
-                if self.strict and owed and not seen and not self._wait_call(call_deadline):
+            self._consume_call()
+            number = self._reaped
+            got = self.get_used()
+            if got is not None:
+                missed = self.strict and self._owed(number) and number >= self._covered
+                if missed and not self._wait_call(time.monotonic() + timeout):
                     raise MissedNotification(
-                        f"ring {self.index}: used element {head} arrived but the device never "
-                        f"signalled the call eventfd the driver was owed "
-                        f"({self._owed_reason()}); a real guest would wait forever. Does the "
-                        "back-end call signal_used_queue() after add_used()? (strict=False "
-                        "on the Frontend, or the frontend fixture, turns this check off)"
+                        f"ring {self.index}: used element {got[0]} arrived but the device "
+                        "never signalled the call eventfd the driver was owed "
+                        f"({self._owed_reason()}); a real guest would wait forever. Does "
+                        "the back-end call signal_used_queue() after add_used()? "
+                        "(strict=False on the Frontend, or the frontend fixture, turns "
+                        "this check off)"
                     )
-                self._ready.popleft()
-                return self._release(head, length)
+                return got
             if self.driver.enable_interrupts():
                 # Visible before the request could be seen: not owed a call.
-                self._reap(call_seen=False, owed=False)
+                self._free_below = self._visible()
                 continue
             self._owed_from = self._reaped
             left = deadline - time.monotonic()
@@ -189,43 +186,40 @@ class Virtqueue:
                 raise TimeoutError(f"ring {self.index}: no used buffer within {timeout} s")
             select.select([self.call_fd], [], [], min(left, 0.05))
 
+    def _owed(self, number: int) -> bool:
+        """Whether the device owed the driver a call for used element `number`."""
+        if number < self._free_below:
+            return False
+        # Without event-idx every element past the enable is owed a call (one call may
+        # cover several); with event-idx only the one that crosses the used event.
+        return number == self._owed_from if self.event_idx else number >= self._owed_from
+
     def _owed_reason(self) -> str:
         if self.event_idx:
             return "event-idx: it crossed the used event the driver set"
         return "interrupts were enabled"
 
-    def _reap(self, *, call_seen: bool, owed: bool | None = None) -> None:
-        """Take every used element now visible off the ring into the ready queue."""
-        if call_seen:
-            self._ready = deque((h, n, o, True) for h, n, o, _ in self._ready)
-        while (got := self.driver.get_used()) is not None:
-            number = self._reaped
-            self._reaped += 1
-            if owed is None:
-                # Without event-idx every element past the enable is owed a call; with
-                # event-idx only the one at the used event (a call covers the batch).
-                is_owed = number == self._owed_from if self.event_idx else number >= self._owed_from
-            else:
-                is_owed = owed
-            self._ready.append((got[0], got[1], is_owed, call_seen))
+    def _visible(self) -> int:
+        """How many used elements were visible so far (reaped or not)."""
+        return self._reaped + self.driver.pending_used()
 
     def _consume_call(self) -> bool:
+        """Read the call eventfd; a call covers every element visible now."""
         try:
             os.eventfd_read(self.call_fd)
         except BlockingIOError:
             return False
+        self._covered = max(self._covered, self._visible())
         return True
 
     def _wait_call(self, deadline: float) -> bool:
-        """Wait for the call eventfd until `deadline`; mark what is ready as signalled."""
-        while True:
-            if self._consume_call():
-                self._reap(call_seen=True)
-                return True
+        """Wait for the call eventfd until `deadline`."""
+        while not self._consume_call():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             select.select([self.call_fd], [], [], min(left, 0.05))
+        return True
 
     def _release(self, head: int, length: int) -> tuple[int, int]:
         table = self._indirect.pop(head, None)
