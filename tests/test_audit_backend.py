@@ -266,7 +266,7 @@ def test_failed_cases_are_findings_and_counts_agree_with_the_verdict() -> None:
 
 def test_findings_of_a_live_run_name_their_case(sock_dir: Path) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
-        suite = BackendSuite(sock_dir / "rng.sock", "rng", timeout=1.0)
+        suite = BackendSuite(sock_dir / "rng.sock", "rng", timeout=10.0)
 
         def lying_case() -> tuple[str, str]:
             suite.findings.append(AuditFinding("VU-REQ-002", "acked then closed", "back-end"))
