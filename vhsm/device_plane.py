@@ -290,7 +290,13 @@ class DevicePlane:
         with self._paused(index):
             if self._inflight is not None and index < self._inflight.num_queues:
                 try:
-                    vring.set_inflight(self._inflight.queue(index))
+                    resubmitted = vring.set_inflight(self._inflight.queue(index))
+                    if resubmitted:
+                        log.info(
+                            "ring %d: %d requests resubmitted from the inflight region",
+                            index,
+                            resubmitted,
+                        )
                 except VirtqError as err:  # the ring runs untracked; the front-end is told
                     log.warning("ring %d: inflight buffer not usable: %s", index, str(err))
                     error = err

@@ -186,10 +186,11 @@ class _SharedVring:
         with self._wlock:
             self._state.set_log(dirty_log)
 
-    def set_inflight(self, inflight: Any) -> None:
-        """Attach the inflight region."""
+    def set_inflight(self, inflight: Any) -> int:
+        """Attach the inflight region; returns how many requests it resubmits."""
         with self._wlock:
             self._state.set_inflight(inflight)
+            return self._state.resubmit_count()
 
     def set_backend_channel(self, channel: Any) -> None:
         """Back-end request channel for in-band notifications."""

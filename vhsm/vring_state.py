@@ -428,6 +428,10 @@ class VringState:
         except VirtqError as exc:
             raise VirtqError(self.index, f"not recorded: {exc.detail}", bid) from exc
 
+    def resubmit_count(self) -> int:
+        """Requests the inflight region listed that wait to be served again."""
+        return len(self._resubmit) + len(self._resubmit_packed)
+
     def has_available(self) -> bool:
         """Whether a chain is waiting (cheap: one ring word; resubmissions count too)."""
         q = self.queue
