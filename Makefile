@@ -7,8 +7,18 @@ DEMO := $(VENV)/.installed-demo
 DOCS := $(VENV)/.installed-docs
 DEV := $(VENV)/.installed-dev
 export NO_MKDOCS_2_WARNING := 1
+# The optional C accelerator of the data path, built in place (pip install -e builds it too;
+# without a C compiler the build says so in one line and vhsm runs its pure-Python path).
+SPEEDUPS := vhsm/_speedups$(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX") or ".so")')
+# The data-path tests, run a second time on the pure-Python path (VHSM_PURE_PYTHON=1).
+DATA_PATH_TESTS := tests/test_virtq_split.py tests/test_virtq_packed.py tests/test_virtq_fastpath.py \
+	tests/test_vring.py tests/test_devices_net.py tests/test_net_checksum.py tests/test_fuzz_guest.py \
+	tests/test_inflight.py
+# The hostile-ring tests `make asan` runs against an AddressSanitizer build of the accelerator.
+ASAN_TESTS := tests/test_speedups.py tests/test_virtq_split.py tests/test_virtq_packed.py \
+	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py
 
-.PHONY: venv demo test lint docs diagrams clean
+.PHONY: venv demo test lint docs diagrams clean speedups asan
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,22 +38,39 @@ $(DEV): pyproject.toml | $(BIN)/python
 
 venv: $(DEV)
 
-demo: $(DEMO)
+$(SPEEDUPS): vhsm/_speedups.c tools/build_speedups.py | $(BIN)/python
+	$(BIN)/python tools/build_speedups.py
+
+speedups: $(SPEEDUPS)
+
+demo: $(DEMO) speedups
 	$(BIN)/vhsm demo
 
-test: venv
+test: venv speedups
 	$(BIN)/python -m pytest -n 2 -q
+	VHSM_PURE_PYTHON=1 $(BIN)/python -m pytest -n 2 -q $(DATA_PATH_TESTS)
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks fuzz docs/hooks.py
-	$(BIN)/ruff format --check vhsm tests benchmarks fuzz docs/hooks.py
+	$(BIN)/ruff check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
+	$(BIN)/ruff format --check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
 	$(BIN)/mkdocs build --strict -q
+
+# A copy of the package (symlinks, in a temporary directory) whose accelerator is built
+# with -fsanitize=address and imported first (PYTHONPATH); libasan preloaded.
+asan: venv
+	set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	cp -rs $(CURDIR)/vhsm "$$dir/vhsm"; cp -r specs "$$dir/specs"; rm -f "$$dir"/vhsm/_speedups*.so; \
+	$(BIN)/python tools/build_speedups.py --asan --strict --out "$$dir/vhsm"; \
+	export LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		PYTHONSAFEPATH=1 PYTHONPATH="$$dir"; \
+	$(BIN)/python -c "import vhsm.speedups as s; assert s.accel and '$$dir' in s.accel.__file__"; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
 
 docs: $(DOCS)
 	$(BIN)/mkdocs build --strict
 
 lint: venv
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks fuzz docs/hooks.py
+	$(BIN)/ruff check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
 
 diagrams: venv
 	$(BIN)/vhsm diagram --format all --out diagrams

@@ -12,8 +12,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from vhsm import __version__
+from vhsm import __version__, speedups
 from vhsm.errors import VhsmError
 
 #: Command modules, in the order `vhsm --help` lists them.
@@ -30,12 +31,27 @@ COMMAND_MODULES: tuple[str, ...] = (
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version and the active data path, one unwrapped line."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"vhsm {__version__}; data path: {speedups.data_path()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="vhsm", description="vhost-user back-ends in Python, the protocol as state machines"
     )
-    parser.add_argument("--version", action="version", version=f"vhsm {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="show the version and the data path in use (compiled accelerator or pure Python)",
+    )
     parser.add_argument(
         "--log-level",
         default="WARNING",

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vhsm import speedups
 from vhsm.backend import EPOLLIN, VhostUserBackend
 from vhsm.errors import BackendError, VirtqError
 from vhsm.virtq.common import sum_of
@@ -359,6 +360,13 @@ def _sink_frames(
         return
     stats.tx_packets += k
     stats.tx_bytes += int(sum_of(lens, dtype=np.int64)) - NET_HDR_SIZE * k
+    accel = speedups.accel
+    if accel is not None and isinstance(region, int):
+        read = accel.read_frames(views[region], offsets, lens, NET_HDR_SIZE, checksum)
+        if read is not None:  # None: not all inside the region, the loop below reports it
+            if checksum:
+                stats.tx_checksum = (stats.tx_checksum + read) & _U64
+            return
     starts = (offsets + NET_HDR_SIZE).tolist()
     ends = (offsets + lens).tolist()
     regions = [region] * k if isinstance(region, int) else region.tolist()
@@ -373,8 +381,13 @@ def _sink_frames(
 
 def _gather_rows(region: memoryview, offsets: np.ndarray, n: int, skip: int = 0) -> np.ndarray:
     """A copy of bytes ``skip..n`` of the ``n``-byte buffers at ``offsets``, one row each."""
-    # every window of the region from byte `skip` on (a view), then one row per buffer
     width = n - skip
+    accel = speedups.accel
+    if accel is not None:
+        out = np.empty((len(offsets), width), dtype=np.uint8)
+        if accel.gather_rows(region, offsets, n, skip, out):
+            return out
+    # every window of the region from byte `skip` on (a view), then one row per buffer
     windows = np.ndarray((len(region) - n + 1, width), np.uint8, region, skip, (1, 1))
     rows: np.ndarray = windows[offsets]
     return rows
@@ -401,6 +414,10 @@ def _adler32_of_rows(frames: np.ndarray) -> int:
     k, n = len(frames), int(frames.shape[1])
     if n == 0:
         return k  # adler32(b"") == 1
+    accel = speedups.accel
+    if accel is not None and frames.flags.c_contiguous:
+        total: int = accel.adler32_rows(frames, k, n)
+        return total
     sums = (frames.astype(np.float32) @ _adler_weights(n)).astype(np.int32)
     b = sums[:, 1]
     b += n

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from vhsm import speedups
 from vhsm.errors import GuestMemoryError, VirtqError
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
@@ -90,6 +91,7 @@ class PackedQueue:
     """Device-side packed ring over the descriptor ring and both event suppression areas."""
 
     __slots__ = (
+        "_accel",
         "_avail_wrap",
         "_counts",
         "_counts_np",
@@ -176,6 +178,7 @@ class PackedQueue:
         self._avail_wrap = 1
         self._next_used = 0
         self._used_wrap = 1
+        self._accel = speedups.accel  # the compiled data path, or None for pure Python
         self.set_base(base)
 
     # ----------------------------------------------------------------- state
@@ -507,6 +510,29 @@ class PackedQueue:
         of 8-byte (len, id, flags) words; the driver, which reads used descriptors
         in ring order, sees the whole burst when the first flags word flips.
         """
+        accel = self._accel
+        if (
+            accel is not None
+            and self._log is None
+            and not self._wlog
+            and isinstance(ids, np.ndarray)
+            and len(ids)
+            and (isinstance(lens, np.ndarray) or type(lens) is int)
+        ):
+            fresh = ids is self._fresh_heads
+            mode = (2 if self._fresh_plain else 1) if fresh else 0
+            nu = self._next_used
+            args = (self._desc, self._size, nu, self._used_wrap, ids, lens)
+            total: int = accel.packed_used(*args, self._counts_np, self._scratch, mode)
+            if total >= 0:  # written (-1: nothing written, the checks below decide)
+                self._fresh_heads = None
+                end = nu + total
+                if end >= self._size:
+                    end -= self._size
+                    self._used_wrap ^= 1
+                self._next_used = end
+                self._since_signal += total
+                return
         ida, lna = used_arrays(self.index, ids, lens, _IDS, "buffer id bound")
         k = len(ida)
         if k == 0:
@@ -628,6 +654,16 @@ class PackedQueue:
                     other.errors.append(exc)
                 taken += 1
                 continue
+            if self._accel is not None:
+                limit = min(size, max_chains - taken)
+                out = np.empty(2 * limit, dtype=np.uint64)
+                k, p, w = self._accel.packed_run(self._desc, size, p, w, limit, out)
+                if not k:  # pragma: no cover - the driver took the descriptor back meanwhile
+                    break
+                runs.append(out[: 2 * k])
+                self._next_avail, self._avail_wrap = p, w
+                taken += k
+                continue
             n = min(size - p, max_chains - taken)
             # available single descriptors: AVAIL == w, USED != w, no NEXT/INDIRECT
             ok = (flags_all[p : p + n] & _MASK) == (_AVAIL if w else _USED)
@@ -649,6 +685,30 @@ class PackedQueue:
         """Record a run of single-descriptor buffers as in flight and locate their bytes."""
         ids, addrs, lens, flags = seg["id"], seg["addr"], seg["len"], seg["flags"]
         counts = self._counts_np
+        if self._accel is not None:
+            offsets = np.empty(len(seg), dtype=np.int64)
+            found = self._accel.packed_take(
+                seg, counts, self._waddr_np, self._wlen_np, space.bounds, offsets
+            )
+            if found is not None:
+                region, shortest, longest, plain = found
+                self._fresh_plain = plain
+                ids.flags.writeable = False  # add_used_batch trusts this array as distinct
+                self._fresh_heads = ids
+                return Batch(
+                    space,
+                    ids,
+                    addrs,
+                    lens,
+                    None,
+                    region,
+                    offsets,
+                    flags=flags,
+                    lens_range=(shortest, longest),
+                )
+            return self._simple_slow(
+                space, ids.astype(np.int64), addrs, lens.astype(np.int64), (flags & _WRITE) != 0
+            )
         shortest = int(min_of(lens))
         if shortest > 0 and int(max_of(counts[ids])) == 0:  # none in flight
             stamps = _PLAIN_STAMPS[: len(ids)]

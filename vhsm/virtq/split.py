@@ -14,9 +14,11 @@ item of a ``memoryview.cast("H")``; used elements are written before the used in
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from types import ModuleType
 
 import numpy as np
 
+from vhsm import speedups
 from vhsm.errors import GuestMemoryError, VirtqError
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
@@ -61,6 +63,7 @@ class SplitQueue:
     """Device-side split ring over three writable memoryviews of guest memory."""
 
     __slots__ = (
+        "_accel",
         "_avail",
         "_avail_h",
         "_avail_np",
@@ -144,6 +147,7 @@ class SplitQueue:
         self._fresh_heads: np.ndarray | None = None  # the last fast burst's heads, all < size
         self._log = log
         self._log_used_gpa = log_used_gpa
+        self._accel = speedups.accel  # the compiled data path, or None for pure Python
 
     # ----------------------------------------------------------------- state
     @property
@@ -419,6 +423,17 @@ class SplitQueue:
         if len(ids) > self._size:
             raise ValueError(f"{len(ids)} used elements exceed queue size {self._size}")
         trusted = ids is self._fresh_heads  # read-only, taken from the table: in range
+        accel = self._accel
+        if (
+            accel is not None
+            and self._log is None
+            and isinstance(ids, np.ndarray)
+            and len(ids)
+            and (isinstance(lens, np.ndarray) or type(lens) is int)
+            and accel.split_used(self._used, self._size, self._next_used, ids, lens, trusted)
+        ):  # written, used index too (False: nothing written, the checks below decide)
+            self._next_used = (self._next_used + len(ids)) & 0xFFFF
+            return
         ida, lna = used_arrays(self.index, ids, lens, self._size, "queue size", trusted=trusted)
         k = len(ida)
         if k == 0:
@@ -481,6 +496,9 @@ class SplitQueue:
         if n <= 0:
             return Batch(space)
         size = self._size
+        accel = self._accel
+        if accel is not None:
+            return self._pop_batch_compiled(accel, space, na, n)
         p = na & self._mask
         an = self._avail_np
         if p + n <= size:
@@ -514,6 +532,32 @@ class SplitQueue:
                         lens_range=lens_range,
                     )
         return self._pop_batch_slow(space, heads16.astype(np.int64))
+
+    def _pop_batch_compiled(self, accel: ModuleType, space: AddressSpace, na: int, n: int) -> Batch:
+        """``pop_batch`` through the accelerator: the same checks in one C call."""
+        heads16 = np.empty(n, dtype=np.uint16)
+        w = np.empty((n, 4), dtype=np.uint32)
+        offsets = np.empty(n, dtype=np.int64)
+        found = accel.split_pop(
+            self._avail, self._desc, space.bounds, na, self._size, n, heads16, w, offsets
+        )
+        self._next_avail = (na + n) & 0xFFFF
+        if found is None:
+            return self._pop_batch_slow(space, heads16.astype(np.int64))
+        region, shortest, longest = found
+        heads16.flags.writeable = False
+        self._fresh_heads = heads16
+        return Batch(
+            space,
+            heads16,
+            w.view(np.uint64)[:, 0],
+            w[:, 2],
+            None,
+            region,
+            offsets,
+            flags=w[:, 3],
+            lens_range=(shortest, longest),
+        )
 
     def _pop_batch_slow(self, space: AddressSpace, heads: np.ndarray) -> Batch:
         """The general case: per-entry checks, multi-descriptor chains walked, bad ones kept."""

@@ -1,0 +1,833 @@
+/* vhsm._speedups: the hot loops of the ring data path in C (optional accelerator).
+ *
+ * Every function here is an exact stand-in for a numpy/Python step of
+ * vhsm/virtq/split.py, packed.py and vhsm/devices/net.py; the Python side
+ * decides when to call it and keeps the pure path as the fallback. A function
+ * either completes its whole step or returns a "fall back" answer (None or -1)
+ * after writing nothing the pure path would not also write, so the pure path can
+ * redo the step and raise its own, identical, errors.
+ *
+ * Guest memory is hostile: every index read from it is checked against the
+ * queue size or the buffer it indexes before use, every address is checked
+ * against the region bounds with unsigned arithmetic that cannot wrap (an
+ * address below a region's start wraps above its end), and every loop is
+ * bounded by a count the caller gave (never by a value read from the ring).
+ *
+ * Only the buffer protocol is used (memoryview, numpy arrays): no numpy headers,
+ * so building needs nothing but a C compiler and the Python headers. The GIL is
+ * released around walks and copies large enough to pay for it; the buffers stay
+ * exported meanwhile, so the memory cannot be unmapped under us.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vhsm._speedups reads little-endian rings natively; use the pure-Python path"
+#endif
+
+#ifndef VHSM_SOURCE_SHA256
+#define VHSM_SOURCE_SHA256 ""
+#endif
+
+#define F_NEXT 0x1u
+#define F_WRITE 0x2u
+#define F_INDIRECT 0x4u
+#define F_AVAIL 0x80u
+#define F_USED 0x8000u
+#define IDS 65536u
+/* Release the GIL for bursts of at least this many entries / bytes. */
+#define NOGIL_ENTRIES 128
+#define NOGIL_BYTES (64 * 1024)
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* ------------------------------------------------------------------ buffers */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} buf_t;
+
+static int get_buf(PyObject *obj, buf_t *b, int writable, Py_ssize_t need, const char *what) {
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, &b->view, flags) < 0)
+        return -1;
+    b->held = 1;
+    if (b->view.len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, needs %zd", what, b->view.len, need);
+        return -1;
+    }
+    return 0;
+}
+
+static void rel(buf_t *b) {
+    if (b->held) {
+        PyBuffer_Release(&b->view);
+        b->held = 0;
+    }
+}
+
+/* A one-dimensional integer array read through the buffer protocol: any item size,
+ * signed or not, any positive stride (a field of a structured array). */
+typedef struct {
+    buf_t b;
+    Py_ssize_t n;
+    Py_ssize_t stride;
+    int size;
+    int is_signed;
+} ints_t;
+
+/* 1 if obj is a contiguous integer buffer (filled in), 0 if not (no error set), -1 on error. */
+static int get_ints(PyObject *obj, ints_t *a) {
+    memset(a, 0, sizeof(*a));
+    if (!PyObject_CheckBuffer(obj))
+        return 0;
+    if (PyObject_GetBuffer(obj, &a->b.view, PyBUF_STRIDES | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    a->b.held = 1;
+    const char *f = a->b.view.format ? a->b.view.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (f[0] == '\0' || f[1] != '\0' || !strchr("bBhHiIlLqQ", f[0]) || a->b.view.ndim != 1) {
+        rel(&a->b);
+        return 0;
+    }
+    a->size = (int)a->b.view.itemsize;
+    if (a->size != 1 && a->size != 2 && a->size != 4 && a->size != 8) {
+        rel(&a->b);
+        return 0;
+    }
+    a->is_signed = (f[0] >= 'a' && f[0] <= 'z');
+    a->n = a->b.view.shape ? a->b.view.shape[0] : a->b.view.len / a->size;
+    a->stride = a->b.view.strides ? a->b.view.strides[0] : a->size;
+    if (a->stride < a->size) { /* negative or overlapping strides: not for us */
+        rel(&a->b);
+        return 0;
+    }
+    return 1;
+}
+
+/* Item i as a signed 128-bit-safe pair: returns 0 and sets *out, or -1 if negative. */
+static inline int int_at(const ints_t *a, Py_ssize_t i, uint64_t *out) {
+    const uint8_t *p = (const uint8_t *)a->b.view.buf + i * a->stride;
+    switch (a->size) {
+    case 1:
+        if (a->is_signed && (int8_t)*p < 0) return -1;
+        *out = *p;
+        return 0;
+    case 2: {
+        uint16_t v = ld16(p);
+        if (a->is_signed && (int16_t)v < 0) return -1;
+        *out = v;
+        return 0;
+    }
+    case 4: {
+        uint32_t v = ld32(p);
+        if (a->is_signed && (int32_t)v < 0) return -1;
+        *out = v;
+        return 0;
+    }
+    default: {
+        uint64_t v = ld64(p);
+        if (a->is_signed && (int64_t)v < 0) return -1;
+        *out = v;
+        return 0;
+    }
+    }
+}
+
+/* The used lengths of a completion: one int for all, or an integer array of k items.
+ * Returns 1 when usable, 0 when the pure path must decide (bad type, count or range). */
+typedef struct {
+    ints_t arr;
+    int one;
+    uint32_t value;
+} lens_t;
+
+static int get_lens(PyObject *obj, Py_ssize_t k, lens_t *l) {
+    memset(l, 0, sizeof(*l));
+    if (PyLong_CheckExact(obj)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+        if (overflow || v < 0 || v > 0xFFFFFFFFLL) {
+            PyErr_Clear();
+            return 0;
+        }
+        l->one = 1;
+        l->value = (uint32_t)v;
+        return 1;
+    }
+    int r = get_ints(obj, &l->arr);
+    if (r <= 0)
+        return r;
+    if (l->arr.n != k) {
+        rel(&l->arr.b);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        uint64_t v;
+        if (int_at(&l->arr, i, &v) < 0 || v > 0xFFFFFFFFu) {
+            rel(&l->arr.b);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static inline uint32_t len_at(const lens_t *l, Py_ssize_t i) {
+    uint64_t v = l->value;
+    if (!l->one)
+        (void)int_at(&l->arr, i, &v); /* checked by get_lens */
+    return (uint32_t)v;
+}
+
+/* The region (index into bounds, start, end) holding addr; -1 if none. */
+static Py_ssize_t region_of(const uint64_t *bounds, Py_ssize_t nreg, uint64_t addr,
+                            uint64_t *start, uint64_t *end) {
+    for (Py_ssize_t r = 0; r < nreg; r++) {
+        uint64_t s = bounds[2 * r], e = bounds[2 * r + 1];
+        if (s <= addr && addr < e) {
+            *start = s;
+            *end = e;
+            return r;
+        }
+    }
+    return -1;
+}
+
+/* ------------------------------------------------------------- split rings */
+
+PyDoc_STRVAR(split_pop_doc,
+"split_pop(avail, desc, bounds, next_avail, size, n, heads, words, offsets)\n"
+"\n"
+"The fast path of SplitQueue.pop_batch: copy the n heads from next_avail into\n"
+"heads (uint16) and, when every head is below size, each head's descriptor into\n"
+"words (rows of four uint32). Returns (region, shortest, longest) and fills\n"
+"offsets (int64) when every descriptor is one direct non-empty buffer inside the\n"
+"first one's region; None otherwise (heads still filled, for the general path).");
+
+static PyObject *split_pop(PyObject *self, PyObject *args) {
+    PyObject *o_avail, *o_desc, *o_bounds, *o_heads, *o_words, *o_offsets;
+    Py_ssize_t na, size, n;
+    if (!PyArg_ParseTuple(args, "OOOnnnOOO", &o_avail, &o_desc, &o_bounds, &na, &size, &n,
+                          &o_heads, &o_words, &o_offsets))
+        return NULL;
+    if (size < 1 || size > 32768 || (size & (size - 1)) || n < 0 || n > size) {
+        PyErr_SetString(PyExc_ValueError, "split_pop: bad size or count");
+        return NULL;
+    }
+    buf_t avail = {0}, desc = {0}, bounds = {0}, heads = {0}, words = {0}, offsets = {0};
+    PyObject *result = NULL;
+    if (get_buf(o_avail, &avail, 0, 4 + 2 * size, "avail") < 0 ||
+        get_buf(o_desc, &desc, 0, 16 * size, "desc") < 0 ||
+        get_buf(o_bounds, &bounds, 0, 0, "bounds") < 0 ||
+        get_buf(o_heads, &heads, 1, 2 * n, "heads") < 0 ||
+        get_buf(o_words, &words, 1, 16 * n, "words") < 0 ||
+        get_buf(o_offsets, &offsets, 1, 8 * n, "offsets") < 0)
+        goto done;
+    {
+        const uint8_t *av = avail.view.buf, *dt = desc.view.buf;
+        uint16_t *hd = heads.view.buf;
+        uint8_t *wd = words.view.buf;
+        int64_t *off = offsets.view.buf;
+        const uint64_t *bd = bounds.view.buf;
+        Py_ssize_t nreg = bounds.view.len / 16;
+        Py_ssize_t mask = size - 1, region = -1;
+        int fast = 1;
+        uint32_t shortest = 0xFFFFFFFFu, longest = 0, orflags = 0;
+        PyThreadState *ts = n >= NOGIL_ENTRIES ? PyEval_SaveThread() : NULL;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the ring after the avail index */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint16_t h = ld16(av + 4 + 2 * ((na + i) & mask));
+            hd[i] = h;
+            if (h >= size)
+                fast = 0;
+        }
+        if (fast) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint8_t *row = wd + 16 * i;
+                memcpy(row, dt + 16 * (Py_ssize_t)hd[i], 16); /* checks hold for the copy */
+                uint32_t ln = ld32(row + 8);
+                orflags |= ld16(row + 12);
+                if (ln < shortest) shortest = ln;
+                if (ln > longest) longest = ln;
+            }
+            if (n == 0 || (orflags & (F_NEXT | F_INDIRECT)) || shortest == 0)
+                fast = 0;
+        }
+        if (fast) {
+            uint64_t start = 0, end = 0, maxoff = 0;
+            region = region_of(bd, nreg, ld64(wd), &start, &end);
+            if (region < 0) {
+                fast = 0;
+            } else {
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint64_t o = ld64(wd + 16 * i) - start; /* below start wraps above end */
+                    off[i] = (int64_t)o;
+                    if (o > maxoff) maxoff = o;
+                }
+                uint64_t span = end - start;
+                if (maxoff > span || longest > span - maxoff)
+                    fast = 0;
+            }
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        if (fast)
+            result = Py_BuildValue("nkk", region, (unsigned long)shortest, (unsigned long)longest);
+        else
+            result = Py_NewRef(Py_None);
+    }
+done:
+    rel(&avail); rel(&desc); rel(&bounds); rel(&heads); rel(&words); rel(&offsets);
+    return result;
+}
+
+PyDoc_STRVAR(split_used_doc,
+"split_used(used, size, next_used, ids, lens, trusted) -> bool\n"
+"\n"
+"The store of SplitQueue.add_used_batch: every used element, then (release\n"
+"order) the used index. ids is an integer array, lens one int or an integer\n"
+"array as long. False, with nothing written, when the pure path must decide:\n"
+"an id outside the queue (unless trusted), a length that does not fit 32 bits,\n"
+"counts that differ, or inputs that are not integer arrays.");
+
+static PyObject *split_used(PyObject *self, PyObject *args) {
+    PyObject *o_used, *o_ids, *o_lens;
+    Py_ssize_t size, nu;
+    int trusted;
+    if (!PyArg_ParseTuple(args, "OnnOOp", &o_used, &size, &nu, &o_ids, &o_lens, &trusted))
+        return NULL;
+    if (size < 1 || size > 32768 || (size & (size - 1))) {
+        PyErr_SetString(PyExc_ValueError, "split_used: bad size");
+        return NULL;
+    }
+    buf_t used = {0};
+    ints_t ids;
+    lens_t lens;
+    memset(&lens, 0, sizeof(lens));
+    PyObject *result = NULL;
+    int r = get_ints(o_ids, &ids);
+    if (r <= 0) {
+        if (r == 0) result = Py_NewRef(Py_False);
+        return result;
+    }
+    Py_ssize_t k = ids.n;
+    if (k > size || (r = get_lens(o_lens, k, &lens)) <= 0) {
+        if (r == 0 || k > size) result = Py_NewRef(Py_False);
+        goto done;
+    }
+    if (get_buf(o_used, &used, 1, 4 + 8 * size, "used") < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        uint64_t id = 0;
+        if (int_at(&ids, i, &id) < 0 || (!trusted && id >= (uint64_t)size) || id > 0xFFFFFFFFu) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+    }
+    {
+        uint8_t *u = used.view.buf;
+        Py_ssize_t mask = size - 1;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint64_t id = 0;
+            (void)int_at(&ids, i, &id);
+            st64(u + 4 + 8 * ((nu + i) & mask), id | (uint64_t)len_at(&lens, i) << 32);
+        }
+        __atomic_store_n((uint16_t *)(u + 2), (uint16_t)(nu + k), __ATOMIC_RELEASE);
+        result = Py_NewRef(Py_True);
+    }
+done:
+    rel(&used); rel(&ids.b); rel(&lens.arr.b);
+    return result;
+}
+
+/* ------------------------------------------------------------ packed rings */
+
+PyDoc_STRVAR(packed_run_doc,
+"packed_run(desc, size, pos, wrap, limit, out) -> (count, pos, wrap)\n"
+"\n"
+"The run of available one-descriptor buffers from pos (flags checked against\n"
+"the wrap counter, then the 16 bytes copied), up to limit of them, into out;\n"
+"stops before a buffer that is not available or is a longer chain.");
+
+static PyObject *packed_run(PyObject *self, PyObject *args) {
+    PyObject *o_desc, *o_out;
+    Py_ssize_t size, p, limit;
+    int w;
+    if (!PyArg_ParseTuple(args, "OnnpnO", &o_desc, &size, &p, &w, &limit, &o_out))
+        return NULL;
+    if (size < 1 || size > 32768 || p < 0 || p >= size || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "packed_run: bad size, position or limit");
+        return NULL;
+    }
+    buf_t desc = {0}, out = {0};
+    PyObject *result = NULL;
+    if (get_buf(o_desc, &desc, 0, 16 * size, "desc") < 0 ||
+        get_buf(o_out, &out, 1, 16 * limit, "out") < 0)
+        goto done;
+    {
+        uint8_t *dt = desc.view.buf, *o = out.view.buf;
+        uint16_t want = w ? F_AVAIL : F_USED;
+        Py_ssize_t k = 0;
+        PyThreadState *ts = limit >= NOGIL_ENTRIES ? PyEval_SaveThread() : NULL;
+        while (k < limit) {
+            uint8_t *d = dt + 16 * p;
+            uint16_t fl = __atomic_load_n((uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+            if ((fl & (F_AVAIL | F_USED | F_NEXT | F_INDIRECT)) != want)
+                break;
+            memcpy(o + 16 * k, d, 14);
+            memcpy(o + 16 * k + 14, &fl, 2); /* the flags that were checked */
+            k++;
+            if (++p == size) {
+                p = 0;
+                w ^= 1;
+                want = w ? F_AVAIL : F_USED;
+            }
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        result = Py_BuildValue("nni", k, p, w);
+    }
+done:
+    rel(&desc); rel(&out);
+    return result;
+}
+
+PyDoc_STRVAR(packed_take_doc,
+"packed_take(seg, counts, waddr, wlen, bounds, offsets) -> (region, shortest, longest, plain) | None\n"
+"\n"
+"The fast path of PackedQueue._simple over a run of raw descriptors seg: when no\n"
+"length is 0 and no id is in flight, mark each id with its position stamp; when\n"
+"no id repeats and every buffer lies in the first one's region, keep the marks\n"
+"(writable buffers as one writable descriptor with its gpa and length), fill the\n"
+"offsets and return. Otherwise undo the marks and return None.");
+
+static PyObject *packed_take(PyObject *self, PyObject *args) {
+    PyObject *o_seg, *o_counts, *o_waddr, *o_wlen, *o_bounds, *o_off;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &o_seg, &o_counts, &o_waddr, &o_wlen, &o_bounds,
+                          &o_off))
+        return NULL;
+    buf_t seg = {0}, counts = {0}, waddr = {0}, wlen = {0}, bounds = {0}, off = {0};
+    PyObject *result = NULL;
+    if (get_buf(o_seg, &seg, 0, 0, "seg") < 0 ||
+        get_buf(o_counts, &counts, 1, 4 * IDS, "counts") < 0 ||
+        get_buf(o_waddr, &waddr, 1, 8 * IDS, "waddr") < 0 ||
+        get_buf(o_wlen, &wlen, 1, 4 * IDS, "wlen") < 0 ||
+        get_buf(o_bounds, &bounds, 0, 0, "bounds") < 0)
+        goto done;
+    {
+        Py_ssize_t k = seg.view.len / 16;
+        if (k > 32768) {
+            PyErr_SetString(PyExc_ValueError, "packed_take: run longer than a ring");
+            goto done;
+        }
+        if (get_buf(o_off, &off, 1, 8 * k, "offsets") < 0)
+            goto done;
+        const uint8_t *s = seg.view.buf;
+        uint32_t *cn = counts.view.buf, *wl = wlen.view.buf;
+        uint64_t *wa = waddr.view.buf;
+        int64_t *of = off.view.buf;
+        const uint64_t *bd = bounds.view.buf;
+        Py_ssize_t nreg = bounds.view.len / 16, region = -1;
+        uint32_t shortest = 0xFFFFFFFFu, longest = 0;
+        uint16_t orflags = 0;
+        int fast = k > 0, stamped = 0;
+        PyThreadState *ts = k >= NOGIL_ENTRIES ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint32_t ln = ld32(s + 16 * i + 8);
+            if (ln < shortest) shortest = ln;
+            if (ln > longest) longest = ln;
+            orflags |= ld16(s + 16 * i + 14);
+            if (cn[ld16(s + 16 * i + 12)])
+                fast = 0;
+        }
+        if (fast && shortest > 0) {
+            stamped = 1;
+            for (Py_ssize_t i = 0; i < k; i++) /* a repeated id keeps only its last stamp */
+                cn[ld16(s + 16 * i + 12)] = ((uint32_t)(i + 1) << 17) | 1;
+            for (Py_ssize_t i = 0; i < k && fast; i++)
+                if (cn[ld16(s + 16 * i + 12)] != (((uint32_t)(i + 1) << 17) | 1))
+                    fast = 0;
+        } else {
+            fast = 0;
+        }
+        if (fast) {
+            uint64_t start = 0, end = 0, maxoff = 0;
+            region = region_of(bd, nreg, ld64(s), &start, &end);
+            if (region < 0) {
+                fast = 0;
+            } else {
+                for (Py_ssize_t i = 0; i < k; i++) {
+                    uint64_t o = ld64(s + 16 * i) - start;
+                    of[i] = (int64_t)o;
+                    if (o > maxoff) maxoff = o;
+                }
+                uint64_t span = end - start;
+                if (maxoff > span || longest > span - maxoff)
+                    fast = 0;
+            }
+        }
+        int plain = !(orflags & F_WRITE);
+        if (fast && !plain) {
+            for (Py_ssize_t i = 0; i < k; i++) {
+                uint16_t id = ld16(s + 16 * i + 12);
+                if (ld16(s + 16 * i + 14) & F_WRITE) {
+                    cn[id] = 1 | (1u << 16);
+                    wa[id] = ld64(s + 16 * i);
+                    wl[id] = ld32(s + 16 * i + 8);
+                } else {
+                    cn[id] = 1;
+                }
+            }
+        }
+        if (!fast && stamped)
+            for (Py_ssize_t i = 0; i < k; i++)
+                cn[ld16(s + 16 * i + 12)] = 0;
+        if (ts)
+            PyEval_RestoreThread(ts);
+        if (fast)
+            result = Py_BuildValue("nkkO", region, (unsigned long)shortest,
+                                   (unsigned long)longest, plain ? Py_True : Py_False);
+        else
+            result = Py_NewRef(Py_None);
+    }
+done:
+    rel(&seg); rel(&counts); rel(&waddr); rel(&wlen); rel(&bounds); rel(&off);
+    return result;
+}
+
+PyDoc_STRVAR(packed_used_doc,
+"packed_used(desc, size, next_used, used_wrap, ids, lens, counts, scratch, mode) -> int\n"
+"\n"
+"The store of PackedQueue.add_used_batch: one used descriptor per id at its\n"
+"chain's first slot (len, id, flags in one 8-byte word), the first one's word\n"
+"last with release order; the ids' in-flight counts cleared. mode 2: the ids\n"
+"are the last burst, untouched (distinct, each one descriptor); 1: the last\n"
+"burst (distinct); 0: anything (repeats checked with scratch). Returns the\n"
+"descriptors used, or -1 with nothing written when the pure path must decide\n"
+"(an id not in flight or repeated, a bad length, inputs not integer arrays).");
+
+static PyObject *packed_used(PyObject *self, PyObject *args) {
+    PyObject *o_desc, *o_ids, *o_lens, *o_counts, *o_scratch;
+    Py_ssize_t size, nu;
+    int uw, mode;
+    if (!PyArg_ParseTuple(args, "OnnpOOOOi", &o_desc, &size, &nu, &uw, &o_ids, &o_lens,
+                          &o_counts, &o_scratch, &mode))
+        return NULL;
+    if (size < 1 || size > 32768 || nu < 0 || nu >= size) {
+        PyErr_SetString(PyExc_ValueError, "packed_used: bad size or position");
+        return NULL;
+    }
+    buf_t desc = {0}, counts = {0}, scratch = {0};
+    ints_t ids;
+    lens_t lens;
+    memset(&lens, 0, sizeof(lens));
+    PyObject *result = NULL;
+    Py_ssize_t fallback = -1, total = 0;
+    int r = get_ints(o_ids, &ids);
+    if (r <= 0) {
+        if (r == 0) result = PyLong_FromSsize_t(fallback);
+        return result;
+    }
+    Py_ssize_t k = ids.n;
+    if ((r = get_lens(o_lens, k, &lens)) <= 0) {
+        if (r == 0) result = PyLong_FromSsize_t(fallback);
+        goto done;
+    }
+    if (get_buf(o_desc, &desc, 1, 16 * size, "desc") < 0 ||
+        get_buf(o_counts, &counts, 1, 4 * IDS, "counts") < 0 ||
+        get_buf(o_scratch, &scratch, 1, 4 * IDS, "scratch") < 0)
+        goto done;
+    {
+        uint32_t *cn = counts.view.buf, *sc = scratch.view.buf;
+        uint8_t *dt = desc.view.buf;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint64_t id = 0;
+            if (int_at(&ids, i, &id) < 0 || id >= IDS)
+                goto fall;
+            if (mode != 2) {
+                uint32_t c = cn[id] & 0xFFFF;
+                if (!c)
+                    goto fall;
+                total += c;
+            } else {
+                total += 1;
+            }
+        }
+        if (mode == 0) {
+            for (Py_ssize_t i = 0; i < k; i++) {
+                uint64_t id = 0;
+                (void)int_at(&ids, i, &id);
+                sc[id] = (uint32_t)(i + 1);
+            }
+            for (Py_ssize_t i = 0; i < k; i++) {
+                uint64_t id = 0;
+                (void)int_at(&ids, i, &id);
+                if (sc[id] != (uint32_t)(i + 1))
+                    goto fall;
+            }
+        }
+        if (total > size)
+            goto fall;
+        if (k) {
+            uint64_t first = 0;
+            Py_ssize_t pos = nu;
+            for (Py_ssize_t i = 0; i < k; i++) {
+                uint64_t id = 0;
+                (void)int_at(&ids, i, &id);
+                uint32_t c = mode == 2 ? 1 : (cn[id] & 0xFFFF);
+                Py_ssize_t at = pos >= size ? pos - size : pos;
+                int wrap = uw ^ (pos >= size);
+                uint32_t ln = len_at(&lens, i);
+                uint64_t word = (uint64_t)ln | id << 32 |
+                                (uint64_t)((wrap ? (F_AVAIL | F_USED) : 0) | (ln ? F_WRITE : 0))
+                                    << 48;
+                if (i == 0)
+                    first = word;
+                else
+                    st64(dt + 16 * at + 8, word);
+                cn[id] = 0;
+                pos += c;
+            }
+            /* the first flags word last: it publishes the burst */
+            __atomic_store_n((uint64_t *)(dt + 16 * nu + 8), first, __ATOMIC_RELEASE);
+        }
+        result = PyLong_FromSsize_t(total);
+        goto done;
+    fall:
+        result = PyLong_FromSsize_t(fallback);
+    }
+done:
+    rel(&desc); rel(&counts); rel(&scratch); rel(&ids.b); rel(&lens.arr.b);
+    return result;
+}
+
+/* ---------------------------------------------------------------- the sink */
+
+/* Adler-32 (RFC 1950), the value zlib.adler32 returns from its default start of 1. */
+static uint32_t adler32(const uint8_t *p, size_t n) {
+    uint32_t a = 1, b = 0;
+    while (n) {
+        size_t t = n < 5552 ? n : 5552; /* the most bytes before b can overflow 32 bits */
+        n -= t;
+        while (t--) {
+            a += *p++;
+            b += a;
+        }
+        a %= 65521;
+        b %= 65521;
+    }
+    return a | b << 16;
+}
+
+/* Checks every (offset, length) against the region before any byte is touched. */
+static int frames_inside(const ints_t *offs, const ints_t *lens, uint32_t one_len,
+                         Py_ssize_t k, Py_ssize_t skip, Py_ssize_t region_len,
+                         uint64_t *bytes) {
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        uint64_t o, n = one_len;
+        if (int_at(offs, i, &o) < 0 || (lens && int_at(lens, i, &n) < 0))
+            return 0;
+        if ((uint64_t)skip > n || o > (uint64_t)region_len || n > (uint64_t)region_len - o)
+            return 0;
+        total += n - skip;
+    }
+    *bytes = total;
+    return 1;
+}
+
+PyDoc_STRVAR(gather_rows_doc,
+"gather_rows(region, offsets, n, skip, out) -> bool\n"
+"\n"
+"Copy bytes skip..n of the n-byte buffers at offsets (an integer array) of region\n"
+"into out, one row of n - skip bytes each (the sink's copy of each frame).\n"
+"False, nothing copied, if a buffer is not inside the region.");
+
+static PyObject *gather_rows(PyObject *self, PyObject *args) {
+    PyObject *o_region, *o_offs, *o_out;
+    Py_ssize_t n, skip;
+    if (!PyArg_ParseTuple(args, "OOnnO", &o_region, &o_offs, &n, &skip, &o_out))
+        return NULL;
+    if (n < 0 || skip < 0 || skip > n || n > 0xFFFFFFFFLL) {
+        PyErr_SetString(PyExc_ValueError, "gather_rows: bad sizes");
+        return NULL;
+    }
+    buf_t region = {0}, out = {0};
+    ints_t offs;
+    PyObject *result = NULL;
+    int r = get_ints(o_offs, &offs);
+    if (r <= 0) {
+        if (r == 0) result = Py_NewRef(Py_False);
+        return result;
+    }
+    Py_ssize_t k = offs.n, width = n - skip;
+    uint64_t bytes = 0;
+    if (width && k > PY_SSIZE_T_MAX / width) {
+        PyErr_SetString(PyExc_ValueError, "gather_rows: too many rows");
+        goto done;
+    }
+    if (get_buf(o_region, &region, 0, 0, "region") < 0 ||
+        get_buf(o_out, &out, 1, k * width, "out") < 0)
+        goto done;
+    if (!frames_inside(&offs, NULL, (uint32_t)n, k, skip, region.view.len, &bytes)) {
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    {
+        const uint8_t *src = region.view.buf;
+        uint8_t *dst = out.view.buf;
+        PyThreadState *ts = bytes >= NOGIL_BYTES ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint64_t o = 0;
+            (void)int_at(&offs, i, &o);
+            memcpy(dst + i * width, src + o + skip, width);
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        result = Py_NewRef(Py_True);
+    }
+done:
+    rel(&region); rel(&out); rel(&offs.b);
+    return result;
+}
+
+PyDoc_STRVAR(adler32_rows_doc,
+"adler32_rows(rows, k, width) -> int\n"
+"\n"
+"Sum of the Adler-32 checksums (zlib.adler32 values) of the k rows of width\n"
+"bytes each in rows.");
+
+static PyObject *adler32_rows(PyObject *self, PyObject *args) {
+    PyObject *o_rows;
+    Py_ssize_t k, width;
+    if (!PyArg_ParseTuple(args, "Onn", &o_rows, &k, &width))
+        return NULL;
+    if (width < 0 || k < 0 || (width && k > PY_SSIZE_T_MAX / width)) {
+        PyErr_SetString(PyExc_ValueError, "adler32_rows: bad sizes");
+        return NULL;
+    }
+    buf_t rows = {0};
+    if (get_buf(o_rows, &rows, 0, k * width, "rows") < 0) {
+        rel(&rows);
+        return NULL;
+    }
+    unsigned long long sum = 0;
+    const uint8_t *p = rows.view.buf;
+    PyThreadState *ts = k * width >= NOGIL_BYTES ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t i = 0; i < k; i++)
+        sum += adler32(p + i * width, (size_t)width);
+    if (ts)
+        PyEval_RestoreThread(ts);
+    rel(&rows);
+    return PyLong_FromUnsignedLongLong(sum);
+}
+
+PyDoc_STRVAR(read_frames_doc,
+"read_frames(region, offsets, lens, skip, checksum) -> int | None\n"
+"\n"
+"Read bytes skip..len of each buffer (offsets and lens integer arrays, in one\n"
+"region): the sum of their Adler-32 checksums when checksum is true, else a copy\n"
+"of each (into a scratch buffer, the work a NIC's DMA does) and 0. None, nothing\n"
+"read, if a buffer is not inside the region or is shorter than skip.");
+
+static PyObject *read_frames(PyObject *self, PyObject *args) {
+    PyObject *o_region, *o_offs, *o_lens;
+    Py_ssize_t skip;
+    int checksum;
+    if (!PyArg_ParseTuple(args, "OOOnp", &o_region, &o_offs, &o_lens, &skip, &checksum))
+        return NULL;
+    buf_t region = {0};
+    ints_t offs, lens;
+    memset(&lens, 0, sizeof(lens));
+    PyObject *result = NULL;
+    uint8_t *scratch = NULL;
+    int r = get_ints(o_offs, &offs);
+    if (r <= 0) {
+        if (r == 0) result = Py_NewRef(Py_None);
+        return result;
+    }
+    if ((r = get_ints(o_lens, &lens)) <= 0 || lens.n != offs.n || skip < 0) {
+        if (r >= 0) result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (get_buf(o_region, &region, 0, 0, "region") < 0)
+        goto done;
+    Py_ssize_t k = offs.n;
+    uint64_t bytes = 0, longest = 0;
+    if (!frames_inside(&offs, &lens, 0, k, skip, region.view.len, &bytes)) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        uint64_t n = 0;
+        (void)int_at(&lens, i, &n);
+        if (n > longest) longest = n;
+    }
+    if (!checksum && longest && !(scratch = PyMem_RawMalloc((size_t)longest))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint8_t *src = region.view.buf;
+        unsigned long long sum = 0;
+        volatile uint8_t sink = 0;
+        PyThreadState *ts = bytes >= NOGIL_BYTES ? PyEval_SaveThread() : NULL;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            uint64_t o = 0, n = 0;
+            (void)int_at(&offs, i, &o);
+            (void)int_at(&lens, i, &n);
+            if (checksum) {
+                sum += adler32(src + o + skip, (size_t)(n - skip));
+            } else if (n > (uint64_t)skip) {
+                memcpy(scratch, src + o + skip, (size_t)(n - skip));
+                sink ^= scratch[n - skip - 1];
+            }
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        (void)sink;
+        result = PyLong_FromUnsignedLongLong(sum);
+    }
+done:
+    PyMem_RawFree(scratch);
+    rel(&region); rel(&offs.b); rel(&lens.b);
+    return result;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"split_pop", split_pop, METH_VARARGS, split_pop_doc},
+    {"split_used", split_used, METH_VARARGS, split_used_doc},
+    {"packed_run", packed_run, METH_VARARGS, packed_run_doc},
+    {"packed_take", packed_take, METH_VARARGS, packed_take_doc},
+    {"packed_used", packed_used, METH_VARARGS, packed_used_doc},
+    {"gather_rows", gather_rows, METH_VARARGS, gather_rows_doc},
+    {"adler32_rows", adler32_rows, METH_VARARGS, adler32_rows_doc},
+    {"read_frames", read_frames, METH_VARARGS, read_frames_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vhsm._speedups",
+    "The ring hot loops of vhsm in C (optional; vhsm.speedups picks the data path).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "source_sha256", VHSM_SOURCE_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,40 @@
+"""Types of the optional C accelerator (vhsm/_speedups.c); see vhsm.speedups."""
+
+from typing import Any
+
+source_sha256: str
+
+def split_pop(
+    avail: Any,
+    desc: Any,
+    bounds: Any,
+    next_avail: int,
+    size: int,
+    n: int,
+    heads: Any,
+    words: Any,
+    offsets: Any,
+) -> tuple[int, int, int] | None: ...
+def split_used(
+    used: Any, size: int, next_used: int, ids: Any, lens: Any, trusted: bool
+) -> bool: ...
+def packed_run(
+    desc: Any, size: int, pos: int, wrap: int, limit: int, out: Any
+) -> tuple[int, int, int]: ...
+def packed_take(
+    seg: Any, counts: Any, waddr: Any, wlen: Any, bounds: Any, offsets: Any
+) -> tuple[int, int, int, bool] | None: ...
+def packed_used(
+    desc: Any,
+    size: int,
+    next_used: int,
+    used_wrap: int,
+    ids: Any,
+    lens: Any,
+    counts: Any,
+    scratch: Any,
+    mode: int,
+) -> int: ...
+def gather_rows(region: Any, offsets: Any, n: int, skip: int, out: Any) -> bool: ...
+def adler32_rows(rows: Any, k: int, width: int) -> int: ...
+def read_frames(region: Any, offsets: Any, lens: Any, skip: int, checksum: bool) -> int | None: ...
