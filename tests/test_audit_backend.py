@@ -10,11 +10,13 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from vhsm.audit.backend_suite import BackendSuite, run_suite
-from vhsm.audit.report import Report
+from vhsm.audit.probe import Case
+from vhsm.audit.report import AuditFinding, CaseResult, Report, plural
 from vhsm.cli import main
 from vhsm.daemon import Listener, VhostUserDaemon
 from vhsm.devices.blk import BlkBackend
@@ -218,3 +220,65 @@ def test_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exc:
         main(["audit", "backend", "--socket", "x", "--timeout", "0"])
     assert exc.value.code == 2
+
+
+def test_only_matching_nothing_is_a_usage_error(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serving(RngBackend(), sock_dir / "rng.sock"):
+        argv = ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--only", "zzz"]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only 'zzz' matches no case" in err
+
+
+def test_failed_cases_are_findings_and_counts_agree_with_the_verdict() -> None:
+    report = Report("t")
+    report.cases += [
+        CaseResult("GET_FEATURES is answered", "VU-FRAME-010", "pass"),
+        CaseResult("F1 version bits 0", "VU-FRAME-001", "fail", "accepted"),
+        CaseResult("F2 reserved flag bits set", "VU-FRAME-002", "wedged", "no answer"),
+        CaseResult("F6 GET_FEATURES with a payload", "VU-FRAME-006", "rejected-cleanly"),
+        CaseResult("N1 x", "VU-NEG-001", "skipped", "not offered"),
+    ]
+    report.findings.append(
+        AuditFinding(
+            "VU-REQ-002", "acked then closed", "back-end", case="F6 GET_FEATURES with a payload"
+        )
+    )
+    findings = report.all_findings()
+    assert [(f.rule_id, f.case) for f in findings] == [
+        ("VU-REQ-002", "F6 GET_FEATURES with a payload"),
+        ("VU-FRAME-001", "F1 version bits 0"),
+        ("VU-FRAME-002", "F2 reserved flag bits set"),
+    ]
+    text = report.text()
+    assert "3 findings (2 MUST, 1 SHOULD, 0 INTEROP); 5 cases, 2 failed; verdict: FAIL" in text
+    assert "in case 'F1 version bits 0': fail: accepted (see https://" in text
+    assert json.loads(report.json())["findings"][1]["case"] == "F1 version bits 0"
+    suite = ElementTree.fromstring(report.junit())
+    names = [case.get("name") for case in suite]
+    assert names == [c.name for c in report.cases]  # one test case per case, no rule rows
+    assert suite.get("failures") == "3" and suite.get("skipped") == "1"
+    failed = {c.get("name") for c in suite if c.find("failure") is not None}
+    assert "F6 GET_FEATURES with a payload" in failed  # rejected cleanly, but a MUST finding
+
+
+def test_findings_of_a_live_run_name_their_case(sock_dir: Path) -> None:
+    with serving(RngBackend(), sock_dir / "rng.sock"):
+        suite = BackendSuite(sock_dir / "rng.sock", "rng", timeout=10.0)
+
+        def lying_case() -> tuple[str, str]:
+            suite.findings.append(AuditFinding("VU-REQ-002", "acked then closed", "back-end"))
+            return "rejected-cleanly", "closed"
+
+        suite.cases = lambda: [Case("my case", "VU-FRAME-006", lying_case)]  # type: ignore[method-assign]
+        report = suite.run()
+    assert [(f.rule_id, f.case) for f in report.findings] == [("VU-REQ-002", "my case")]
+    assert report.exit_status() == 1
+
+
+def test_plurals() -> None:
+    assert plural(0, "finding") == "0 findings"
+    assert plural(1, "finding") == "1 finding"
+    assert plural(2, "case") == "2 cases"

@@ -141,3 +141,49 @@ def test_relay_raw_events_with_a_rule_become_findings() -> None:
         },
     )
     assert audit(records) == ["VU-FRAME-005"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "\n\n",
+        '{"t": 0.0, "event": "open", "conn": 1}\n{"t": 0.1, "event": "close", "conn": 1}\n',
+    ],
+    ids=["empty", "blank", "no-message"],
+)
+def test_a_transcript_without_messages_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(content)
+    assert main(["audit", "trace", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no vhost-user message recorded" in err
+
+
+def test_a_transcript_cut_inside_a_record_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (DATA / "qemu72-blk.jsonl").read_text()
+    path = tmp_path / "cut.jsonl"
+    path.write_text(text[: len(text) // 2 - 7])
+    assert main(["audit", "trace", str(path)]) == 2
+    assert "not JSON" in capsys.readouterr().err
+
+
+def test_findings_are_printed_once_with_the_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    records = lines("qemu72-blk.jsonl")
+    reply = next(r for r in records if r.get("dir") == "B>F" and r["name"] == "GET_FEATURES")
+    reply["flags"], reply["need_reply"] = "0xd", True
+    path = tmp_path / "doctored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    caplog.set_level("WARNING")
+    assert main(["audit", "trace", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "VU-FRAME-009" not in err and not [r for r in caplog.records if "VU-" in r.message]
+    line = next(x for x in out.splitlines() if "VU-FRAME-009" in x)
+    assert "message #" in line and "(see https://" in line
+    assert "1 finding (1 MUST, 0 SHOULD, 0 INTEROP); verdict: FAIL" in out

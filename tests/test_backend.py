@@ -18,7 +18,7 @@ from vhsm.backend import (
     drain,
 )
 from vhsm.errors import BackendError
-from vhsm.wire import VirtioFeature
+from vhsm.wire import ProtocolFeature, VirtioFeature
 
 
 class Echo(VhostUserBackend):
@@ -119,3 +119,61 @@ def test_mut_backend_serialises_every_hook() -> None:
     assert counter.value == 80
     assert getattr(Counter.features, "_vhsm_locked", False)
     assert "handle_event" in HOOK_NAMES and "ring_started" in HOOK_NAMES
+
+
+class RustVmmConfig(VhostUserBackend):
+    """Config hooks written the rust-vmm way: no flags on set_config."""
+
+    def __init__(self) -> None:
+        self.space = bytearray(b"0123456789abcdef")
+
+    def num_queues(self) -> int:
+        return 1
+
+    def max_queue_size(self) -> int:
+        return 64
+
+    def features(self) -> int:
+        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+
+    def protocol_features(self) -> int:
+        return int(ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(self.space[offset : offset + size])
+
+    def set_config(self, offset: int, buf: bytes) -> None:  # type: ignore[override]
+        self.space[offset : offset + len(buf)] = buf
+
+    def handle_event(self, device_event: int, evset: int, vrings: Any, thread_id: int) -> None:
+        drain(vrings[device_event], lambda chain: 0)
+
+
+class FlagsConfig(RustVmmConfig):
+    """Config hooks that want the flags, on both sides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flags: list[int] = []
+
+    def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:  # type: ignore[override]
+        self.flags.append(flags)
+        return super().get_config(offset, size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:  # type: ignore[override]
+        self.flags.append(flags)
+        super().set_config(offset, data)
+
+
+def test_config_hooks_without_flags_are_called_without_them(frontend: Any) -> None:
+    fe = frontend(RustVmmConfig(), size=64)
+    fe.set_config(4, b"XY")
+    assert fe.get_config(2, 6) == b"23XY67"
+
+
+def test_config_hooks_with_flags_receive_them(frontend: Any) -> None:
+    backend = FlagsConfig()
+    fe = frontend(backend, size=64)
+    fe.set_config(0, b"Z", flags=1)
+    assert fe.get_config(0, 2) == b"Z1"
+    assert backend.flags == [1, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import socket
@@ -566,3 +567,134 @@ def test_listener_mode_stale_live_and_foreign_paths(sock_path) -> None:
     assert sock_path.read_text() == "not a socket"
     with pytest.raises(VhsmError, match="cannot listen"):
         Listener(sock_path.parent / "missing" / "vu.sock")
+
+
+# --- internal errors and what they keep ----------------------------------------------------
+def mapped_guest_regions() -> list[str]:
+    """Lines of /proc/self/maps naming a front-end guest memfd (vhsm.frontend names them)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "vhsm-guest-" in line]
+
+
+def test_internal_error_is_kept_as_a_summary_not_with_its_frames(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception kept with its traceback pinned the session's guest mappings."""
+    _, daemon, path = served
+    from vhsm.session import Session
+
+    def broken(self: Any, msg: Any) -> Any:
+        raise RuntimeError("a bug in the daemon, on purpose")
+
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        monkeypatch.setattr(Session, "handle", broken)
+        fe.send(make_request(FrontendReq.GET_FEATURES))
+        assert fe.expect_closed(WAIT)
+    monkeypatch.undo()
+    wait_until(lambda: not daemon.serving)
+    wait_until(lambda: daemon.last_error is not None)
+    assert daemon.last_error == "RuntimeError: a bug in the daemon, on purpose"
+    gc.collect()
+    assert mapped_guest_regions() == [], "guest memory stayed mapped after the front-end left"
+    assert not daemon.failed
+    with connect(path) as again:
+        again.start(queues=1, size=64)
+        assert upper(again, 0, b"served") == b"SERVED"
+
+
+def test_region_ending_at_2_64_is_refused_not_an_internal_error(served, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vhsm")
+    from vhsm.wire import VhostUserMemory, VhostUserU64, VhostUserVringAddr
+    from vhsm.wire.payloads import VhostUserMemoryRegion
+
+    _, daemon, path = served
+    top = (1 << 64) - (1 << 20)
+    fd = os.memfd_create("top", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 20)
+    try:
+        with connect(path) as fe:
+            fe.negotiate()
+            region = VhostUserMemoryRegion(top, 1 << 20, 0x7F00_0000_0000, 0)
+            reply = fe.request(
+                FrontendReq.SET_MEM_TABLE, VhostUserMemory([region]), fds=[fd], need_reply=True
+            )
+            assert reply is not None and reply.payload == VhostUserU64(1)
+            fe.call(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 64))
+            uva = 0x7F00_0000_0000
+            addr = VhostUserVringAddr(0, 0, uva, uva + 4096, uva + 8192, 0)
+            reply = fe.request(FrontendReq.SET_VRING_ADDR, addr, need_reply=True)
+            assert reply is not None and reply.payload == VhostUserU64(1)
+            assert fe.get_features()  # still connected
+    finally:
+        os.close(fd)
+    assert "VU-MEM-004" in caplog.text
+    assert daemon.last_error is None
+
+
+# --- a patient but bounded listener ---------------------------------------------------------
+@pytest.fixture
+def impatient(sock_path: Path) -> Iterator[tuple[VhostUserDaemon, Path]]:
+    daemon = VhostUserDaemon("impatient", UpperBackend(), handshake_timeout=0.3)
+    daemon.start(Listener(sock_path))
+    yield daemon, sock_path
+    daemon.stop()
+
+
+def raw_connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.connect(str(path))
+    sock.settimeout(WAIT)
+    return sock
+
+
+SET_FEATURES_HEADER = struct.pack("<III", int(FrontendReq.SET_FEATURES), 1, 8)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", SET_FEATURES_HEADER[:5], SET_FEATURES_HEADER],
+    ids=["nothing", "half-a-header", "header-without-payload"],
+)
+def test_a_silent_or_stalled_client_does_not_keep_others_out(impatient, caplog, sent) -> None:
+    """A client that sends nothing, or stops inside a message, is closed in time."""
+    caplog.set_level(logging.INFO, logger="vhsm")
+    daemon, path = impatient
+    with raw_connect(path) as silent:
+        silent.sendall(sent)
+        with connect(path) as fe:  # served once the silent one timed out, not refused
+            fe.start(queues=1, size=64)
+            assert upper(fe, 0, b"served") == b"SERVED"
+        assert silent.recv(1) == b""
+    assert "VU-FRAME-011" in caplog.text
+    assert daemon.last_error is None
+
+
+def test_an_idle_front_end_is_not_timed_out(impatient) -> None:
+    """After its first message a front-end may be silent as long as it likes."""
+    _, path = impatient
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        threading.Event().wait(0.8)  # longer than the hand-shake timeout
+        assert upper(fe, 0, b"still here") == b"STILL HERE"
+        with connect(path) as second:  # the served front-end spoke: the newcomer is refused
+            assert second.expect_closed(WAIT)
+
+
+def test_handshake_timeout_must_be_positive() -> None:
+    with pytest.raises(VhsmError, match="hand-shake timeout"):
+        VhostUserDaemon("bad", UpperBackend(), handshake_timeout=0)
+
+
+def test_socket_mode_is_set_without_touching_the_path(sock_path, monkeypatch) -> None:
+    """chmod() after bind() follows a symlink swapped in by a writer of the directory."""
+    calls: list[object] = []
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(os, "lchmod", lambda *a, **k: calls.append(a), raising=False)
+    old = os.umask(0)
+    try:
+        with Listener(sock_path):
+            assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert calls == [], "the socket's mode was changed through its path"

@@ -417,7 +417,8 @@ def test_memory_table_replaced_during_io(echo: Any) -> None:
 def test_call_fd_replaced_during_io(echo: Any) -> None:
     _, daemon, path = echo
     fds = open_fds()
-    with Frontend.connect(path, timeout=WAIT) as fe:
+    # Calls signalled on the old fd while it is swapped are lost by design: not strict.
+    with Frontend.connect(path, timeout=WAIT, strict=False) as fe:
         fe.start(queues=1, size=256)
         vq = fe.vring(0)
         for round_ in range(30):

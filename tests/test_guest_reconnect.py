@@ -2,17 +2,22 @@
 
 QEMU's chardev has ``reconnect=1``: when the back-end dies QEMU stops the device, and on
 the new connection it hands the new daemon the same inflight region, whose requests the
-daemon resubmits. The guest writes with four concurrent O_DIRECT writers while the
-daemon is killed; every write is read back in the guest and checked in the image.
+daemon resubmits. Four concurrent O_DIRECT writers run in the guest; the first daemon
+holds one write without completing it (tests/guest/hold_write.py), so the SIGKILL
+certainly leaves a request in flight. Every write is read back in the guest and
+checked in the image, and the second daemon must report the resubmission.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from guest.harness import (
+    BackendProcess,
     GuestEnv,
     require_guest_env,
     short_socket_dir,
@@ -20,11 +25,13 @@ from guest.harness import (
     vhost_user_blk,
 )
 from guest.initramfs import build_initramfs
-from guest.serve import require_serve, serve_blk_argv
-from guest.vm import start_guest
+from guest.serve import HOLD_WRITE, require_serve, serve_blk_argv
+from guest.vm import GuestStopped, RunningGuest, start_guest
 from guest.writers import WriterPlan
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
+
+RESUBMITTED = re.compile(r"ring 0: (\d+) requests resubmitted from the inflight region")
 
 
 @pytest.fixture
@@ -39,30 +46,45 @@ def sock_dir() -> Iterator[Path]:
         yield path
 
 
+def wait_for_log(backend: BackendProcess, text: str, guest: RunningGuest, timeout: float) -> None:
+    """Wait until the back-end printed ``text``, while the guest runs."""
+    deadline = time.monotonic() + timeout
+    while text not in backend.log():
+        if not guest.alive() or not backend.alive() or time.monotonic() > deadline:
+            raise GuestStopped(f"back-end never printed {text!r}\n{guest.report()}")
+        time.sleep(0.1)
+
+
 def test_blk_guest_survives_sigkill_of_vhsm(
     guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
 ) -> None:
     plan = WriterPlan()
     image = plan.prepare_image(tmp_path / "disk.img")
     sock = sock_dir / "blk.sock"
-    argv = serve_blk_argv(image, sock)
+    held_sector = ((plan.writers - 1) * plan.writes + 3) * plan.block // 512
     work = tmp_path / "guest"
     work.mkdir()
     initramfs = build_initramfs(
         guest_env.kernel, plan.script(), work / "initramfs.cpio", busybox=guest_env.busybox
     )
-    first = start_backend(argv, sock, tmp_path / "vhsm-1.log")
+    first = start_backend(
+        serve_blk_argv(image, sock, vhsm=[*HOLD_WRITE, str(held_sector)]),
+        sock,
+        tmp_path / "vhsm-1.log",
+    )
     backends = [first]
     try:
         guest = start_guest(guest_env, initramfs, work, devices=[vhost_user_blk(sock, reconnect=1)])
         try:
-            # Kill while the writers are busy: each has done a few of its writes.
-            guest.wait_for_line(plan.progress_line(plan.writers - 1, 3), timeout=180)
+            wait_for_log(first, f"HOLDING write at sector {held_sector}", guest, timeout=180)
             first.proc.kill()
-            before_kill = guest.output()
             first.proc.wait()
-            backends.append(start_backend(argv, sock, tmp_path / "vhsm-2.log"))
-            guest.backends = [backends[-1]]
+            before_kill = guest.output()
+            second = start_backend(
+                serve_blk_argv(image, sock, "--log-level", "INFO"), sock, tmp_path / "vhsm-2.log"
+            )
+            backends.append(second)
+            guest.backends = [second]
             result = guest.result(guest.wait_exit(timeout=300))
         finally:
             guest.kill()
@@ -72,8 +94,10 @@ def test_blk_guest_survives_sigkill_of_vhsm(
     assert first.proc.returncode == -9
     assert plan.verify_image(image, result) == plan.writers * plan.writes
     assert result.values["verified"] == "ok"
-    # Writes finished after the kill went through the restarted daemon.
+    # The held write, and the rest, completed after the kill (through the new daemon).
     assert writes_after_kill(result.output, before_kill) > 0, result.report()
+    resubmitted = RESUBMITTED.search(second.log())
+    assert resubmitted is not None and int(resubmitted.group(1)) >= 1, result.report()
     for backend in backends:
         assert "Traceback" not in backend.log(), result.report()
 

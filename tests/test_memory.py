@@ -162,6 +162,10 @@ def test_short_memfd_refused_before_mapping(monkeypatch: pytest.MonkeyPatch) -> 
         ([Region((1 << 64) - 0x800, 0x1000, UVA, 0)], "VU-MEM-004", "region[0].guest_phys_addr"),
         ([Region(0, 0x1000, (1 << 64) - 1, 0)], "VU-MEM-004", "region[0].userspace_addr"),
         ([Region(0, 0x1000, UVA, (1 << 64) - 1)], "VU-MEM-004", "region[0].mmap_offset"),
+        # ending exactly at 2**64: the end address does not fit in 64 bits (ring set-up
+        # used to fail on it with an OverflowError, an internal error)
+        ([Region((1 << 64) - 0x1000, 0x1000, UVA, 0)], "VU-MEM-004", "region[0].guest_phys_addr"),
+        ([Region(0, 0x1000, (1 << 64) - 0x1000, 0)], "VU-MEM-004", "region[0].userspace_addr"),
         (
             [Region(0, 0x2000, UVA, 0), Region(0x1000, 0x1000, UVA + 0x10000, 0)],
             "VU-MEM-005",

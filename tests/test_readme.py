@@ -8,6 +8,10 @@ passes and which passes `vhsm audit backend`.
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +66,29 @@ def test_tutorial_device_passes_its_own_tests(pytester: pytest.Pytester) -> None
 
 
 def test_tutorial_device_passes_the_backend_audit(
-    vhost_user_backend: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """As the tutorial says: `vhsm serve seeded_rng:SeededRng`, then `vhsm audit backend`."""
     from vhsm.cli import main
+    from vhsm.frontend import Frontend
 
-    namespace: dict[str, Any] = {"__name__": "seeded_rng"}
-    exec(compile(example("tutorial-device", TUTORIAL), "tutorial:device", "exec"), namespace)
-    running = vhost_user_backend(namespace["SeededRng"](seed=3))
-    status = main(["audit", "backend", "--socket", str(running.path), "--device", "rng"])
-    out = capsys.readouterr().out
+    (tmp_path / "seeded_rng.py").write_text(example("tutorial-device", TUTORIAL))
+    with tempfile.TemporaryDirectory(prefix="vhsm-tut-", dir="/tmp") as short:
+        path = Path(short) / "seeded-rng.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhsm", "serve", "seeded_rng:SeededRng", "--socket", str(path)],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            Frontend.connect(path, retry_for=20.0).close()  # wait until it listens
+            status = main(["audit", "backend", "--socket", str(path), "--device", "rng"])
+            out = capsys.readouterr().out
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20.0)
     assert status == 0, out
     assert "verdict: PASS" in out
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

@@ -86,6 +86,55 @@ def test_path_is_not_a_socket(capsys, workdir) -> None:
     assert path.read_text() == "keep me"
 
 
+def test_socket_path_too_long(capsys, workdir) -> None:
+    path = workdir / ("s" * 120)
+    err = one_line_error(capsys, ["serve", "rng", "--socket", str(path)])
+    assert "cannot listen" in err and "too long" in err
+
+
+def test_stale_socket_that_cannot_be_removed(capsys, workdir, monkeypatch) -> None:
+    """A stale socket in a directory we may not write: one line, not a traceback."""
+    path = workdir / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # root ignores a read-only directory's mode
+    err = one_line_error(capsys, ["serve", "rng", "--socket", str(path)])
+    assert "cannot remove the stale socket" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "4000"])
+def test_handshake_timeout_out_of_range(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "rng", "--socket", "s", "--handshake-timeout", value])
+    assert "--handshake-timeout" in capsys.readouterr().err
+
+
+def test_a_silent_client_is_dropped_and_sigterm_exits_0(workdir) -> None:
+    path = workdir / "silent.sock"
+    proc = serve("rng", "--socket", str(path), "--handshake-timeout", "0.5")
+    try:
+        with connect(path) as first:
+            first.get_features()
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))
+        silent.settimeout(WAIT)
+        with connect(path) as fe:  # waits behind the silent one for 0.5 s at most
+            fe.start(queues=1, size=64)
+            assert len(RngDevice(fe).read(16)) == 16
+        assert silent.recv(1) == b"", "the silent client was not disconnected"
+        silent.close()
+    finally:
+        code, err = finish(proc)
+    assert code == 0, err
+    assert "VU-FRAME-011" in err
+    assert "Traceback" not in err
+
+
 def test_help_lists_devices_and_options() -> None:
     out = subprocess.run(
         [*VHSM, "serve", "blk", "--help"], capture_output=True, text=True, timeout=WAIT
@@ -221,3 +270,87 @@ def test_net_loopback(workdir) -> None:
     finally:
         code, err = finish(proc)
     assert code == 0, err
+
+
+# --- your own back-end: MODULE:CLASS ---------------------------------------------------------
+OWN_DEVICE = """
+import os
+from vhsm.backend import VhostUserBackend, drain
+from vhsm.wire import ProtocolFeature, VirtioFeature
+
+
+class Zeros(VhostUserBackend):
+    def num_queues(self):
+        return 1
+
+    def max_queue_size(self):
+        return 256
+
+    def features(self):
+        return int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+
+    def protocol_features(self):
+        return int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK)
+
+    def handle_event(self, device_event, evset, vrings, thread_id):
+        drain(vrings[0], lambda chain: chain.writable_len)
+
+
+def not_a_backend():
+    return 42
+"""
+
+
+@pytest.mark.parametrize("form", ["module", "file"])
+def test_own_backend_is_served_like_the_reference_devices(workdir, form) -> None:
+    (workdir / "zeros_device.py").write_text(OWN_DEVICE)
+    path = workdir / "own.sock"
+    spec = "zeros_device:Zeros" if form == "module" else f"{workdir}/zeros_device.py:Zeros"
+    proc = subprocess.Popen(
+        [*VHSM, "serve", spec, "--socket", str(path), "--busy-poll-us", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+    )
+    try:
+        for _ in range(2):  # across reconnects
+            with connect(path) as fe:
+                fe.start(queues=1, size=64)
+                assert RngDevice(fe).read(16) == bytes(16)
+    finally:
+        code, err = finish(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert not path.exists()
+    assert f"vhsm serve: serving zeros_device:Zeros on {path}" in err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_module_here:X", "cannot import no_such_module_here: ModuleNotFoundError"),
+        ("zeros_device:Nope", "module zeros_device has no 'Nope'"),
+        ("zeros_device:not_a_backend", "not_a_backend() gave a int, not a VhostUserBackend"),
+        ("zeros_device:os", "os is not a class or a factory"),
+        ("missing_dir/x.py:Zeros", "no file missing_dir/x.py"),
+        (":Zeros", "expected MODULE:CLASS"),
+    ],
+)
+def test_own_backend_errors_are_one_line(capsys, workdir, monkeypatch, spec, message) -> None:
+    (workdir / "zeros_device.py").write_text(OWN_DEVICE)
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    err = one_line_error(capsys, ["serve", spec, "--socket", str(workdir / "s")])
+    assert message in err
+    assert not (workdir / "s").exists()
+
+
+def test_start_up_line_names_the_reference_device(workdir) -> None:
+    path = workdir / "rng.sock"
+    proc = serve("rng", "--socket", str(path))
+    with connect(path) as fe:
+        fe.get_features()
+    code, err = finish(proc)
+    assert code == 0, err
+    assert f"vhsm serve: serving rng on {path}" in err.splitlines()

@@ -7,7 +7,7 @@ import pytest
 from virtq_support import BUF_GPA, MEM_SIZE, make_memory
 
 from vhsm.dirtylog import DirtyLog
-from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.errors import GuestMemoryError, VhsmError, VirtqError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq import PackedDriver, SplitDriver
 from vhsm.vring import RwLock, VringMutex, VringRwLock, VringState, VringT
@@ -237,3 +237,24 @@ def test_needs_notification_then_signal_notifies_once(features: int) -> None:
     assert vring.needs_notification() is True  # asking again does not use it up
     assert vring.signal_used_queue() is True and eventfd_count(call) == 1
     assert vring.needs_notification() is False  # nothing new since the signal
+
+
+@pytest.mark.parametrize("cls", [VringMutex, VringRwLock])
+def test_rust_vmm_forms_reach_the_queue(cls: type) -> None:
+    """`get_ref()/get_mut()` then `get_queue()/get_queue_mut()`, and `set_queue_ready()`."""
+    mem = make_memory()
+    drv, vring = configured(mem, 0, cls)
+    drv.add_chain([(BUF_GPA, 8)], [])
+    with vring.get_ref() as state:
+        assert state.get_queue() is state.queue
+    with vring.get_mut() as state:
+        queue = state.get_queue_mut()
+        assert queue is state.queue and queue.has_available()
+    vring.set_queue_ready(True)
+    with vring.get_ref() as state:
+        assert state.queue_ready() and state.started
+    vring.set_queue_ready(False)
+    assert not vring.started
+    empty = VringState(mem, 256, index=5)
+    with pytest.raises(VhsmError, match="ring 5 has no queue yet"):
+        empty.get_queue()

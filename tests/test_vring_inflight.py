@@ -119,7 +119,7 @@ def cycle(rig: Rig, vring: VringMutex, n: int) -> None:
 @pytest.mark.parametrize("warm", [0, 12, 29])
 def test_only_uncompleted_requests_come_back_in_order(rig: Rig, warm: int) -> None:
     vring = rig.vring()
-    vring.set_inflight(rig.attach())
+    assert vring.set_inflight(rig.attach()) == 0  # nothing recorded yet
     cycle(rig, vring, warm)  # 12 and 29: the crash state straddles the ring's end
     texts = [b"alpha chain", b"bravo", b"charlie indirect", b"delta in three"]
     heads = [
@@ -140,7 +140,7 @@ def test_only_uncompleted_requests_come_back_in_order(rig: Rig, warm: int) -> No
     # "crash": the back-end loses the vring; a new one over the same ring and buffer
     del vring
     fresh = rig.vring(base=rig.resume_base())
-    fresh.set_inflight(rig.attach())
+    assert fresh.set_inflight(rig.attach()) == 2  # A and C, to be served again
     again = [fresh.pop(), fresh.pop()]
     assert fresh.pop() is None  # not read from the ring a second time
     assert [c.head for c in again if c is not None] == [heads[0], heads[2]]

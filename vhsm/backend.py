@@ -10,6 +10,7 @@ own state freely.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -81,11 +82,19 @@ class VhostUserBackend:
 
     # --- configuration -----------------------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:
-        """Return `size` bytes of device config space from `offset` (zeros by default)."""
+        """Return `size` bytes of device config space from `offset` (zeros by default).
+
+        An override may also take a third argument, the request's flags
+        (`get_config(offset, size, flags)`); the session passes them only then.
+        """
         return bytes(size)
 
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        """Write device config space; refuse read-only fields unless flags says migration."""
+        """Write device config space; refuse read-only fields unless flags says migration.
+
+        An override may leave `flags` out, as rust-vmm's `set_config(offset, buf)`
+        does; the session passes the flags only to a hook that takes them.
+        """
         raise BackendError("device config space is read-only")
 
     def update_memory(self, memory: GuestMemoryAtomic) -> None:
@@ -203,6 +212,34 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper._vhsm_locked = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def get_config(backend: VhostUserBackend, offset: int, size: int, flags: int) -> bytes:
+    """Call `backend.get_config`, with `flags` only when the hook takes them."""
+    if _takes_flags(type(backend).get_config):
+        return backend.get_config(offset, size, flags)  # type: ignore[call-arg]
+    return backend.get_config(offset, size)
+
+
+def set_config(backend: VhostUserBackend, offset: int, data: bytes, flags: int) -> None:
+    """Call `backend.set_config`, with `flags` only when the hook takes them."""
+    if _takes_flags(type(backend).set_config):
+        backend.set_config(offset, data, flags)
+    else:
+        backend.set_config(offset, data)  # type: ignore[call-arg]
+
+
+@functools.cache
+def _takes_flags(hook: Callable[..., Any]) -> bool:
+    """Whether a config hook accepts a third argument after (self, offset, size/data)."""
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4
 
 
 def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:

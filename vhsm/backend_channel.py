@@ -79,7 +79,9 @@ class BackendChannel:
     ) -> None:
         self._sock = socket.socket(fileno=fd)
         self._suspended = suspended
-        self._sock.setblocking(True)
+        # a front-end that stops reading must not hold a sender (a worker) forever:
+        # a send that cannot complete within the timeout breaks the channel
+        self._sock.settimeout(timeout)
         self._features = protocol_features
         self.timeout = timeout
         self._lock = threading.Lock()

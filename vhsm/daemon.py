@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
 from vhsm.memory import GuestMemoryAtomic
 from vhsm.session import Session, StateListener
+from vhsm.signals import stop_on_signals
 from vhsm.transport import MessageReader, PeerClosed, send_message
 from vhsm.wire import Decoder, ProtocolFeature
 
@@ -37,6 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Pending connections the kernel queues while one front-end is being served.
+LISTEN_BACKLOG = 64
+#: Seconds a new connection may stay silent before its first message, or stop inside
+#: a message, before it is closed (VU-FRAME-011): a silent client would otherwise keep
+#: every other front-end out. Real front-ends send their first request at once.
+HANDSHAKE_TIMEOUT = 5.0
+#: Pause before accepting again when out of fds or memory (seconds).
+ACCEPT_RETRY = 0.5
 #: Client mode: first and largest pause between connection attempts (seconds).
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
@@ -47,19 +57,21 @@ class Listener:
 
     An existing path is replaced only when it is a stale socket (nobody
     listening); a live socket raises "socket in use", anything else raises too.
+    Every failure is a VhsmError with a one-line message.
+
+    The mode is set on the socket before `bind()` creates the file (Linux gives
+    the file the socket's mode, less the umask), so the file is 0600 from its
+    first instant and nothing is ever changed through the path: a writer of the
+    directory cannot swap in a symlink and have another file's mode changed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, backlog: int = 4) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, backlog: int = LISTEN_BACKLOG) -> None:
         self.path = Path(path)
         _remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)  # the file is 0600 from bind() on: no window for others
         try:
-            try:
-                sock.bind(str(self.path))
-            finally:
-                os.umask(old_umask)
-            os.chmod(self.path, 0o600)
+            os.fchmod(sock.fileno(), 0o600)
+            sock.bind(str(self.path))
             sock.listen(backlog)
         except OSError as err:
             sock.close()
@@ -109,13 +121,24 @@ def _remove_stale(path: Path) -> None:
         probe.connect(str(path))
     except ConnectionRefusedError:
         log.info("removing stale socket %s", path)
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as err:
+            raise VhsmError(
+                f"cannot remove the stale socket {path}: {err.strerror or err}"
+            ) from err
         return
     except OSError as err:
         raise VhsmError(f"cannot probe {path}: {err.strerror or err}") from err
     finally:
         probe.close()
     raise VhsmError(f"socket in use: {path} (another back-end is listening)")
+
+
+def describe(backend: VhostUserBackend) -> str:
+    """Name a back-end for start-up lines: its class, with the module it comes from."""
+    cls = type(backend)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 class ShutdownHandle:
@@ -136,6 +159,8 @@ class VhostUserDaemon:
         name: shown in thread names and logs.
         backend: the device.
         memory: the guest memory holder shared with the device (created when omitted).
+        handshake_timeout: seconds a front-end may stay silent after connecting, or
+            stop in the middle of a message, before it is disconnected (None: no limit).
     """
 
     def __init__(
@@ -143,8 +168,14 @@ class VhostUserDaemon:
         name: str,
         backend: VhostUserBackend,
         memory: GuestMemoryAtomic | None = None,
+        *,
+        handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     ) -> None:
+        if handshake_timeout is not None and not handshake_timeout > 0:
+            raise VhsmError(f"hand-shake timeout must be positive, not {handshake_timeout}")
         self.name = name
+        self.handshake_timeout = handshake_timeout
+        self._greeted = threading.Event()  # the served connection sent a whole message
         self.backend = backend
         self.memory = memory if memory is not None else GuestMemoryAtomic()
         self.plane = DevicePlane(backend, self.memory)
@@ -159,7 +190,12 @@ class VhostUserDaemon:
         self._stopped = False
         self._closing = False  # the current connection ended; its reset is running
         self.connections = 0
-        self.last_error: BaseException | None = None
+        #: A one-line summary of the last internal error (a bug, never a peer's doing):
+        #: kept as text, not as the exception, whose frames would pin the session's
+        #: guest mappings long after the front-end left.
+        self.last_error: str | None = None
+        #: Set when the daemon itself stopped on an internal error (not one session).
+        self.failed = False
         #: Added to every new session's `listeners` (state changes, for demos and audits).
         self.session_listeners: list[StateListener] = []
 
@@ -201,14 +237,33 @@ class VhostUserDaemon:
         self._spawn(self._client_loop, f"{self.name}-client", Path(path), sock, once)
 
     def serve(self, path: str | os.PathLike[str], *, once: bool = False) -> None:
-        """Listen at `path` and serve until stopped (or, with `once`, one connection)."""
-        listener = Listener(path)
+        """Listen at `path` and serve until stopped (or, with `once`, one connection).
+
+        Meant for a script's main: in the main thread, SIGINT and SIGTERM stop
+        the daemon cleanly (connection closed, threads joined, socket removed)
+        and `serve` returns; it prints one line saying what is served where. A
+        path it cannot listen on (a socket in use, a missing directory, a file
+        that is not a socket) ends the process with that one line as the error
+        (`SystemExit`) instead of a traceback; in other threads it raises
+        `VhsmError`.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            listener = Listener(path)
+        except VhsmError as err:
+            if main:
+                raise SystemExit(f"{self.name}: {err}") from None
+            raise
         self._own_listener = True
+        restore = stop_on_signals(self.shutdown_handle().shutdown)
         try:
             self.start(listener, once=once)
-            self.wait()
+            print(f"{self.name}: serving {describe(self.backend)} on {path}", file=sys.stderr)
+            while not self.wait(0.5):
+                pass
         finally:
             self.stop()
+            restore()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon ended (stop, shutdown handle, or `once` done); True if so."""
@@ -273,9 +328,14 @@ class VhostUserDaemon:
                 except OSError as err:
                     if err.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
                         continue
+                    if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._starved(err)
+                        continue
                     raise
                 if active is not None and active.is_alive() and _ending(self._closing, active_sock):
                     active.join()  # the old front-end is gone, its reset runs: serve the new one
+                if active is not None and active.is_alive():
+                    self._await_greeting(active)
                 if active is not None and active.is_alive():
                     log.warning(
                         "%s: refusing a second front-end on %s (one is being served)",
@@ -288,6 +348,7 @@ class VhostUserDaemon:
                     conn.close()
                     break
                 self._closing = False
+                self._greeted.clear()
                 active_sock = conn
                 active = threading.Thread(
                     target=self._connection_thread,
@@ -300,10 +361,24 @@ class VhostUserDaemon:
                 self._threads.append(active)
                 active.start()
         except Exception as err:
-            self.last_error = err
+            self.last_error = _summary(err)
+            self.failed = True
             log.exception("%s: accept loop failed", self.name)
         finally:
             self._finish()
+
+    def _await_greeting(self, active: threading.Thread) -> None:
+        """Let the served connection finish its hand-shake (or time out) before judging.
+
+        A newcomer is refused only once the served front-end has said something:
+        a silent client holds the others back for one hand-shake timeout at most.
+        """
+        if self.handshake_timeout is None:
+            return
+        deadline = time.monotonic() + self.handshake_timeout + GREETING_MARGIN
+        while active.is_alive() and not self._greeted.wait(0.02):
+            if time.monotonic() > deadline or self._shutting_down():
+                return
 
     def _connection_thread(self, conn: socket.socket, once: bool) -> None:
         self._handle_connection(conn)
@@ -312,12 +387,27 @@ class VhostUserDaemon:
 
     def _client_loop(self, path: Path, sock: socket.socket, once: bool) -> None:
         current: socket.socket | None = sock
-        while current is not None:
-            self._handle_connection(current)
-            if once or self._shutting_down():
-                break
-            current = self._connect(path, None)
-        self._finish()
+        try:
+            while current is not None:
+                self._handle_connection(current)
+                if once or self._shutting_down():
+                    break
+                current = self._connect(path, None)
+        except VhsmError as err:
+            self.failed = True
+            self.last_error = _summary(err)
+            log.error("%s: %s", self.name, str(err))
+        finally:
+            self._finish()
+
+    def _starved(self, err: OSError) -> None:
+        """Out of fds (or memory) to accept with: say so, pause, keep the connection queued."""
+        log.error(
+            "%s: cannot accept a front-end: %s (fd or memory limit reached); retrying",
+            self.name,
+            err.strerror or err,
+        )
+        select.select([self._shutdown_fd], [], [], ACCEPT_RETRY)
 
     def _request_shutdown(self) -> None:
         # No lock: this runs in signal handlers, which may interrupt a holder of the lock.
@@ -367,7 +457,8 @@ class VhostUserDaemon:
         session.listeners.extend(self.session_listeners)
         self.plane.attach(session)
         decoder = Decoder()
-        reader = MessageReader(conn, decoder)
+        self._greeted.clear()
+        reader = MessageReader(conn, decoder, patience=self.handshake_timeout)
         _call_hook("connected", self.backend.connected)
         log.info("%s: front-end connected", self.name)
         try:
@@ -390,6 +481,7 @@ class VhostUserDaemon:
         try:
             while True:
                 msg = reader.read()
+                self._greeted.set()
                 reply = session.handle(msg)
                 if session.acked_protocol_features & ProtocolFeature.XEN_MMAP:
                     decoder.xen_mmap = True
@@ -421,12 +513,15 @@ class VhostUserDaemon:
         except VhsmError as err:
             log.error("%s: closing the connection: %s", self.name, str(err))
         except Exception as err:
-            self.last_error = err
+            self.last_error = _summary(err)
             name = msg.name if msg is not None else "-"
             log.exception(
                 "%s: closing the connection after an internal error handling %s", self.name, name
             )
 
+
+#: Extra seconds a newcomer waits past the served connection's hand-shake timeout.
+GREETING_MARGIN = 0.5
 
 #: How long a new connection waits for the served one to show its hang-up (a front-end
 #: that reconnects at once can beat its own close to the daemon; QEMU reconnect).
@@ -445,6 +540,11 @@ def _ending(closing: bool, sock: socket.socket | None) -> bool:
         return True
     hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
     return any(mask & hangup for _, mask in events)
+
+
+def _summary(err: BaseException) -> str:
+    """An exception as one line of text (no traceback, no frames kept alive)."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _call_hook(name: str, hook: object) -> None:

@@ -20,6 +20,7 @@ from vhsm import inflight
 from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import DirtyLog
 from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
+from vhsm.fdcheck import take_notifier, take_stream_socket
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.vring import VringMutex
 from vhsm.wire import ProtocolFeature, VirtioFeature
@@ -202,7 +203,8 @@ class DevicePlane:
                 vring.set_log(new)
 
     def set_log_fd(self, fd: int) -> None:
-        """Install the log eventfd (kept until a log exists)."""
+        """Install the log eventfd (kept until a log exists); VU-FD-001 if it is not one."""
+        take_notifier(fd, "SET_LOG_FD", "write")
         if self._log is not None:
             self._log.set_log_fd(fd)
             return
@@ -252,9 +254,12 @@ class DevicePlane:
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """Watch the new kick fd (None: poll the ring) and close the old one.
 
-        An fd epoll refuses (a regular file...) is closed and refused; the ring keeps the
-        kick it had, so a started ring stays served.
+        A kick fd must be an eventfd (or pipe) open for reading (VU-FD-001); any
+        other fd is closed and refused, and the ring keeps the kick it had, so a
+        started ring stays served.
         """
+        if fd is not None:
+            take_notifier(fd, "SET_VRING_KICK", "read")
         handler = self._handler_of[index]
         try:
             handler.set_kick(index, fd, polled=fd is None)
@@ -267,11 +272,15 @@ class DevicePlane:
         self.vrings[index].set_kick(fd)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
-        """Install the call fd (the old one is closed by the vring)."""
+        """Install the call fd (the old one is closed by the vring); VU-FD-001 if unusable."""
+        if fd is not None:
+            take_notifier(fd, "SET_VRING_CALL", "write")
         self.vrings[index].set_call(fd)
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
-        """Install the err fd."""
+        """Install the err fd; VU-FD-001 if it is not a writable eventfd."""
+        if fd is not None:
+            take_notifier(fd, "SET_VRING_ERR", "write")
         self.vrings[index].set_err(fd)
 
     def start_vring(self, index: int) -> None:
@@ -281,7 +290,13 @@ class DevicePlane:
         with self._paused(index):
             if self._inflight is not None and index < self._inflight.num_queues:
                 try:
-                    vring.set_inflight(self._inflight.queue(index))
+                    resubmitted = vring.set_inflight(self._inflight.queue(index))
+                    if resubmitted:
+                        log.info(
+                            "ring %d: %d requests resubmitted from the inflight region",
+                            index,
+                            resubmitted,
+                        )
                 except VirtqError as err:  # the ring runs untracked; the front-end is told
                     log.warning("ring %d: inflight buffer not usable: %s", index, str(err))
                     error = err
@@ -339,11 +354,15 @@ class DevicePlane:
 
     # --- DataPlane: back-end channel and inflight -----------------------------------
     def set_backend_req_fd(self, fd: int) -> None:
-        """Wrap the socket in a `BackendChannel` and hand it to the device."""
+        """Wrap the socket in a `BackendChannel` and hand it to the device.
+
+        Anything but a unix stream socket is closed and refused (VU-FD-002).
+        """
+        sock = take_stream_socket(fd, "SET_BACKEND_REQ_FD")
         if self._channel is not None:
             self._channel.close()
         self._channel = BackendChannel(
-            fd, lambda: self.protocol_features, suspended=lambda: self.suspended
+            sock.detach(), lambda: self.protocol_features, suspended=lambda: self.suspended
         )
         inband = self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS
         for vring in self.vrings:

@@ -243,7 +243,7 @@ class MappedRegion:
 
 
 def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> None:
-    """M4: refuse a zero-sized region and any address range that overflows 64 bits."""
+    """M4: refuse a zero-sized region and any range whose end does not fit in 64 bits."""
     field = f"region[{index}]"
     size = region.memory_size
     if size <= 0:
@@ -253,12 +253,12 @@ def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> No
         ("userspace_addr", region.userspace_addr),
         ("mmap_offset", region.mmap_offset),
     ):
-        if start < 0 or start + size > _U64_END:
+        if start < 0 or start + size >= _U64_END:  # the end address must fit in 64 bits
             raise WireError(
                 request,
                 f"{field}.{name}",
                 start,
-                f"{name} + memory_size ({size:#x}) <= 2**64",
+                f"{name} + memory_size ({size:#x}) < 2**64",
                 rule_id="VU-MEM-004",
             )
 

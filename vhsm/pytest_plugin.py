@@ -120,9 +120,12 @@ def frontend(
     ``target`` is a `VhostUserBackend` (started with `vhost_user_backend`), a
     `RunningBackend`, or a socket path. ``start_options`` go to `Frontend.start`
     (``queues``, ``size``, ``packed``, ``owner_first``, ``inflight``, ``features``,
-    ``protocol_features``). Frontend keyword arguments (``memory``,
-    ``record_path``, ``backend_request_handler``, ``device_features``) are passed
-    through. Every front-end is closed at teardown.
+    ``protocol_features``; ``queues`` defaults to every ring the back-end has).
+    Frontend keyword arguments (``memory``, ``record_path``,
+    ``backend_request_handler``, ``device_features``, ``timeout``, ``strict``) are
+    passed through. ``strict`` (default True) makes ``wait_used`` fail when the
+    back-end never signals a used element the driver was owed a call for. Every
+    front-end is closed at teardown.
     """
     from vhsm.backend import VhostUserBackend
     from vhsm.frontend import Frontend
@@ -135,6 +138,7 @@ def frontend(
         "backend_request_handler",
         "device_features",
         "timeout",
+        "strict",
     }
 
     def connect(target: Any, *, start: bool = True, **options: Any) -> Frontend:
@@ -142,6 +146,7 @@ def frontend(
         if isinstance(target, VhostUserBackend):
             target = vhost_user_backend(target)
         if isinstance(target, RunningBackend):
+            fe_kwargs.setdefault("num_queues", target.backend.num_queues())
             if target.listener is not None:
                 fe = target.listener.accept(**fe_kwargs)
             else:

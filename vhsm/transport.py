@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import array
 import os
+import resource
+import select
 import socket
 from collections.abc import Sequence
 
-from vhsm.errors import VhsmError
+from vhsm.errors import FramingError, VhsmError
 from vhsm.wire import MAX_FDS, Decoder, Message, encode
 
 #: Bytes asked for per read: a whole 8-region memory table fits in one.
@@ -40,8 +42,27 @@ def recv_with_fds(sock: socket.socket, size: int = READ_SIZE) -> tuple[bytes, li
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise VhsmError(f"more than {MAX_FDS} fds in one message: control data truncated")
+        raise VhsmError(_truncation_cause(len(fds)))
     return data, fds
+
+
+def _truncation_cause(received: int) -> str:
+    """Why the kernel cut the fds of a message short, in words.
+
+    The control buffer holds `MAX_FDS` fds, so fewer than that received means the
+    kernel could not install them here: this process is at its fd limit.
+    """
+    if received >= MAX_FDS:
+        return f"more than {MAX_FDS} fds in one message: control data truncated"
+    try:
+        in_use: int | str = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = "?"
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (
+        f"the fds attached to a message could not be received: this process has {in_use} fds "
+        f"open and may open {soft} (RLIMIT_NOFILE); raise the limit or look for a leak"
+    )
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -60,16 +81,32 @@ def send_message(sock: socket.socket, msg: Message) -> None:
 
 
 class MessageReader:
-    """Reads whole messages from a socket through an incremental `Decoder`."""
+    """Reads whole messages from a socket through an incremental `Decoder`.
 
-    def __init__(self, sock: socket.socket, decoder: Decoder) -> None:
+    `patience` (seconds, None: forever) bounds how long a peer may stay silent
+    before its first message and how long it may take to finish a message it
+    started (rule VU-FRAME-011). Between whole messages a peer may be idle for
+    as long as it likes: a front-end sends nothing while its guest runs.
+    """
+
+    def __init__(
+        self, sock: socket.socket, decoder: Decoder, *, patience: float | None = None
+    ) -> None:
         self.sock = sock
         self.decoder = decoder
+        self.patience = patience
+        #: Whether a whole message has arrived on this connection yet.
+        self.greeted = False
         self._ready: list[Message] = []
 
     def read(self) -> Message:
-        """Block until one whole message arrived; raise PeerClosed at end of stream."""
+        """Block until one whole message arrived; raise PeerClosed at end of stream.
+
+        Raises FramingError (VU-FRAME-011) when the peer is silent too long
+        before its first message or in the middle of one.
+        """
         while not self._ready:
+            self._await_bytes()
             data, fds = recv_with_fds(self.sock)
             if not data:
                 for fd in fds:
@@ -77,7 +114,24 @@ class MessageReader:
                 self.decoder.close()
                 raise PeerClosed("peer closed the connection")
             self._ready.extend(self.decoder.feed(data, fds))
+        self.greeted = True
         return self._ready.pop(0)
+
+    def _await_bytes(self) -> None:
+        """Wait for bytes, within `patience` while greeting or inside a message."""
+        if self.patience is None or (self.greeted and not self.decoder.buffered):
+            return
+        readable, _, _ = select.select([self.sock], [], [], self.patience)
+        if readable:
+            return
+        where = "inside a message" if self.decoder.buffered else "before its first message"
+        raise FramingError(
+            "-",
+            "stream",
+            f"silent {where} for {self.patience:g}s",
+            f"bytes within the hand-shake timeout ({self.patience:g}s)",
+            "VU-FRAME-011",
+        )
 
     def close(self) -> None:
         """Close the fds of messages read but not consumed."""

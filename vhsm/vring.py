@@ -147,6 +147,11 @@ class _SharedVring:
         """Ring index."""
         return self._state.index
 
+    def set_queue_ready(self, ready: bool) -> None:
+        """Mark the ring started or stopped (rust-vmm name), under the lock."""
+        with self._wlock:
+            self._state.set_queue_ready(ready)
+
     def set_enabled(self, enabled: bool) -> None:
         """Set the enabled flag."""
         self._state.enabled = enabled
@@ -181,10 +186,11 @@ class _SharedVring:
         with self._wlock:
             self._state.set_log(dirty_log)
 
-    def set_inflight(self, inflight: Any) -> None:
-        """Attach the inflight region."""
+    def set_inflight(self, inflight: Any) -> int:
+        """Attach the inflight region; returns how many requests it resubmits."""
         with self._wlock:
             self._state.set_inflight(inflight)
+            return self._state.resubmit_count()
 
     def set_backend_channel(self, channel: Any) -> None:
         """Back-end request channel for in-band notifications."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.errors import GuestMemoryError, VhsmError, VirtqError
 from vhsm.inflight import InflightChain, InflightPacked
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
@@ -109,6 +109,24 @@ class VringState:
     def is_enabled(self) -> bool:
         """Whether the ring is enabled (SET_VRING_ENABLE)."""
         return self.enabled
+
+    def get_queue(self) -> Queue:
+        """The device-side virtqueue (rust-vmm name; VhsmError before the ring is laid out)."""
+        if self.queue is None:
+            raise VhsmError(f"ring {self.index} has no queue yet (SET_VRING_NUM/ADDR not applied)")
+        return self.queue
+
+    def get_queue_mut(self) -> Queue:
+        """The device-side virtqueue, to change (rust-vmm name; Python has one reference kind)."""
+        return self.get_queue()
+
+    def set_queue_ready(self, ready: bool) -> None:
+        """Mark the ring started (ready) or stopped (rust-vmm name for the started flag)."""
+        self.started = ready
+
+    def queue_ready(self) -> bool:
+        """Whether the ring is started (rust-vmm: the queue is ready)."""
+        return self.started
 
     def set_enabled(self, enabled: bool) -> None:
         """Set the enabled flag."""
@@ -409,6 +427,10 @@ class VringState:
             self._slot_of[bid] = self.inflight.fetch(q.descriptors(pos, n))
         except VirtqError as exc:
             raise VirtqError(self.index, f"not recorded: {exc.detail}", bid) from exc
+
+    def resubmit_count(self) -> int:
+        """Requests the inflight region listed that wait to be served again."""
+        return len(self._resubmit) + len(self._resubmit_packed)
 
     def has_available(self) -> bool:
         """Whether a chain is waiting (cheap: one ring word; resubmissions count too)."""

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["CUT_DIRTY_LOG", "VHSM", "require_serve", "serve_blk_argv"]
+__all__ = ["CUT_DIRTY_LOG", "HOLD_WRITE", "VHSM", "require_serve", "serve_blk_argv"]
 
 VHSM = [sys.executable, "-m", "vhsm"]
 
 #: `vhsm` with the dirty log of written buffers cut (see cut_dirty_log.py).
 CUT_DIRTY_LOG = [sys.executable, str(Path(__file__).with_name("cut_dirty_log.py"))]
+
+#: `vhsm` that never completes the first write at a sector (see hold_write.py).
+HOLD_WRITE = [sys.executable, str(Path(__file__).with_name("hold_write.py"))]
 
 NOT_YET = "vhsm serve not available yet"
 

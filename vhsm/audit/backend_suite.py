@@ -3,7 +3,7 @@
 Each case opens a fresh connection with vhsm's front-end driver, brings the
 session to the state the case needs, then either runs a legal scenario
 (negotiation orders, renegotiation, memory replacement, ring cycles, reset,
-reconnect, a data round trip) or puts one bad input of §11 on the wire. The
+reconnect, a data round trip) or puts one bad input on the wire. The
 back-end's answer is judged:
 
 * ``pass`` -- the scenario worked;
@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+
+import attrs
 
 from vhsm.audit.backend_cases import BadInputs, Scenarios
 from vhsm.audit.probe import DEVICES, Case, Progress, Skip
@@ -47,6 +49,8 @@ class BackendSuite(Scenarios, BadInputs):
         """
         report = Report(f"back-end at {self.path} (device {self.device})")
         cases = [case for case in self.cases() if only is None or only.lower() in case.name.lower()]
+        if only is not None and not cases:
+            raise VhsmError(f"--only {only!r} matches no case (run without --only to list them)")
         first = self._run_case(Case("GET_FEATURES is answered", "VU-FRAME-010", self.s_discover))
         report.cases.append(first)
         total = len(cases) + 1
@@ -72,6 +76,7 @@ class BackendSuite(Scenarios, BadInputs):
 
     def _run_case(self, case: Case) -> CaseResult:
         start = time.monotonic()
+        found = len(self.findings)
         try:
             outcome, detail = case.run()
         except Skip as skip:
@@ -86,6 +91,10 @@ class BackendSuite(Scenarios, BadInputs):
             outcome, detail = "fail", str(exc)
         finally:
             self._close_all()
+            # Every finding made during the case names it.
+            self.findings[found:] = [
+                attrs.evolve(finding, case=case.name) for finding in self.findings[found:]
+            ]
         return CaseResult(case.name, case.rule_id, outcome, detail, time.monotonic() - start)
 
     # --- the case list ---------------------------------------------------------------------

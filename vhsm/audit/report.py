@@ -1,8 +1,10 @@
 """Audit findings and reports: text for terminals, JSON for tools, JUnit XML for CI.
 
 A report lists findings (a rule broken at a point of a session) and, for the
-active suites, case results (one scenario or bad input and its outcome). The
-exit status is 1 when a MUST rule is broken, else 0.
+active suites, case results (one scenario or bad input and its outcome). Every
+failed case counts as a finding of its rule (`Report.all_findings`), so the
+counts always agree with the verdict. The exit status is 1 when a MUST rule is
+broken, else 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class AuditFinding:
     t: float | None = None
     state: str = "-"
     request: str = "-"
+    #: The active-suite case that found it (None for a recorded session).
+    case: str | None = None
 
     @property
     def rule(self) -> Rule:
@@ -39,14 +43,17 @@ class AuditFinding:
         return rule(self.rule_id)
 
     def line(self) -> str:
-        """One readable line."""
-        where = f"#{self.index}" if self.index is not None else "-"
-        when = f" t={self.t:.6f}" if self.t is not None else ""
+        """One readable line: severity, rule, who, where (case or message), why, and the link."""
         head = f"{self.rule.severity:7} {self.rule_id} {self.side}"
-        return (
-            f"{head} {where}{when} {self.request} in {self.state}: {self.detail}"
-            f" (see {self.rule.url})"
-        )
+        if self.case is not None:
+            where = f"in case {self.case!r}"
+            if self.request != "-":
+                where += f" ({self.request})"
+        else:
+            at = f"message #{self.index}" if self.index is not None else "-"
+            when = f" t={self.t:.6f}" if self.t is not None else ""
+            where = f"{at}{when} {self.request} in {self.state}"
+        return f"{head} {where}: {self.detail} (see {self.rule.url})"
 
 
 @attrs.frozen
@@ -73,11 +80,24 @@ class Report:
     findings: list[AuditFinding] = attrs.field(factory=list)
     cases: list[CaseResult] = attrs.field(factory=list)
 
+    def all_findings(self) -> list[AuditFinding]:
+        """The findings, plus one for each failed case that has none of its own rule."""
+        have = {(f.case, f.rule_id) for f in self.findings}
+        extra = [
+            AuditFinding(
+                c.rule_id,
+                f"{c.outcome}" + (f": {c.detail}" if c.detail else ""),
+                side="back-end",
+                case=c.name,
+            )
+            for c in self.cases
+            if c.failed and (c.name, c.rule_id) not in have
+        ]
+        return [*self.findings, *extra]
+
     def must_broken(self) -> bool:
-        """True when any MUST rule was broken."""
-        return any(f.rule.severity == "MUST" for f in self.findings) or any(
-            c.failed and rule(c.rule_id).severity == "MUST" for c in self.cases
-        )
+        """True when any MUST rule was broken (a MUST finding, or a failed MUST case)."""
+        return any(f.rule.severity == "MUST" for f in self.all_findings())
 
     def exit_status(self) -> int:
         """0 when no MUST rule is broken, 1 otherwise."""
@@ -96,16 +116,17 @@ class Report:
                 f"  {mark:16} {case.rule_id:12} {case.name}"
                 + (f": {case.detail}" if case.detail else "")
             )
-        for finding in self.findings:
+        findings = self.all_findings()
+        for finding in findings:
             out.append("  " + finding.line())
         counts = {sev: 0 for sev in ("MUST", "SHOULD", "INTEROP")}
-        for finding in self.findings:
+        for finding in findings:
             counts[finding.rule.severity] += 1
         failed = sum(c.failed for c in self.cases)
         summary = ", ".join(f"{n} {sev}" for sev, n in counts.items())
         out.append(
-            f"{len(self.findings)} findings ({summary})"
-            + (f"; {len(self.cases)} cases, {failed} failed" if self.cases else "")
+            f"{plural(len(findings), 'finding')} ({summary})"
+            + (f"; {plural(len(self.cases), 'case')}, {failed} failed" if self.cases else "")
             + f"; verdict: {'FAIL (a MUST rule is broken)' if self.must_broken() else 'PASS'}"
         )
         return "\n".join(out) + "\n"
@@ -122,47 +143,67 @@ class Report:
                     "spec": f.rule.url,
                     "statement": f.rule.statement,
                 }
-                for f in self.findings
+                for f in self.all_findings()
             ],
             "cases": [attrs.asdict(c) for c in self.cases],
         }
         return json.dumps(doc, indent=2) + "\n"
 
     def junit(self) -> str:
-        """JUnit XML: one test case per rule (and per active case) so CI shows each."""
+        """JUnit XML for CI: one test case per case of an active suite, else one per rule.
+
+        A case fails when the peer broke its rule or when a finding of a MUST or
+        SHOULD rule was made during it. A recorded session (no cases) has one
+        test case per declared rule, failed by its findings.
+        """
         suite = ElementTree.Element("testsuite", name=f"vhsm audit: {self.title}")
-        failures = 0
-        by_rule: dict[str, list[AuditFinding]] = {}
-        for finding in self.findings:
-            by_rule.setdefault(finding.rule_id, []).append(finding)
-        for rule_id, known in all_rules().items():
-            case = ElementTree.SubElement(
-                suite,
-                "testcase",
-                classname=f"rules.{known.severity}",
-                name=f"{rule_id} {known.statement}",
-            )
-            if rule_id in by_rule:
-                failures += 1
-                failure = ElementTree.SubElement(
-                    case, "failure", message=by_rule[rule_id][0].detail
+        failures = skipped = 0
+        findings = self.all_findings()
+        if self.cases:
+            by_case: dict[str | None, list[AuditFinding]] = {}
+            for finding in findings:
+                by_case.setdefault(finding.case, []).append(finding)
+            for result in self.cases:
+                case = ElementTree.SubElement(
+                    suite,
+                    "testcase",
+                    classname=f"cases.{result.rule_id}",
+                    name=result.name,
+                    time=f"{result.seconds:.3f}",
                 )
-                failure.text = "\n".join(f.line() for f in by_rule[rule_id])
-        for result in self.cases:
-            case = ElementTree.SubElement(
-                suite,
-                "testcase",
-                classname=f"cases.{result.rule_id}",
-                name=result.name,
-                time=f"{result.seconds:.3f}",
-            )
-            if result.failed:
-                failures += 1
-                ElementTree.SubElement(
-                    case, "failure", message=f"{result.outcome}: {result.detail}"
+                broken = [f for f in by_case.get(result.name, []) if f.rule.severity != "INTEROP"]
+                if result.failed or broken:
+                    failures += 1
+                    failure = ElementTree.SubElement(
+                        case, "failure", message=f"{result.outcome}: {result.detail}"
+                    )
+                    failure.text = "\n".join(f.line() for f in by_case.get(result.name, []))
+                elif result.outcome == "skipped":
+                    skipped += 1
+                    ElementTree.SubElement(case, "skipped", message=result.detail)
+        else:
+            by_rule: dict[str, list[AuditFinding]] = {}
+            for finding in findings:
+                by_rule.setdefault(finding.rule_id, []).append(finding)
+            for rule_id, known in all_rules().items():
+                case = ElementTree.SubElement(
+                    suite,
+                    "testcase",
+                    classname=f"rules.{known.severity}",
+                    name=f"{rule_id} {known.statement}",
                 )
-            elif result.outcome == "skipped":
-                ElementTree.SubElement(case, "skipped", message=result.detail)
+                if rule_id in by_rule:
+                    failures += 1
+                    failure = ElementTree.SubElement(
+                        case, "failure", message=by_rule[rule_id][0].detail
+                    )
+                    failure.text = "\n".join(f.line() for f in by_rule[rule_id])
         suite.set("tests", str(len(suite)))
         suite.set("failures", str(failures))
+        suite.set("skipped", str(skipped))
         return ElementTree.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 finding``, ``2 findings``, ``0 findings``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -106,8 +106,13 @@ def emit(report: Report, args: argparse.Namespace) -> int:
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    """Audit one transcript file."""
-    return emit(audit_trace(load_transcript(args.transcript), str(args.transcript)), args)
+    """Audit one transcript file (one with no message is an error, not a pass)."""
+    entries = load_transcript(args.transcript)
+    if not any(entry.message is not None for entry in entries):
+        raise VhsmError(
+            f"{args.transcript}: no vhost-user message recorded (empty or truncated transcript)"
+        )
+    return emit(audit_trace(entries, str(args.transcript)), args)
 
 
 def run_backend(args: argparse.Namespace) -> int:

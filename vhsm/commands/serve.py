@@ -1,23 +1,25 @@
-"""`vhsm serve rng|blk|net|vsock`: run a reference device on a vhost-user socket.
+"""`vhsm serve rng|blk|net|vsock|MODULE:CLASS`: run a device on a vhost-user socket.
 
 Keeps serving across front-end reconnects until SIGINT/SIGTERM (or, with
 `--once`, until the first connection ends), then removes the socket file.
-The devices are imported only when their sub-command runs.
+Start-up prints one line saying what is served where. The reference devices
+are imported only when their sub-command runs; ``MODULE:CLASS`` serves a
+back-end of one's own (a module importable from the current directory, or a
+``path/to/file.py``) with the same options.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
-import signal
-import threading
-from collections.abc import Callable
+import sys
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from vhsm.errors import VhsmError
+from vhsm.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from vhsm.backend import VhostUserBackend
@@ -29,10 +31,20 @@ def register(subparsers: Any) -> None:
     """Add `serve` and its device sub-commands."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve a reference device (rng, blk, net, vsock) on a vhost-user socket",
-        description="Serve a reference device on a vhost-user socket until interrupted.",
+        help="serve a reference device (rng, blk, net, vsock) or your own on a vhost-user socket",
+        description=(
+            "Serve a reference device, or your own back-end class (MODULE:CLASS), on a "
+            "vhost-user socket until interrupted."
+        ),
     )
+    parser.register("action", "parsers", _DeviceParsers)
     devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    own = devices.add_parser(
+        OWN,
+        help="your own back-end: a VhostUserBackend subclass (or a factory returning one),"
+        " e.g. my_device:MyBackend or ./my_device.py:MyBackend",
+    )
+    _common(own)
     rng = devices.add_parser("rng", help="virtio-rng (entropy from os.urandom)")
     _common(rng)
     blk = devices.add_parser("blk", help="virtio-blk over an image file")
@@ -70,6 +82,88 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+#: The sub-command name that stands for any ``MODULE:CLASS`` argument.
+OWN = "MODULE:CLASS"
+
+
+class _ChoicesWithOwn(dict[str, argparse.ArgumentParser]):
+    """The device parsers, where any ``MODULE:CLASS`` string counts as a choice."""
+
+    def __contains__(self, key: object) -> bool:
+        if super().__contains__(key):
+            return True
+        # Once the OWN parser exists, any MODULE:CLASS string stands for it.
+        return isinstance(key, str) and ":" in key and super().__contains__(OWN)
+
+
+class _DeviceParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Device sub-commands, with ``MODULE:CLASS`` dispatched to the `OWN` parser."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._name_parser_map = self.choices = _ChoicesWithOwn()
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name, *rest = values
+        if not dict.__contains__(self._name_parser_map, name) and ":" in name:
+            namespace.backend = name
+            values = [OWN, *rest]
+        super().__call__(parser, namespace, values, option_string)
+
+
+def load_backend(spec: str) -> VhostUserBackend:
+    """Build the back-end ``MODULE:CLASS`` names; VhsmError (one line) if it cannot.
+
+    MODULE is a dotted module importable from the current directory or a path to
+    a ``.py`` file; CLASS a `VhostUserBackend` subclass, or any callable that
+    returns a back-end, called with no arguments.
+    """
+    from vhsm.backend import VhostUserBackend
+
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise VhsmError(f"{spec!r}: expected MODULE:CLASS, e.g. my_device:MyBackend")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise VhsmError(f"{spec}: no file {path}")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            if loader is None or loader.loader is None:
+                raise VhsmError(f"{spec}: cannot load {path} as a Python module")
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[path.stem] = module
+            loader.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # the current directory, as `python -m` would
+            module = importlib.import_module(module_name)
+    except VhsmError:
+        raise
+    except Exception as err:  # an import runs arbitrary code: report it in one line
+        raise VhsmError(
+            f"{spec}: cannot import {module_name}: {type(err).__name__}: {err}"
+        ) from err
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise VhsmError(f"{spec}: module {module_name} has no {attr!r}")
+    if not callable(factory):
+        raise VhsmError(f"{spec}: {attr} is not a class or a factory")
+    try:
+        backend = factory()
+    except Exception as err:
+        raise VhsmError(f"{spec}: {attr}() failed: {type(err).__name__}: {err}") from err
+    if not isinstance(backend, VhostUserBackend):
+        raise VhsmError(f"{spec}: {attr}() gave a {type(backend).__name__}, not a VhostUserBackend")
+    return backend
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket path")
     parser.add_argument(
@@ -79,6 +173,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--once", action="store_true", help="exit when the first front-end disconnects"
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="close a front-end that sends nothing for S seconds after connecting, or stops"
+        " in the middle of a message (default 5; 0 = wait forever)",
     )
     parser.add_argument(
         "--busy-poll-us",
@@ -98,6 +200,17 @@ def busy_poll_micros(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
     if not 0 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError(f"{value} not in 0..1000000 microseconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A ``--handshake-timeout`` value: seconds, 0..3600 (0: no timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{value:g} not in 0..3600 seconds")
     return value
 
 
@@ -128,6 +241,8 @@ def make_backend(args: argparse.Namespace) -> VhostUserBackend:
 
 def _make_device(args: argparse.Namespace) -> VhostUserBackend:
     """Build the device the arguments name (imported lazily)."""
+    if args.device == OWN:
+        return load_backend(args.backend)
     if args.device == "rng":
         from vhsm.devices.rng import RngBackend
 
@@ -160,35 +275,44 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until a signal (or `--once`); return the exit status."""
-    from vhsm.daemon import Listener, VhostUserDaemon
+    from vhsm.daemon import HANDSHAKE_TIMEOUT, Listener, VhostUserDaemon, describe
 
     path = Path(args.socket)
     if not args.client and not path.parent.is_dir():
         raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
     backend = make_backend(args)
+    name = type(backend).__name__ if args.device == OWN else f"vhsm-{args.device}"
+    timeout = getattr(args, "handshake_timeout", None)
     try:
-        daemon = VhostUserDaemon(f"vhsm-{args.device}", backend)
+        daemon = VhostUserDaemon(
+            name,
+            backend,
+            handshake_timeout=HANDSHAKE_TIMEOUT if timeout is None else (timeout or None),
+        )
     except BaseException:
         _close(backend)
         raise
     handle = daemon.shutdown_handle()
-    restore = _install_signals(lambda: handle.shutdown())
+    restore = stop_on_signals(handle.shutdown)
+    what = describe(backend) if args.device == OWN else args.device
     try:
         if args.client:
             daemon.start_client(path, once=args.once, connect_timeout=None)
-            log.info("serving %s as a client of %s", args.device, path)
+            print(f"vhsm serve: serving {what} as a client of {path}", file=sys.stderr)
         else:
             daemon.start(Listener(path), once=args.once)
-            log.info("serving %s on %s", args.device, path)
+            print(f"vhsm serve: serving {what} on {path}", file=sys.stderr)
         while not daemon.wait(0.5):
             pass
     finally:
         daemon.stop()
         restore()
         _close(backend)
-    if daemon.last_error is not None:
+    if daemon.failed:
         log.error("stopped after an internal error: %s", daemon.last_error)
         return 1
+    if daemon.last_error is not None:
+        log.warning("a session had ended on an internal error: %s", daemon.last_error)
     return 0
 
 
@@ -198,22 +322,4 @@ def _close(backend: VhostUserBackend) -> None:
         closer()
 
 
-def _install_signals(stop: Callable[[], None]) -> Callable[[], None]:
-    """Route SIGINT/SIGTERM to `stop` (main thread only); return the restorer."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        stop()
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-    return restore
-
-
-__all__ = ["make_backend", "register", "run"]
+__all__ = ["load_backend", "make_backend", "register", "run"]

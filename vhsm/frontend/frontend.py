@@ -132,6 +132,11 @@ class Frontend:
         path: The back-end's socket path, for `reconnect` (set by `connect`).
         listener: For client-mode back-ends, the listener `reconnect` accepts on.
         device_features: Flag enums naming device bits in the transcript's ``decoded``.
+        strict: Rings fail `Virtqueue.wait_used` when the back-end skips a call it owed
+            the driver (a real guest would hang); False turns the check off.
+        num_queues: How many rings the device has, when the caller knows (the
+            ``frontend`` fixture passes the back-end's ``num_queues()``): `start` sets up
+            that many by default.
     """
 
     def __init__(
@@ -146,8 +151,12 @@ class Frontend:
         path: str | Path | None = None,
         listener: FrontendListener | None = None,
         device_features: Sequence[type[IntFlag]] = (),
+        strict: bool = True,
+        num_queues: int | None = None,
     ) -> None:
         self.memory = memory if memory is not None else FrontendMemory()
+        self.strict = strict
+        self.num_queues = num_queues
         self._own_recorder = recorder is None
         self.recorder = (
             recorder
@@ -549,7 +558,9 @@ class Frontend:
         if old is not None:
             old.close()
         event_idx = bool(self.acked_features & VirtioFeature.RING_EVENT_IDX)
-        vq = Virtqueue(self.memory, index, size, packed=self.packed, event_idx=event_idx)
+        vq = Virtqueue(
+            self.memory, index, size, packed=self.packed, event_idx=event_idx, strict=self.strict
+        )
         self.vrings[index] = vq
         self._send_vring(vq, vq.initial_base() if base is None else base, enable)
         return vq
@@ -590,8 +601,16 @@ class Frontend:
         self._send_vring(vq, vq.resume_base(), enable=False)
 
     def vring(self, index: int) -> Virtqueue:
-        """The ring set up at ``index``."""
-        return self.vrings[index]
+        """The ring set up at ``index`` (VhsmError, saying how to set it up, if none is)."""
+        try:
+            return self.vrings[index]
+        except KeyError:
+            have = ", ".join(map(str, sorted(self.vrings))) or "none"
+            raise VhsmError(
+                f"ring {index} is not set up (rings set up: {have}): call "
+                f"start(queues={index + 1}) or start(queues=[..., {index}]), or "
+                f"setup_vring({index}, size) after negotiating"
+            ) from None
 
     # --- inflight ------------------------------------------------------------------------
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> VhostUserInflight:
@@ -630,7 +649,10 @@ class Frontend:
     ) -> Self:
         """Negotiate, send the memory table and set up rings: a device ready for I/O.
 
-        ``queues``: a count or indices (default: GET_QUEUE_NUM's answer or 1).
+        ``queues``: a count or indices. Default: every ring the device has — the
+        ``num_queues`` given to the constructor (the ``frontend`` fixture passes the
+        back-end's), else GET_QUEUE_NUM's answer, else 1. A net device answers
+        GET_QUEUE_NUM in queue pairs: pass ``queues`` for one reached by its socket.
         ``inflight``: GET_INFLIGHT_FD + SET_INFLIGHT_FD when INFLIGHT_SHMFD is negotiated.
         ``enable_first``: QEMU 7.2 vhost-user-net's order, every ring enabled before
         SET_FEATURES and none after it starts (needs ``queues`` given).
@@ -647,7 +669,7 @@ class Frontend:
             enable_first=early if enable_first else (),
         )
         if queues is None:
-            queues = self.queue_num or 1
+            queues = self.num_queues or self.queue_num or 1
         indices = _indices(queues)
         self._start_opts = {"indices": indices, "size": size, "inflight": inflight}
         if inflight and self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from transitions import EventData
 
+from vhsm.backend import get_config, set_config
 from vhsm.errors import BackendError, GuestMemoryError, ProtocolViolation
 from vhsm.session.machines import SessionState
 from vhsm.wire import (
@@ -241,7 +242,7 @@ class SessionHandlers:
         msg = _msg(event)
         request = _payload(event, VhostUserConfig)
         try:
-            data = bytes(self.backend.get_config(request.offset, request.size))
+            data = bytes(get_config(self.backend, request.offset, request.size, request.flags))
         except BackendError as err:
             log.warning(
                 "GET_CONFIG offset %d size %d refused: %s", request.offset, request.size, str(err)
@@ -261,7 +262,7 @@ class SessionHandlers:
     def _do_apply_config(self, event: EventData) -> None:
         request = _payload(event, VhostUserConfig)
         try:
-            self.backend.set_config(request.offset, bytes(request.payload), request.flags)
+            set_config(self.backend, request.offset, bytes(request.payload), request.flags)
         except BackendError as err:
             raise self.violation("VU-PAY-002", f"SET_CONFIG refused by the device: {err}") from err
 

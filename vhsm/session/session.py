@@ -175,7 +175,8 @@ class Session(SessionHandlers):
         """Record a finding for a rule that is only warned about (or any rule, observing)."""
         finding = Finding.from_violation(self.violation(rule_id, detail))
         self.findings.append(finding)
-        log.warning("%s: %s (%s)", rule_id, detail, rule(rule_id).statement)
+        if not self.observer:  # an auditor reports its findings itself: no second line
+            log.warning("%s: %s (%s)", rule_id, detail, rule(rule_id).statement)
 
     def take_fds(self, msg: Message) -> tuple[int, ...]:
         """Take ownership of the message's fds (they will not be closed by `handle`)."""
@@ -293,9 +294,9 @@ class Session(SessionHandlers):
         self, msg: Message, info: RequestSpec | None, violation: ProtocolViolation
     ) -> Message | None:
         self.findings.append(Finding.from_violation(violation))
-        log.warning("%s", violation)
-        if self.observer:
+        if self.observer:  # an auditor reports its findings itself: no second line
             return None
+        log.warning("%s", violation)
         if msg.need_reply and (
             info is None or info.reply == "ack" or info.reply_payload is VhostUserU64
         ):

@@ -188,6 +188,10 @@ class SplitDriver:
         if not self.event_idx:
             self._avail_h[0] = VRING_AVAIL_F_NO_INTERRUPT
 
+    def pending_used(self) -> int:
+        """How many used elements the device published that were not reaped yet."""
+        return (self._used_h[1] - self.last_used) & 0xFFFF
+
     def get_used(self) -> tuple[int, int] | None:
         """Reap one used element: (head, len), freeing its descriptors."""
         if self._used_h[1] == self.last_used:
@@ -375,6 +379,20 @@ class PackedDriver:
         fl = self._desc_h[(self.last_used << 3) + 7]
         w = self.used_wrap
         return bool((fl >> 7) & 1 == w and (fl >> 15) & 1 == w)
+
+    def pending_used(self) -> int:
+        """How many used buffers the device published that were not reaped yet."""
+        count, position, wrap = 0, self.last_used, self.used_wrap
+        while count < self.size:
+            flags = self._desc_h[(position << 3) + 7]
+            if not ((flags >> 7) & 1 == wrap and (flags >> 15) & 1 == wrap):
+                break
+            count += 1
+            position += self._count.get(int(self._desc_np[position]["id"]), 1)
+            if position >= self.size:
+                position -= self.size
+                wrap ^= 1
+        return count
 
     def get_used(self) -> tuple[int, int] | None:
         """Reap one used descriptor: (buffer id, len)."""
