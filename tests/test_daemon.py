@@ -698,3 +698,78 @@ def test_socket_mode_is_set_without_touching_the_path(sock_path, monkeypatch) ->
     finally:
         os.umask(old)
     assert calls == [], "the socket's mode was changed through its path"
+
+
+# --- guest memory that can vanish -------------------------------------------------------------
+def test_sealable_guest_memory_cannot_be_shrunk_under_the_daemon(served) -> None:
+    _, daemon, path = served
+    with connect(path) as fe:
+        fe.start(queues=1, size=64)
+        (region,) = fe.memory.regions
+        with pytest.raises(PermissionError):
+            os.ftruncate(region.fd, 0)
+        assert upper(fe, 0, b"intact") == b"INTACT"
+    assert daemon.last_error is None
+
+
+def test_unsealable_guest_memory_that_shrinks_ends_the_session_not_the_daemon(
+    served, caplog
+) -> None:
+    """A memfd shrunk after SET_MEM_TABLE: the next kick used to kill the daemon (SIGBUS)."""
+    from vhsm.frontend import FrontendMemory
+
+    caplog.set_level(logging.INFO, logger="vhsm")
+    _, daemon, path = served
+    with connect(path, memory=FrontendMemory(sealing=False)) as fe:
+        fe.start(queues=1, size=64)
+        (region,) = fe.memory.regions
+        os.ftruncate(region.fd, 0)  # neither side may touch the region from now on
+        del region
+        os.eventfd_write(fe.vring(0).kick_fd, 1)
+        assert fe.expect_closed(WAIT), "the session went on over a shrunk mapping"
+    wait_until(lambda: not daemon.serving)
+    assert "VU-FD-004" in caplog.text
+    gc.collect()
+    assert mapped_guest_regions() == []
+    with connect(path) as again:
+        again.start(queues=1, size=64)
+        assert upper(again, 0, b"next") == b"NEXT"
+    assert daemon.last_error is None
+
+
+def test_unsealable_memory_shrunk_between_requests_ends_the_session(served, caplog) -> None:
+    from vhsm.frontend import FrontendMemory
+
+    caplog.set_level(logging.INFO, logger="vhsm")
+    _, daemon, path = served
+    with connect(path, memory=FrontendMemory(sealing=False)) as fe:
+        fe.start(queues=1, size=64)
+        fe.stop_vring(0)
+        (region,) = fe.memory.regions
+        os.ftruncate(region.fd, 4096)
+        fe.send(make_request(FrontendReq.GET_FEATURES))
+        assert fe.expect_closed(WAIT)
+    assert "VU-FD-004" in caplog.text
+    assert daemon.last_error is None
+
+
+def test_a_ring_started_without_addresses_is_noted_once_not_on_every_kick(served, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vhsm")
+    _, daemon, path = served
+    with connect(path) as fe:
+        fe.negotiate()
+        fe.set_mem_table()
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            fe.call(FrontendReq.SET_VRING_KICK, VhostUserVringFd(0), fds=[kick])
+            for _ in range(50):
+                os.eventfd_write(kick, 1)
+                threading.Event().wait(0.002)
+            fe.stop_vring(0)
+        finally:
+            os.close(kick)
+        fe.setup_vring(0, 64)
+        assert upper(fe, 0, b"configured") == b"CONFIGURED"
+    assert caplog.text.count("VU-RING-011") == 1
+    assert "Traceback" not in caplog.text and "handle_event failed" not in caplog.text
+    assert daemon.last_error is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from vhsm.devices.rng import RngBackend
 from vhsm.errors import BackendError
 from vhsm.frontend import Frontend
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
-from vhsm.wire import BackendReq, ProtocolFeature, VirtioFeature
+from vhsm.wire import BackendReq, ProtocolFeature, VhostUserMemoryRegion, VirtioFeature
 
 WAIT = 10.0
 PF = ProtocolFeature
@@ -99,12 +100,19 @@ def test_suspended_device_sends_no_backend_channel_message(
 def test_only_net_processes_started_but_disabled_rings(
     backend: VhostUserBackend, active: bool
 ) -> None:
-    plane = DevicePlane(backend, GuestMemoryAtomic(GuestMemory.empty()))
+    fd = os.memfd_create("ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 16)
+    memory = GuestMemory.from_table([VhostUserMemoryRegion(0, 1 << 16, 1 << 30, 0)], [fd])
+    plane = DevicePlane(backend, GuestMemoryAtomic(memory))
     try:
-        ring = plane.vrings[backend.num_queues() - 1]
+        index = backend.num_queues() - 1
+        ring = plane.vrings[index]
         ring.started, ring.enabled = True, False
-        assert plane.ring_active(backend.num_queues() - 1) is active
+        assert plane.ring_active(index) is False  # no size and addresses yet: never
+        ring.set_queue_size(64)
+        ring.set_queue_info(0x1000, 0x2000, 0x3000)
+        assert plane.ring_active(index) is active
         ring.started, ring.enabled = False, True
-        assert plane.ring_active(backend.num_queues() - 1) is False  # stopped: never
+        assert plane.ring_active(index) is False  # stopped: never
     finally:
         plane.close()

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
+import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from vhsm.memory import (
     MmapMapping,
     RegionMapping,
     map_fd,
+    shrunk_mappings,
 )
 from vhsm.wire.payloads import VhostUserMemoryRegion as Region
 
@@ -545,3 +549,71 @@ def test_many_replacements_while_workers_read() -> None:
         isinstance(r.mapping, MmapMapping) and r.mapping.closed for s in old for r in s.regions
     )
     atomic.close()
+
+
+# --- files that could shrink under a mapping (a SIGBUS on the next access) ----------------
+def sealable_memfd(size: int) -> int:
+    fd = os.memfd_create("vhsm-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_a_sealable_memfd_is_sealed_against_shrinking() -> None:
+    fd = sealable_memfd(2 * MiB)
+    mapping = map_fd(fd, 0, MiB, what="test")
+    assert not mapping.may_shrink
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)
+    os.ftruncate(fd, 4 * MiB)  # growing stays allowed: the front-end's file, not ours
+    mapping.view[0] = 1
+    mapping.close()
+    os.close(fd)
+
+
+def test_a_memfd_sealed_like_qemus_is_used_as_it_is() -> None:
+    """QEMU's memory-backend-memfd seals shrink, grow and further seals itself."""
+    fd = sealable_memfd(MiB)
+    seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    mapping = map_fd(fd, 0, MiB, what="test")
+    assert not mapping.may_shrink
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == seals
+    mapping.close()
+    os.close(fd)
+
+
+def test_an_unsealable_file_is_watched_and_its_shrinking_reported() -> None:
+    fd = memfd(2 * MiB)  # no MFD_ALLOW_SEALING: cannot be sealed
+    mapping = map_fd(fd, MiB, MiB, what="test")
+    assert mapping.may_shrink and mapping.intact()
+    assert shrunk_mappings() == []
+    os.ftruncate(fd, MiB + 4096)
+    assert not mapping.intact()
+    assert len(shrunk_mappings()) == 1
+    mapping.close()
+    assert shrunk_mappings() == [], "a closed mapping is no longer watched"
+    os.close(fd)
+
+
+def test_only_files_open_read_write_are_mapped(tmp_path: Any) -> None:
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    path = tmp_path / "ro"
+    path.write_bytes(bytes(MiB))
+    read_only = os.open(path, os.O_RDONLY)
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for fd, why in (
+            (a.fileno(), "socket"),
+            (r, "pipe"),
+            (directory, "directory"),
+            (read_only, "reading and writing"),
+        ):
+            with pytest.raises(GuestMemoryError, match=why) as info:
+                map_fd(fd, 0, 4096, what="test")
+            assert info.value.rule_id == "VU-FD-003"
+    finally:
+        for fd in (r, w, read_only, directory):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -179,6 +179,7 @@ class VhostUserDaemon:
         self.backend = backend
         self.memory = memory if memory is not None else GuestMemoryAtomic()
         self.plane = DevicePlane(backend, self.memory)
+        self.plane.on_mapping_lost = self._mapping_lost
         self._shutdown_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -400,6 +401,15 @@ class VhostUserDaemon:
         finally:
             self._finish()
 
+    def _mapping_lost(self, reason: str) -> None:
+        """A mapped file shrank (any thread): end the session before anything touches it."""
+        log.error("%s: closing the connection: %s", self.name, reason)
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def _starved(self, err: OSError) -> None:
         """Out of fds (or memory) to accept with: say so, pause, keep the connection queued."""
         log.error(
@@ -482,6 +492,9 @@ class VhostUserDaemon:
             while True:
                 msg = reader.read()
                 self._greeted.set()
+                if self.plane.mapping_lost() is not None:
+                    _close_fds(msg.fds)
+                    break  # logged by _mapping_lost; the session ends here
                 reply = session.handle(msg)
                 if session.acked_protocol_features & ProtocolFeature.XEN_MMAP:
                     decoder.xen_mmap = True
@@ -540,6 +553,12 @@ def _ending(closing: bool, sock: socket.socket | None) -> bool:
         return True
     hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
     return any(mask & hangup for _, mask in events)
+
+
+def _close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _summary(err: BaseException) -> str:

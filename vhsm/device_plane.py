@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,8 @@ from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import DirtyLog
 from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
 from vhsm.fdcheck import take_notifier, take_stream_socket
-from vhsm.memory import GuestMemory, GuestMemoryAtomic
+from vhsm.memory import GuestMemory, GuestMemoryAtomic, shrunk_mappings
+from vhsm.session.rules import rule
 from vhsm.vring import VringMutex
 from vhsm.wire import ProtocolFeature, VirtioFeature
 from vhsm.worker import VringEpollHandler
@@ -88,6 +90,10 @@ class DevicePlane:
         self._inflight: inflight.InflightBuffer | None = None
         self._inflight_fds: list[int] = []
         self._workers_running = False
+        self._lost: str | None = None
+        self._lost_lock = threading.Lock()
+        #: Called (once per session, from any thread) when a mapped file shrank.
+        self.on_mapping_lost: Callable[[str], None] | None = None
 
     # --- daemon side ---------------------------------------------------------------
     def attach(self, session: Session) -> None:
@@ -116,9 +122,36 @@ class DevicePlane:
         self._workers_running = False
 
     def ring_active(self, index: int) -> bool:
-        """Whether a kick on ring `index` may reach the device (worker side, lock-free)."""
+        """Whether a kick on ring `index` may reach the device (worker side, lock-free).
+
+        Not while the ring has no queue (started before its size and addresses
+        were set, or its areas left the memory table: rule VU-RING-011), and
+        never once a mapped file shrank (`mapping_lost`): touching it would SIGBUS.
+        """
         vring = self.vrings[index]
-        return bool(vring.started and (vring.enabled or self.process_disabled))
+        if not (vring.started and (vring.enabled or self.process_disabled) and vring.configured):
+            return False
+        return self.mapping_lost() is None
+
+    def mapping_lost(self) -> str | None:
+        """Why guest memory may no longer be touched (VU-FD-004), or None.
+
+        Files that could be sealed against shrinking never get here; an unsealable
+        one (a tmpfs or hugetlbfs file, a memfd without sealing) is re-checked on
+        every dispatch and before every request. The first time a shrink is seen,
+        `on_mapping_lost` is called with the reason (the daemon ends the session).
+        """
+        if self._lost is None:
+            shrunk = shrunk_mappings()
+            if not shrunk:
+                return None
+            with self._lost_lock:
+                if self._lost is not None:
+                    return self._lost
+                self._lost = f"VU-FD-004: {shrunk[0]} ({rule('VU-FD-004').statement})"
+            if self.on_mapping_lost is not None:
+                self.on_mapping_lost(self._lost)
+        return self._lost
 
     @property
     def suspended(self) -> bool:
@@ -152,6 +185,7 @@ class DevicePlane:
         with self._all_paused():
             self.memory.replace(GuestMemory.empty(max_slots=self.memory.memory().max_slots))
         self._session = None
+        self._lost = None  # the shrunk mappings are closed with the memory
 
     def close(self) -> None:
         """Reset and release the workers' own resources (after `stop_workers`)."""
@@ -229,6 +263,8 @@ class DevicePlane:
         self._addrs[index] = addr
         with self._paused(index):
             self._apply_addr(index)
+        if self.ring_active(index):
+            self._handler_of[index].rescan(index)  # kicks ignored while it had no addresses
 
     def _apply_addr(self, index: int) -> None:
         addr = self._addrs[index]
@@ -301,6 +337,12 @@ class DevicePlane:
                     log.warning("ring %d: inflight buffer not usable: %s", index, str(err))
                     error = err
             vring.started = True
+        if not vring.configured:
+            self._note(
+                "VU-RING-011",
+                f"ring {index} started without a size and addresses: its kicks are ignored "
+                "until SET_VRING_ADDR sets them",
+            )
         if error is not None:
             self.ring_error(index, error)
         _hook(self.backend.ring_started, index)
@@ -393,6 +435,13 @@ class DevicePlane:
         self._inflight = buffer
 
     # --- helpers ---------------------------------------------------------------------
+    def _note(self, rule_id: str, detail: str) -> None:
+        """Record a warned-about rule on the session (one log line with the rule)."""
+        if self._session is not None:
+            self._session.note(rule_id, detail)
+        else:
+            log.warning("%s: %s", rule_id, detail)
+
     @contextlib.contextmanager
     def _paused(self, index: int) -> Iterator[None]:
         with self._handler_of[index].paused():

@@ -12,11 +12,13 @@ read unmapped memory; at worst the unmapping is deferred to the garbage collecto
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
 import stat
 import threading
+import weakref
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
@@ -24,6 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from vhsm.errors import GuestMemoryError, WireError
+from vhsm.fdcheck import describe
 
 if TYPE_CHECKING:
     from vhsm.wire.payloads import VhostUserMemoryRegion
@@ -38,6 +41,8 @@ __all__ = [
     "RegionMapper",
     "RegionMapping",
     "map_fd",
+    "seal_against_shrinking",
+    "shrunk_mappings",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,15 +82,39 @@ class MmapMapping:
 
     ``close()`` releases the view and unmaps; if someone still holds a view or a numpy/ctypes
     object exported from it, the unmapping is left to the garbage collector instead of raising.
+    ``may_shrink``: the file could not be sealed against shrinking (see :func:`map_fd`);
+    :meth:`intact` then tells whether it still covers the mapping.
     """
 
-    __slots__ = ("_mmap", "_view", "offset", "size")
+    __slots__ = ("__weakref__", "_mmap", "_view", "may_shrink", "offset", "size")
 
-    def __init__(self, mm: mmap.mmap, view: memoryview, offset: int, size: int) -> None:
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        view: memoryview,
+        offset: int,
+        size: int,
+        *,
+        may_shrink: bool = False,
+    ) -> None:
         self._mmap: mmap.mmap | None = mm
         self._view = view
         self.offset = offset
         self.size = size
+        self.may_shrink = may_shrink
+        if may_shrink:
+            with _unsealed_lock:
+                _unsealed.add(self)
+
+    def intact(self) -> bool:
+        """Whether the file still covers the mapping (always, once sealed or closed)."""
+        mm = self._mmap
+        if not self.may_shrink or mm is None:
+            return True
+        try:
+            return mm.size() >= self.offset + self.size
+        except (OSError, ValueError):  # closed meanwhile
+            return True
 
     @property
     def view(self) -> memoryview:
@@ -102,6 +131,9 @@ class MmapMapping:
         mm, self._mmap = self._mmap, None
         if mm is None:
             return
+        if self.may_shrink:
+            with _unsealed_lock:
+                _unsealed.discard(self)
         try:
             self._view.release()
             mm.close()
@@ -113,19 +145,80 @@ class MmapMapping:
         return f"<MmapMapping offset={self.offset:#x} size={self.size:#x} {state}>"
 
 
+#: Live mappings whose file could not be sealed against shrinking (see `shrunk_mappings`).
+_unsealed: weakref.WeakSet[MmapMapping] = weakref.WeakSet()
+_unsealed_lock = threading.Lock()
+
+
+def seal_against_shrinking(fd: int) -> bool:
+    """Forbid the file behind ``fd`` to shrink, where it allows sealing; True if it cannot.
+
+    A memfd created with MFD_ALLOW_SEALING gets F_SEAL_SHRINK (nothing else: the
+    front-end may still grow it and write it). QEMU's memory-backend-memfd seals its
+    memfds itself (seal=on, the default), which this recognises. Other files (tmpfs or
+    hugetlbfs files, memfds without MFD_ALLOW_SEALING) cannot be sealed: False.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False  # not a file that supports seals
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    if seals & fcntl.F_SEAL_SEAL:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
+
+
+def shrunk_mappings() -> list[str]:
+    """Descriptions of live unsealed mappings whose file shrank below them (rule VU-FD-004).
+
+    Touching such a mapping past the file's end would kill the process with SIGBUS, so
+    the data plane checks this before it lets a worker touch guest memory.
+    """
+    if not _unsealed:
+        return []
+    with _unsealed_lock:
+        mappings = list(_unsealed)
+    return [
+        f"mapping of {m.size:#x} bytes at offset {m.offset:#x}: its file shrank below it"
+        for m in mappings
+        if not m.intact()
+    ]
+
+
 def map_fd(fd: int, offset: int, size: int, *, what: str) -> MmapMapping:
     """Map ``size`` bytes at ``offset`` of ``fd`` shared read/write; ``what`` names it in errors.
 
-    Checks ``os.fstat(fd).st_size`` first (a short file would SIGBUS on access) and maps from
-    ``offset`` rounded down to the allocation granularity (or the file's block size, which is
-    the huge page size on hugetlbfs), adding the difference back. Does not close ``fd``.
+    The fd must be a file opened for reading and writing (VU-FD-003: not a socket, pipe
+    or directory). A file that allows it is sealed against shrinking first (a mapping
+    past the end of its file kills the process with SIGBUS when touched); otherwise the
+    mapping is watched (`shrunk_mappings`). Checks ``os.fstat(fd).st_size`` then (a short
+    file would SIGBUS on access) and maps from ``offset`` rounded down to the allocation
+    granularity (or the file's block size, which is the huge page size on hugetlbfs),
+    adding the difference back. Does not close ``fd``.
     """
     if size <= 0 or offset < 0 or offset + size > _U64_END:
         raise GuestMemoryError(f"{what}: bad mapping offset={offset:#x} size={size:#x}")
     try:
         st = os.fstat(fd)
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError as exc:
         raise GuestMemoryError(f"{what}: fd {fd} is not usable: {exc}") from exc
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise GuestMemoryError(
+            f"{what}: fd {fd} is a {describe(fd)}, not a mappable file", rule_id="VU-FD-003"
+        )
+    if access != os.O_RDWR:
+        raise GuestMemoryError(
+            f"{what}: fd {fd} is not open for reading and writing", rule_id="VU-FD-003"
+        )
+    sealed = stat.S_ISREG(st.st_mode) and seal_against_shrinking(fd)
+    if sealed:
+        st = os.fstat(fd)  # the size that can no longer decrease
     if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
         raise GuestMemoryError(
             f"{what}: file too small: needs {offset + size:#x} bytes (offset {offset:#x} + "
@@ -153,7 +246,7 @@ def map_fd(fd: int, offset: int, size: int, *, what: str) -> MmapMapping:
     whole = memoryview(mm)
     view = whole[delta : delta + size]
     whole.release()
-    return MmapMapping(mm, view, offset, size)
+    return MmapMapping(mm, view, offset, size, may_shrink=stat.S_ISREG(st.st_mode) and not sealed)
 
 
 class MmapMapper:

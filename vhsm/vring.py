@@ -152,6 +152,11 @@ class _SharedVring:
         with self._wlock:
             self._state.set_queue_ready(ready)
 
+    @property
+    def configured(self) -> bool:
+        """Whether the ring has a queue to serve (size and addresses set, memory mapped)."""
+        return self._state.queue is not None
+
     def set_enabled(self, enabled: bool) -> None:
         """Set the enabled flag."""
         self._state.enabled = enabled

@@ -102,6 +102,11 @@ class VringState:
         return bool(self.features & _RING_PACKED)
 
     @property
+    def configured(self) -> bool:
+        """Whether the ring has a queue to serve (size and addresses set, memory mapped)."""
+        return self.queue is not None
+
+    @property
     def event_idx(self) -> bool:
         """Whether VIRTIO_F_RING_EVENT_IDX was negotiated."""
         return bool(self.features & _EVENT_IDX)

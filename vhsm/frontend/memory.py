@@ -20,14 +20,22 @@ UVA_BASE = 0x7F00_0000_0000
 
 
 class GuestRegion:
-    """One memfd-backed region of guest memory, mapped in this process."""
+    """One memfd-backed region of guest memory, mapped in this process.
 
-    def __init__(self, guest_phys_addr: int, memory_size: int, userspace_addr: int) -> None:
+    ``sealing``: the memfd allows seals, as QEMU's memory-backend-memfd does, so a
+    back-end can forbid it to shrink while mapped (vhsm's back-end does); False makes
+    one a back-end cannot seal (it must then watch the file's size).
+    """
+
+    def __init__(
+        self, guest_phys_addr: int, memory_size: int, userspace_addr: int, *, sealing: bool = True
+    ) -> None:
         self.guest_phys_addr = guest_phys_addr
         self.memory_size = memory_size
         self.userspace_addr = userspace_addr
         self.mmap_offset = 0
-        self.fd = os.memfd_create(f"vhsm-guest-{guest_phys_addr:#x}", os.MFD_CLOEXEC)
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
+        self.fd = os.memfd_create(f"vhsm-guest-{guest_phys_addr:#x}", flags)
         os.ftruncate(self.fd, memory_size)
         self._mmap = mmap.mmap(self.fd, memory_size, mmap.MAP_SHARED)
         self.view = memoryview(self._mmap)
@@ -91,7 +99,11 @@ class FrontendMemory:
     with ``guest_phys_addr`` / ``memory_size`` / ``view``, and ``translate``).
     """
 
-    def __init__(self, layout: Sequence[tuple[int, int]] = ((0, 4 << 20),)) -> None:
+    def __init__(
+        self, layout: Sequence[tuple[int, int]] = ((0, 4 << 20),), *, sealing: bool = True
+    ) -> None:
+        """Create the regions of ``layout`` ((gpa, size) pairs); ``sealing`` as in GuestRegion."""
+        self.sealing = sealing
         self._regions: list[GuestRegion] = []
         self._allocs: dict[int, tuple[GuestRegion, int]] = {}
         for gpa, size in layout:
@@ -115,7 +127,9 @@ class FrontendMemory:
         for r in self._regions:
             if gpa < r.end and r.guest_phys_addr < gpa + size:
                 raise ValueError(f"region {gpa:#x}+{size:#x} overlaps {r.guest_phys_addr:#x}")
-        region = GuestRegion(gpa, size, UVA_BASE + gpa if uva is None else uva)
+        region = GuestRegion(
+            gpa, size, UVA_BASE + gpa if uva is None else uva, sealing=self.sealing
+        )
         if gpa == 0 and size > mmap.PAGESIZE:
             region.alloc(mmap.PAGESIZE, 1)  # keep guest address 0 out of every buffer
         self._regions.append(region)
