@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vhsm import speedups
 from vhsm.backend import EPOLLIN
 from vhsm.devices.net import NET_HDR_SIZE, SINK_READS, NetBackend
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
@@ -93,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.bursts < 1 or not 0 <= args.frame <= BUF_STRIDE - NET_HDR_SIZE:
         ap.error(f"--bursts >= 1 and --frame in 0..{BUF_STRIDE - NET_HDR_SIZE}")
-    print(f"TX ring of {RING_SIZE}, {args.frame}-byte frames, device side CPU time")
+    print(
+        f"TX ring of {RING_SIZE}, {args.frame}-byte frames, device side CPU time;"
+        f" data path: {speedups.data_path()}"
+    )
     print(f"{'ring':7s} {'reads':9s} {'burst':>5s} {'us/burst':>9s} {'ns/packet':>10s}")
     for ring in ("split", "packed"):
         for reads in SINK_READS:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import benchlib
 
+from vhsm import speedups
 from vhsm.commands.serve import busy_poll_micros
 from vhsm.devices import net
 
@@ -121,8 +122,9 @@ def one_run(
     fe_cpu, be_cpu = benchlib.placement()
     sock = workdir / f"{tag}.sock"
     sock.unlink(missing_ok=True)
-    if backend == "vhsm":
+    if backend in ("vhsm", "vhsm-pure"):
         be_cmd = [
+            *(["env", "VHSM_PURE_PYTHON=1"] if backend == "vhsm-pure" else []),
             *benchlib.vhsm_command(),
             "serve",
             "net",
@@ -193,7 +195,7 @@ def measure(
                 res.samples.extend(got)
                 res.run_medians.append(benchlib.summary(got)[1])
                 print(
-                    f"  {cfg.label} {backend:5s} run {r + 1}: median"
+                    f"  {cfg.label} {backend:9s} run {r + 1}: median"
                     f" {benchlib.fmt_rate(res.run_medians[-1])}pps",
                     file=sys.stderr,
                     flush=True,
@@ -209,21 +211,19 @@ def report(configs: Sequence[Config], results: dict[tuple[str, str], Result]) ->
         f"placement: front-end testpmd on CPU {fe_cpu}, back-end on CPU {be_cpu}"
         " (taskset; testpmd lcores 0 and 1 share that CPU)",
         f"vhsm sink reads each frame by: {SINK_READS}",
-        f"{'config':18s} {'back-end':8s} {'Tx pps min':>11s} {'median':>11s} {'max':>11s}"
+        f"vhsm data path: {speedups.data_path()} (vhsm-pure: VHSM_PURE_PYTHON=1)",
+        f"{'config':18s} {'back-end':9s} {'Tx pps min':>11s} {'median':>11s} {'max':>11s}"
         f" {'vhsm/DPDK':>9s}",
     ]
     for cfg in configs:
-        medians = {}
+        dpdk = benchlib.summary(results.get((cfg.label, "dpdk"), Result()).samples)[1]
         for backend in BACKENDS:
             res = results.get((cfg.label, backend), Result())
             lo, med, hi = benchlib.summary(res.samples)
-            medians[backend] = med
-            ratio = ""
-            if backend == "dpdk" and medians.get("dpdk"):
-                ratio = f"{medians['vhsm'] / medians['dpdk']:9.1%}"
+            ratio = f"{med / dpdk:9.1%}" if backend != "dpdk" and dpdk else ""
             fail = f"  ({len(res.failures)} runs failed)" if res.failures else ""
             lines.append(
-                f"{cfg.label:18s} {backend:8s} {lo:11,.0f} {med:11,.0f} {hi:11,.0f} {ratio:>9s}"
+                f"{cfg.label:18s} {backend:9s} {lo:11,.0f} {med:11,.0f} {hi:11,.0f} {ratio:>9s}"
                 f"{fail}"
             )
     return lines
@@ -266,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--workdir", type=Path, help="keep logs and sockets here")
     ap.add_argument(
+        "--pure",
+        action="store_true",
+        help="also run vhsm on its pure-Python data path (VHSM_PURE_PYTHON=1), alternating",
+    )
+    ap.add_argument(
         "--busy-poll-us",
         type=busy_poll_micros,
         help="vhsm's TX busy-poll window (default: the device's, 50; 0: off)",
@@ -276,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; exit 2 when DPDK testpmd is missing, 1 when every run failed."""
     args = build_parser().parse_args(argv)
-    global BUSY_POLL_US, SINK_READS
+    global BACKENDS, BUSY_POLL_US, SINK_READS
     BUSY_POLL_US = args.busy_poll_us
     SINK_READS = args.sink_reads
+    BACKENDS = ("vhsm", "vhsm-pure", "dpdk") if args.pure else ("vhsm", "dpdk")
     why = benchlib.missing("dpdk-testpmd")
     if why is not None:
         print(f"net benchmark: {why}", file=sys.stderr)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from vhsm import speedups
 from vhsm.memory import GuestMemory
 from vhsm.virtq import PackedDriver, PackedQueue, SplitDriver, SplitQueue
 from vhsm.wire.payloads import VhostUserMemoryRegion
@@ -114,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024, help="queue size")
     ap.add_argument("--chains", type=int, default=300_000, help="chains per measurement")
     args = ap.parse_args(argv)
-    print(f"queue size {args.size}, {args.chains} chains per row, device side timed")
+    print(
+        f"queue size {args.size}, {args.chains} chains per row, device side timed;"
+        f" data path: {speedups.data_path()}"
+    )
     print(f"{'ring':8s} {'descs':>5s} {'mode':8s} {'chains/s':>14s} {'per CPU s':>14s}")
     for kind in ("split", "packed"):
         for ndesc in (1, 3):

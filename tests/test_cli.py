@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from vhsm.cli import COMMAND_MODULES, build_parser, main
+from vhsm.cli import COMMAND_MODULES, build_parser, command_module, main
 
 
 def test_every_command_module_registers() -> None:
@@ -37,3 +40,37 @@ def test_unknown_command_and_bad_level_are_usage_errors(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["serve", "rng", "--socket", "x", "--log-level", "LOUD"])
     assert "invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["serve", "blk", "--socket", "s"], "vhsm.commands.serve"),
+        (["--log-level", "DEBUG", "serve", "rng"], "vhsm.commands.serve"),
+        (["--log-level=INFO", "audit", "trace", "x"], "vhsm.commands.audit"),
+        (["--help"], None),
+        (["--version"], None),
+        (["nonsense"], None),
+        ([], None),
+    ],
+)
+def test_only_the_named_command_is_imported(argv: list[str], module: str | None) -> None:
+    assert command_module(argv) == module
+
+
+def test_serving_loads_no_audit_frontend_or_diagram_tooling() -> None:
+    """A daemon started by `vhsm serve` carries only what serving needs (idle RSS)."""
+    probe = (
+        "import sys\n"
+        "from vhsm.cli import main\n"
+        "try:\n"
+        "    main(['serve', 'blk', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('vhsm.audit', 'vhsm.frontend', 'vhsm.diagram', 'graphviz')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -42,8 +42,30 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every sub-command registered."""
+def command_module(argv: Sequence[str]) -> str | None:
+    """The module of the sub-command ``argv`` runs, when its first word names one.
+
+    Only that module is imported then: `vhsm serve` does not load the auditor, the
+    front-end or the diagram tooling, which a long-running daemon would carry for
+    nothing. None (every module) for `--help`, `--version` and unknown words.
+    """
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--log-level":
+            i += 2
+        elif word.startswith("--log-level="):
+            i += 1
+        elif word.startswith("-"):
+            return None
+        else:
+            module = f"vhsm.commands.{word}"
+            return module if module in COMMAND_MODULES else None
+    return None
+
+
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The top-level parser with the sub-commands of ``modules`` (default: all)."""
     parser = argparse.ArgumentParser(
         prog="vhsm", description="vhost-user back-ends in Python, the protocol as state machines"
     )
@@ -59,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging threshold (default WARNING)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     _accept_log_level_everywhere(parser)
     return parser
@@ -83,8 +105,10 @@ def _accept_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    only = command_module(words)
+    parser = build_parser((only,) if only is not None else COMMAND_MODULES)
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s"
     )
