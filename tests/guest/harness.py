@@ -158,15 +158,23 @@ def require_guest_env(*tools: str) -> GuestEnv:
 # Back-end processes
 
 
-def _listening_unix_paths() -> set[str]:
-    """Paths of unix sockets in listen state, from /proc/net/unix (no connect probe)."""
+def _listening_unix_paths(pid: int | None = None) -> set[str]:
+    """Paths of unix sockets in listen state, from /proc/net/unix (no connect probe).
+
+    With ``pid``, the table of that process's network namespace (a back-end started
+    with ``ip netns exec`` lists its sockets there, not in the test's namespace).
+    """
     paths: set[str] = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
-                paths.add(parts[7])
+    table = "/proc/net/unix" if pid is None else f"/proc/{pid}/net/unix"
+    try:
+        with open(table) as f:
+            lines = f.readlines()[1:]
+    except FileNotFoundError:  # the process just exited
+        return paths
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 8 and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
+            paths.add(parts[7])
     return paths
 
 
@@ -217,7 +225,7 @@ def start_backend(
         )
     backend = BackendProcess(list(argv), socket, log_path, proc)
     deadline = time.monotonic() + ready_timeout
-    while sock not in _listening_unix_paths():
+    while sock not in _listening_unix_paths(proc.pid):
         if not backend.alive():
             raise RuntimeError(
                 f"back-end exited with {proc.returncode} before listening on {sock}:\n"

@@ -52,13 +52,22 @@ def register(subparsers: Any) -> None:
     blk.add_argument("--file", required=True, metavar="IMG", help="raw disk image")
     blk.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
     blk.add_argument("--queues", type=_positive, default=1, metavar="N", help="request queues")
-    net = devices.add_parser("net", help="virtio-net without a host network")
+    net = devices.add_parser("net", help="virtio-net on a TAP interface, or without a network")
     _common(net)
     net.add_argument(
         "--mode",
         choices=["sink", "loopback"],
-        default="loopback",
-        help="sink: drop transmitted frames; loopback: receive what was sent (default)",
+        default=None,
+        help="without --tap: sink drops transmitted frames; loopback (default) receives them",
+    )
+    net.add_argument(
+        "--tap",
+        metavar="IFNAME",
+        help="join the guest to this TAP interface (created when missing: CAP_NET_ADMIN)",
+    )
+    net.add_argument("--mac", metavar="MAC", help="with --tap: the guest's MAC in config space")
+    net.add_argument(
+        "--mtu", type=int, metavar="N", help="with --tap: set on the TAP and in config space"
     )
     net.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
     net.add_argument(
@@ -257,10 +266,19 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
             return BlkBackend(str(image), read_only=args.read_only, num_queues=args.queues)
         except OSError as err:
             raise VhsmError(f"cannot open image {image}: {err.strerror or err}") from err
+    if args.device == "net" and args.tap is not None:
+        if args.mode is not None:
+            raise VhsmError("--mode is for the network-less device: not with --tap")
+        from vhsm.devices.net_tap import TapNetBackend, parse_mac
+
+        mac = parse_mac(args.mac) if args.mac is not None else None
+        return TapNetBackend(args.tap, args.queues, mac=mac, mtu=args.mtu)
     if args.device == "net":
+        if args.mac is not None or args.mtu is not None:
+            raise VhsmError("--mac and --mtu need --tap")
         net = importlib.import_module("vhsm.devices.net")
         backend: VhostUserBackend = net.NetBackend(
-            mode=args.mode, queue_pairs=args.queues, sink_reads=args.sink_reads
+            mode=args.mode or "loopback", queue_pairs=args.queues, sink_reads=args.sink_reads
         )
         return backend
     if args.device == "vsock":

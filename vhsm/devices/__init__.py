@@ -6,6 +6,8 @@
   file-backed virtio-blk, requests with headers, status bytes and zero-copy I/O.
 * :mod:`vhsm.devices.net` — ``NetBackend(mode="sink", queue_pairs=1)``: virtio-net
   sink or loopback, queue pairs, mergeable receive buffers, the numpy batch API.
+* :mod:`vhsm.devices.net_tap` — ``TapNetBackend(ifname, queue_pairs=1)``: virtio-net on a
+  Linux TAP (``vhsm.devices.tap``), offloads passed through, one TAP queue per pair.
 * :mod:`vhsm.devices.vsock` — ``VsockBackend(guest_cid, uds_path)``: virtio-vsock
   streams joined to host unix sockets, sockets watched by the worker as listeners,
   credit flow control, and a device state saved and restored (``vsock_state``).

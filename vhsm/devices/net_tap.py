@@ -1,0 +1,400 @@
+"""virtio-net joined to a Linux TAP interface: the guest on a host network.
+
+Teaching notes:
+
+* Pair ``k`` (receive queue ``2k``, transmit queue ``2k + 1``) has its own TAP
+  queue (`vhsm.devices.tap`, ``IFF_MULTI_QUEUE`` when there are several), watched
+  by the pair's worker as a listener: kicks and TAP readiness meet on one thread.
+* Frames cross with their 12-byte virtio-net header: the TAP reads and writes
+  it too (``IFF_VNET_HDR``), so checksum and segmentation offloads pass through
+  untouched. Offloads are offered only when the TAP accepts them, and the TAP
+  is told (``TUNSETOFFLOAD``) which ones the guest acked for its receive side.
+* Transmit: each chain is written to the TAP with one ``writev`` straight from
+  guest memory.
+* Receive: a frame read from the TAP is written into receive chains (several
+  with MRG_RXBUF; ``num_buffers`` says how many). When the ring has too little
+  room, the chains taken are put back (the ring's next index rewound: nothing
+  was completed) and the frame waits in the device; the TAP is not read again
+  until the guest posts buffers. Nothing is dropped for a full ring.
+* Split rings only (no RING_PACKED): putting chains back needs the split ring's
+  free-running index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vhsm.backend import VhostUserBackend
+from vhsm.devices.tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    VNET_HDR_SIZE,
+    Tap,
+)
+from vhsm.errors import BackendError, VhsmError, VirtqError
+from vhsm.wire.enums import NetFeature, ProtocolFeature, VirtioFeature
+
+if TYPE_CHECKING:
+    from vhsm.virtq.chain import DescriptorChain
+    from vhsm.vring import VringT
+    from vhsm.worker import VringEpollHandler
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_SIZE = 1024
+#: Largest frame the TAP can hand over: a 64 KiB GSO packet, its Ethernet and VLAN
+#: headers, and the virtio-net header.
+MAX_FRAME = 65536 + 18 + VNET_HDR_SIZE
+#: Frames moved per readiness event before the worker looks at its other events.
+RX_BURST = 256
+#: Offered feature bits that each TAP offload enables (host side: the guest may send
+#: such packets; guest side: the TAP may hand such packets to the guest).
+OFFLOAD_FEATURES = {
+    TUN_F_CSUM: NetFeature.CSUM | NetFeature.GUEST_CSUM,
+    TUN_F_TSO4: NetFeature.HOST_TSO4 | NetFeature.GUEST_TSO4,
+    TUN_F_TSO6: NetFeature.HOST_TSO6 | NetFeature.GUEST_TSO6,
+    TUN_F_TSO_ECN: NetFeature.HOST_ECN | NetFeature.GUEST_ECN,
+}
+#: The acked guest feature that lets the TAP use each offload toward the guest.
+GUEST_OFFLOADS = {
+    NetFeature.GUEST_CSUM: TUN_F_CSUM,
+    NetFeature.GUEST_TSO4: TUN_F_TSO4,
+    NetFeature.GUEST_TSO6: TUN_F_TSO6,
+    NetFeature.GUEST_ECN: TUN_F_TSO_ECN,
+}
+#: struct virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs, mtu.
+NET_CONFIG = struct.Struct("<6sHHH")
+_NUM_BUFFERS = struct.Struct("<H")
+
+
+@dataclass
+class TapStats:
+    """Counters of one queue pair."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0  # frames larger than a receive chain without MRG_RXBUF
+    rx_waits: int = 0  # times a frame waited for receive buffers
+
+
+class TapNetBackend(VhostUserBackend):
+    """virtio-net on the TAP interface ``ifname``, ``queue_pairs`` queue pairs.
+
+    Args:
+        ifname: the TAP interface (created when missing, else attached).
+        queue_pairs: queue pairs; each gets its own TAP queue and worker.
+        mac: the guest's MAC address in config space (default: a random local one).
+        mtu: set on the TAP and reported in config space (default: the TAP's MTU).
+
+    Raises:
+        VhsmError: the TAP cannot be opened, or a bad MAC or MTU.
+    """
+
+    def __init__(
+        self,
+        ifname: str,
+        queue_pairs: int = 1,
+        *,
+        mac: bytes | None = None,
+        mtu: int | None = None,
+    ) -> None:
+        if not 1 <= queue_pairs <= 0x8000:
+            raise VhsmError(f"queue_pairs {queue_pairs} not in 1..32768")
+        if mac is not None and (len(mac) != 6 or mac[0] & 1):
+            raise VhsmError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise VhsmError(f"MTU {mtu} not in 68..65535")
+        self.queue_pairs = queue_pairs
+        self.tap = Tap(ifname, queue_pairs)
+        try:
+            if mtu is not None:
+                self.tap.set_mtu(mtu)
+            self.mtu = self.tap.mtu()
+        except (OSError, VhsmError):
+            self.tap.close()
+            raise
+        self.mac = mac if mac is not None else bytes([0x02]) + os.urandom(5)
+        self.mrg_rxbuf = False
+        self.pair_stats = [TapStats() for _ in range(queue_pairs)]
+        self._workers: Sequence[VringEpollHandler] = ()
+        self._held: list[bytes | None] = [None] * queue_pairs
+        self._watched = [False] * queue_pairs
+        self._buffer = bytearray(MAX_FRAME)
+
+    # --- wiring -------------------------------------------------------------------------
+    def set_vring_workers(self, workers: Sequence[VringEpollHandler]) -> None:
+        """The daemon's workers, one per pair: each watches its pair's TAP queue."""
+        self._workers = workers
+
+    def _tap_event(self, pair: int) -> int:
+        return 2 * self.queue_pairs + pair
+
+    # --- negotiation --------------------------------------------------------------------
+    def num_queues(self) -> int:
+        """Two virtqueues per pair (the control queue stays with the front-end)."""
+        return 2 * self.queue_pairs
+
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM counts pairs for net devices."""
+        return self.queue_pairs
+
+    def max_queue_size(self) -> int:
+        """Largest ring accepted."""
+        return MAX_QUEUE_SIZE
+
+    def features(self) -> int:
+        """Split rings, MRG_RXBUF, MAC, MTU, MQ for several pairs, the TAP's offloads."""
+        bits = (
+            VirtioFeature.VERSION_1
+            | VirtioFeature.RING_INDIRECT_DESC
+            | VirtioFeature.RING_EVENT_IDX
+            | VirtioFeature.PROTOCOL_FEATURES
+            | NetFeature.MRG_RXBUF
+            | NetFeature.MAC
+            | NetFeature.MTU
+        )
+        for offload, offered in OFFLOAD_FEATURES.items():
+            if self.tap.offloads & offload:
+                bits |= offered
+        if self.queue_pairs > 1:
+            bits |= NetFeature.MQ | NetFeature.CTRL_VQ
+        return int(bits)
+
+    def acked_features(self, features: int) -> None:
+        """Receive layout, and the offloads the TAP may use toward the guest."""
+        self.mrg_rxbuf = bool(features & NetFeature.MRG_RXBUF)
+        flags = 0
+        for feature, offload in GUEST_OFFLOADS.items():
+            if features & feature:
+                flags |= offload
+        if flags & ~TUN_F_CSUM and not flags & TUN_F_CSUM:
+            flags = 0  # segmentation without checksum offload is not a TAP mode
+        try:
+            self.tap.set_offload(flags)
+        except OSError as err:
+            raise BackendError(f"TUNSETOFFLOAD {flags:#x} on {self.tap.name}: {err}") from None
+
+    def protocol_features(self) -> int:
+        """Multiqueue, acks, config space, memory slots, device reset, the status byte."""
+        return int(
+            ProtocolFeature.MQ
+            | ProtocolFeature.REPLY_ACK
+            | ProtocolFeature.CONFIG
+            | ProtocolFeature.CONFIGURE_MEM_SLOTS
+            | ProtocolFeature.RESET_DEVICE
+            | ProtocolFeature.STATUS
+        )
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``struct virtio_net_config``: MAC, status, max_virtqueue_pairs, MTU."""
+        config = NET_CONFIG.pack(self.mac, 1, self.queue_pairs, min(self.mtu, 0xFFFF))
+        return config[offset : offset + size].ljust(size, b"\0")
+
+    def queues_per_thread(self) -> Sequence[Sequence[int]]:
+        """One worker per pair: its RX and TX queues and its TAP queue."""
+        return [[2 * k, 2 * k + 1] for k in range(self.queue_pairs)]
+
+    def reset_device(self) -> None:
+        """Forget the receive layout, the offloads and any waiting frame."""
+        self.mrg_rxbuf = False
+        self.tap.set_offload(0)
+        self._forget()
+
+    def disconnected(self) -> None:
+        """The TAP is no longer read; a waiting frame is dropped with the session."""
+        self._forget()
+
+    def _forget(self) -> None:
+        for pair in range(self.queue_pairs):
+            with self._paused(pair):
+                self._unwatch(pair)
+                if self._held[pair] is not None:
+                    self._held[pair] = None
+                    self.pair_stats[pair].rx_dropped += 1
+
+    def _paused(self, pair: int) -> contextlib.AbstractContextManager[None]:
+        if pair < len(self._workers):
+            return self._workers[pair].paused()
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Stop watching and close the TAP queues."""
+        self._forget()
+        self.tap.close()
+
+    # --- events -------------------------------------------------------------------------
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[VringT], thread_id: int
+    ) -> None:
+        """TX kicks go to the TAP; RX kicks and TAP readiness move frames to the guest."""
+        pairs = self.queue_pairs
+        if 0 <= device_event < 2 * pairs:
+            pair = device_event // 2
+            if device_event % 2:
+                self._transmit(vrings[device_event], pair)
+                return
+        elif 2 * pairs <= device_event < 3 * pairs:
+            pair = device_event - 2 * pairs
+        else:
+            raise BackendError(f"net-tap: unexpected event {device_event} ({evset:#x})")
+        self._receive(pair, vrings[2 * pair])
+
+    def _transmit(self, tx: VringT, pair: int) -> None:
+        fd, stats = self.tap.fds[pair], self.pair_stats[pair]
+        while True:
+            tx.disable_notification()
+            for _ in range(MAX_QUEUE_SIZE):  # one ring's worth per pass
+                try:
+                    chain = tx.pop()
+                except VirtqError as exc:
+                    log.warning("net-tap: bad TX chain: %s", str(exc))
+                    stats.tx_errors += 1
+                    tx.complete_error(exc)
+                    if exc.head is None:
+                        tx.signal_used_queue()
+                        return
+                    continue
+                if chain is None:
+                    break
+                self._write_frame(fd, chain, stats)
+                tx.add_used(chain.head, 0)
+            tx.signal_used_queue()
+            if not tx.enable_notification():
+                return
+
+    @staticmethod
+    def _write_frame(fd: int, chain: DescriptorChain, stats: TapStats) -> None:
+        if chain.readable_len <= VNET_HDR_SIZE:
+            stats.tx_errors += 1
+            return
+        try:
+            os.writev(fd, chain.readable)
+        except OSError as err:
+            stats.tx_errors += 1
+            log.debug("net-tap: TAP write failed: %s", err)
+            return
+        stats.tx_packets += 1
+        stats.tx_bytes += chain.readable_len - VNET_HDR_SIZE
+
+    # --- receive ------------------------------------------------------------------------
+    def _receive(self, pair: int, rx: VringT) -> None:
+        """Deliver the waiting frame, then read the TAP while the ring has room."""
+        stats = self.pair_stats[pair]
+        if not (rx.started and rx.enabled):
+            self._unwatch(pair)
+            return
+        delivered = False
+        for _ in range(RX_BURST):
+            frame = self._held[pair]
+            self._held[pair] = None
+            if frame is None:
+                frame = self._read_tap(pair)
+                if frame is None:
+                    break
+            fit = self._deliver(rx, frame, stats)
+            if fit is None:  # no room: the frame waits, the TAP is left alone
+                self._held[pair] = frame
+                stats.rx_waits += 1
+                break
+            delivered |= fit
+        if delivered:
+            rx.signal_used_queue()
+        if self._held[pair] is None:
+            self._watch(pair)
+        else:
+            self._unwatch(pair)  # read again once the guest's next buffers kick us
+
+    def _read_tap(self, pair: int) -> bytes | None:
+        try:
+            n = os.readv(self.tap.fds[pair], [self._buffer])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as err:
+            log.warning("net-tap: reading %s failed: %s", self.tap.name, err)
+            return None
+        return bytes(self._buffer[:n]) if n > VNET_HDR_SIZE else None
+
+    def _deliver(self, rx: VringT, frame: bytes, stats: TapStats) -> bool | None:
+        """Write one frame into receive chains: True, False (dropped), None (no room yet).
+
+        Without room the chains taken go back (the ring's next index rewound; nothing
+        was completed), after kicks were asked for at the ring's end, so the guest's
+        next buffer wakes the worker.
+        """
+        start = rx.queue_next_avail()
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < len(frame) and (self.mrg_rxbuf or not chains):
+            try:
+                chain = rx.pop()
+            except VirtqError as exc:  # a broken ring: reported once, the frame dropped
+                log.warning("net-tap: bad RX chain: %s", str(exc))
+                rx.complete_error(exc)
+                for taken in chains:
+                    rx.add_used(taken.head, 0)
+                stats.rx_dropped += 1
+                return False
+            if chain is None:
+                if rx.enable_notification():
+                    continue  # buffers arrived meanwhile
+                rx.set_queue_next_avail(start)
+                return None
+            chains.append(chain)
+            room += chain.writable_len
+        if room < len(frame):  # one chain, too small, no MRG_RXBUF: never deliverable
+            rx.add_used(chains[0].head, 0)
+            stats.rx_dropped += 1
+            return False
+        packet = bytearray(frame)
+        _NUM_BUFFERS.pack_into(packet, VNET_HDR_SIZE - 2, len(chains))
+        view = memoryview(packet)
+        offset = 0
+        for chain in chains:
+            n = chain.write(view[offset:])
+            rx.add_used(chain.head, n)
+            offset += n
+        stats.rx_packets += 1
+        stats.rx_bytes += len(frame) - VNET_HDR_SIZE
+        return True
+
+    def _watch(self, pair: int) -> None:
+        if self._watched[pair] or pair >= len(self._workers):
+            return
+        self._workers[pair].register_listener(
+            self.tap.fds[pair], select.EPOLLIN, self._tap_event(pair)
+        )
+        self._watched[pair] = True
+
+    def _unwatch(self, pair: int) -> None:
+        if not self._watched[pair] or pair >= len(self._workers):
+            return
+        self._watched[pair] = False
+        with contextlib.suppress(BackendError, ValueError, OSError):
+            self._workers[pair].unregister_listener(self.tap.fds[pair])
+
+
+def parse_mac(text: str) -> bytes:
+    """``aa:bb:cc:dd:ee:ff`` as 6 bytes (VhsmError otherwise)."""
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise VhsmError(f"bad MAC address {text!r} (want aa:bb:cc:dd:ee:ff)")
+    return mac
+
+
+__all__ = ["MAX_FRAME", "TapNetBackend", "TapStats", "parse_mac"]
