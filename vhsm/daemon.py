@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from vhsm.backend_channel import mark_control_thread
 from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
-from vhsm.memory import GuestMemoryAtomic
+from vhsm.memory import GuestMemoryAtomic, RegionMapper
 from vhsm.session import Session, StateListener
 from vhsm.signals import stop_on_signals
 from vhsm.transport import MessageReader, PeerClosed, send_message
@@ -161,6 +161,8 @@ class VhostUserDaemon:
         memory: the guest memory holder shared with the device (created when omitted).
         handshake_timeout: seconds a front-end may stay silent after connecting, or
             stop in the middle of a message, before it is disconnected (None: no limit).
+        mapper: how memory regions are mapped, when ``memory`` is omitted (default:
+            ``mmap`` of each region's fd; `vhsm.xen.XenMapper` for Xen guests).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class VhostUserDaemon:
         memory: GuestMemoryAtomic | None = None,
         *,
         handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+        mapper: RegionMapper | None = None,
     ) -> None:
         if handshake_timeout is not None and not handshake_timeout > 0:
             raise VhsmError(f"hand-shake timeout must be positive, not {handshake_timeout}")
@@ -177,7 +180,9 @@ class VhostUserDaemon:
         self.handshake_timeout = handshake_timeout
         self._greeted = threading.Event()  # the served connection sent a whole message
         self.backend = backend
-        self.memory = memory if memory is not None else GuestMemoryAtomic()
+        if memory is not None and mapper is not None:
+            raise VhsmError("give the mapper to the GuestMemoryAtomic, or memory= alone")
+        self.memory = memory if memory is not None else GuestMemoryAtomic(mapper=mapper)
         self.plane = DevicePlane(backend, self.memory)
         self.plane.on_mapping_lost = self._mapping_lost
         self._shutdown_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -196,7 +196,9 @@ class DevicePlane:
     # --- DataPlane: memory -----------------------------------------------------------
     def set_mem_table(self, regions: Sequence[VhostUserMemoryRegion], fds: Sequence[int]) -> None:
         """Map a whole new table and switch to it."""
-        new = GuestMemory.from_table(regions, fds, max_slots=self.backend.max_mem_slots())
+        new = GuestMemory.from_table(
+            regions, fds, mapper=self.memory.mapper, max_slots=self.backend.max_mem_slots()
+        )
         self._switch_memory(new)
 
     def add_mem_region(self, region: VhostUserMemoryRegion, fd: int, max_slots: int) -> None:
@@ -204,7 +206,7 @@ class DevicePlane:
         current = self.memory.memory()
         if current.max_slots != max_slots and not current.regions:
             current = GuestMemory.empty(max_slots=max_slots)
-        self._switch_memory(current.with_region_added(region, fd))
+        self._switch_memory(current.with_region_added(region, fd, mapper=self.memory.mapper))
 
     def remove_mem_region(self, region: VhostUserMemoryRegion) -> None:
         """Unmap the matching region."""

@@ -675,12 +675,18 @@ class GuestMemoryAtomic:
 
     Workers take :meth:`lease` around each batch of work; :meth:`replace` publishes a new
     snapshot at once, and a mapping is closed when it is neither in the current snapshot
-    nor in a snapshot still leased.
+    nor in a snapshot still leased. ``mapper`` maps the regions of new tables (the daemon's
+    data plane passes it on).
     """
 
-    __slots__ = ("_current", "_leases", "_lock")
+    __slots__ = ("_current", "_leases", "_lock", "mapper")
 
-    def __init__(self, memory: GuestMemory | None = None) -> None:
+    def __init__(
+        self, memory: GuestMemory | None = None, *, mapper: RegionMapper | None = None
+    ) -> None:
+        #: How new regions are mapped (None: ``mmap`` of the region's fd; `vhsm.xen.XenMapper`
+        #: for Xen foreign and grant regions).
+        self.mapper = mapper
         self._current = memory if memory is not None else GuestMemory.empty()
         self._lock = threading.Lock()
         self._leases: dict[GuestMemory, int] = {}

@@ -251,6 +251,14 @@ class TransferDirection(IntEnum):
     LOAD = 1
 
 
+class XenMmapFlag(IntFlag):
+    """``xen_mmap_flags`` of a memory region with XEN_MMAP (§5.5)."""
+
+    FOREIGN = 1 << 0  # map the domain's frames through privcmd
+    GRANT = 1 << 1  # map the domain's grant references through gntdev
+    NO_ADVANCE_MAP = 1 << 8  # the whole region must not be mapped at once
+
+
 class TransferPhase(IntEnum):
     """``phase`` of SET_DEVICE_STATE_FD (§5.14)."""
 
