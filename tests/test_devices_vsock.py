@@ -52,12 +52,14 @@ class Env:
         return sock
 
 
-def start_env(d: Path, *, rx_buffers: int = 32, buf_alloc: int = 256 * 1024) -> Env:
+def start_env(
+    d: Path, *, rx_buffers: int = 32, buf_alloc: int = 256 * 1024, packed: bool = False
+) -> Env:
     backend = VsockBackend(CID, d / "v.sock", claim_cid=False)
     daemon = VhostUserDaemon("vsock-test", backend)
     daemon.start(Listener(d / "vu.sock"))
     fe = Frontend.connect(d / "vu.sock", timeout=10)
-    fe.start(queues=[0, 1], protocol_features=PROTO)
+    fe.start(queues=[0, 1], protocol_features=PROTO, packed=packed)
     dev = VsockDevice(fe, CID, rx_buffers=rx_buffers, buf_alloc=buf_alloc)
     return Env(d, d / "v.sock", backend, daemon, fe, dev)
 
@@ -471,3 +473,21 @@ def test_serve_vsock_refuses_a_reserved_cid(sockdir: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and "guest CID 2" in proc.stderr
+
+
+def test_packed_rings_move_data_both_ways(sockdir: Path) -> None:
+    env = start_env(sockdir, packed=True)
+    try:
+        assert env.fe.packed
+        srv = env.listen(5200)
+        assert guest_connect(env, 40, 5200).op == Op.RESPONSE
+        host, _ = srv.accept()
+        host.settimeout(10)
+        env.dev.send(env.dev.header(Op.RW, 40, 5200, length=6), b"packed")
+        assert recv_exact(host, 6) == b"packed"
+        host.sendall(pattern(20000, 9))
+        assert guest_read(env, 40, 5200, 20000) == pattern(20000, 9)
+        host.close()
+        srv.close()
+    finally:
+        stop_env(env)
