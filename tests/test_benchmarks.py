@@ -197,3 +197,15 @@ def test_cli_lists_bench(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_passes_options_through(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "virtq", "--size", "64", "--chains", "256"]) == 0
     assert "queue size 64" in capsys.readouterr().out
+
+
+def test_an_installed_package_says_in_one_line_it_needs_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vhsm.cli import main
+    from vhsm.commands import bench
+
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "benchmarks")
+    assert main(["bench", "virtq", "--seconds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vhsm bench needs a source checkout" in err

@@ -63,7 +63,10 @@ def load(name: str) -> Any:
     folder = benchmarks_dir()
     path = folder / script
     if not path.is_file():
-        raise VhsmError(f"{path} not found: `vhsm bench` runs the scripts of a source checkout")
+        raise VhsmError(
+            f"vhsm bench needs a source checkout: the benchmark scripts are not installed "
+            f"with the package (no {path}); run it from a clone, e.g. .venv/bin/vhsm bench {name}"
+        )
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))  # the scripts import their sibling helpers
     spec = importlib.util.spec_from_file_location(f"vhsm_bench_{name}", path)
