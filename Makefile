@@ -18,7 +18,7 @@ DATA_PATH_TESTS := tests/test_virtq_split.py tests/test_virtq_packed.py tests/te
 ASAN_TESTS := tests/test_speedups.py tests/test_virtq_split.py tests/test_virtq_packed.py \
 	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py
 
-.PHONY: venv demo test lint docs diagrams clean speedups asan
+.PHONY: venv demo test lint docs diagrams conformance clean speedups asan
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,8 +50,8 @@ test: venv speedups
 	$(BIN)/python -m pytest -n 2 -q
 	VHSM_PURE_PYTHON=1 $(BIN)/python -m pytest -n 2 -q $(DATA_PATH_TESTS)
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
-	$(BIN)/ruff format --check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
+	$(BIN)/ruff check vhsm tests benchmarks fuzz tools conformance hatch_build.py docs/hooks.py
+	$(BIN)/ruff format --check vhsm tests benchmarks fuzz tools conformance hatch_build.py docs/hooks.py
 	$(BIN)/mkdocs build --strict -q
 
 # A copy of the package (symlinks, in a temporary directory) whose accelerator is built
@@ -70,7 +70,12 @@ docs: $(DOCS)
 
 lint: venv
 	$(BIN)/mypy
-	$(BIN)/ruff check vhsm tests benchmarks fuzz tools hatch_build.py docs/hooks.py
+	$(BIN)/ruff check vhsm tests benchmarks fuzz tools conformance hatch_build.py docs/hooks.py
+
+# The conformance matrix (docs/reference/conformance.md): vhsm audit against every
+# vhost-user implementation this machine can start (QEMU, DPDK, virtiofsd: .ci/install-deps).
+conformance: venv
+	$(BIN)/python conformance/run.py
 
 diagrams: venv
 	$(BIN)/vhsm diagram --format all --out diagrams

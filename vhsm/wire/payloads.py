@@ -21,7 +21,7 @@ from vhsm.errors import WireError
 from vhsm.wire.enums import VRING_F_LOG, VRING_IDX_MASK, VRING_NOFD_MASK
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI host
-    raise ImportError("vhsm.wire supports little-endian hosts only (digest §2.2)")
+    raise ImportError("vhsm.wire supports little-endian hosts only (the protocol uses host order)")
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
