@@ -198,7 +198,7 @@ def backend_dpdk(work: Path) -> Result:
     sock = work / "dpdk-vhost.sock"
     argv = [testpmd, *DPDK_EAL, "--file-prefix", f"vhsmconfbe{os.getpid()}"]
     argv += ["--vdev", f"net_vhost0,iface={sock},client=0", "--"]
-    argv += ["--forward-mode=rxonly", "--stats-period", "10"]
+    argv += ["--total-num-mbufs=16384", "--forward-mode=rxonly", "--stats-period", "10"]
     result = Result("DPDK vhost PMD (testpmd)", "back-end", " ".join(argv))
     result.version = dpdk_version()
     with started(argv, sock, work / "dpdk-vhost.log"):
@@ -260,8 +260,8 @@ def frontend_qemu(work: Path) -> Result:
         result.report = finish_auditor(proc, out)
     finally:
         proc.stop()
-    if guest.verdict != "PASS":
-        result.notes.append(f"the guest's own I/O check said {guest.verdict}")
+    if not guest.passed:
+        result.notes.append(f"the guest's own I/O check ended with status {guest.status}")
     return result
 
 
@@ -272,7 +272,7 @@ def frontend_dpdk(work: Path) -> Result:
     proc = start_backend(auditor("net", sock, out, []), sock, work / "dpdk-fe.log")
     argv = [testpmd, *DPDK_EAL, "--file-prefix", f"vhsmconffe{os.getpid()}"]
     argv += ["--vdev", f"net_virtio_user0,path={sock},queues=1", "--"]
-    argv += ["--forward-mode=txonly", "--stats-period", "1"]
+    argv += ["--total-num-mbufs=16384", "--forward-mode=txonly", "--stats-period", "1"]
     result = Result("DPDK virtio-user PMD (testpmd)", "front-end", " ".join(argv))
     result.version = dpdk_version()
     try:
@@ -349,8 +349,8 @@ def markdown(results: list[Result], when: str) -> str:
         "```",
         "",
         f"Generated {when} on {platform.system()} {platform.release()}, Python "
-        f"{platform.python_version()}. Each rule id links to the",
-        "[protocol rules](rules.md) page.",
+        f"{platform.python_version()}. The [protocol rules](rules.md) page explains every",
+        "rule id.",
         "",
         "## Implementations",
         "",
@@ -382,7 +382,7 @@ def markdown(results: list[Result], when: str) -> str:
     table = [cells(r) for r in done]
     for rule_id, known in all_rules().items():
         row = " | ".join(t[rule_id] for t in table)
-        lines.append(f"| [{rule_id}](rules.md#{rule_id.lower()}) | {known.severity} | {row} |")
+        lines.append(f"| {rule_id} | {known.severity} | {row} |")
     lines += ["", "## Findings", ""]
     for r in done:
         assert r.report is not None
@@ -398,6 +398,15 @@ def markdown(results: list[Result], when: str) -> str:
             lines.append(f"- **{f['severity']}** {f['rule_id']} ({where}): {detail}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def saved_date(path: Path) -> str:
+    """The day a saved reports file was written."""
+    return time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
 
 
 IMPLEMENTATIONS: list[tuple[str, str, Callable[[Path], Result]]] = [
@@ -419,7 +428,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help=f"Markdown page (default {OUT})")
     parser.add_argument("--json", type=Path, help="also write every report here (one JSON file)")
     parser.add_argument("-k", metavar="TEXT", help="only implementations whose name has TEXT")
+    parser.add_argument(
+        "--from-json", type=Path, metavar="FILE", help="write the page from saved reports (--json)"
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text(encoding="utf-8"))
+        loaded = [
+            Result(
+                name,
+                entry["role"],
+                entry.get("command", ""),
+                report=entry.get("report"),
+                problem=entry.get("problem"),
+                version=entry.get("version", ""),
+                notes=entry.get("notes", []),
+            )
+            for name, entry in saved.items()
+        ]
+        args.out.write_text(markdown(loaded, saved_date(args.from_json)) + "\n", encoding="utf-8")
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up the peers on SIGTERM too
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vhsm-conf-", dir="/tmp") as tmp:
         for number, (name, role, run) in enumerate(IMPLEMENTATIONS):
@@ -441,7 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     when = time.strftime("%Y-%m-%d")
     args.out.write_text(markdown(results, when) + "\n", encoding="utf-8")
     if args.json is not None:
-        doc = {r.name: {"role": r.role, "report": r.report, "problem": r.problem} for r in results}
+        doc = {
+            r.name: {
+                "role": r.role,
+                "command": r.command,
+                "report": r.report,
+                "problem": r.problem,
+                "version": r.version,
+                "notes": r.notes,
+            }
+            for r in results
+        }
         args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(f"conformance: wrote {args.out}", file=sys.stderr)
     return 0 if any(r.report is not None for r in results) else 1

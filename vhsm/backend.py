@@ -262,7 +262,7 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
                 log.warning("bad chain: %s", str(exc))
                 vring.complete_error(exc)
                 if exc.head is None:
-                    # Nothing was consumed (avail idx moved too far, §8): retrying would spin
+                    # Nothing was consumed (avail idx moved too far): retrying would spin
                     # forever holding the worker. The error is signalled; wait for a kick.
                     vring.signal_used_queue()
                     return done

@@ -1,9 +1,9 @@
-"""`BackendChannel`: the back-end request channel of §4 (back-end → front-end requests).
+"""`BackendChannel`: the back-end request channel (back-end → front-end requests).
 
 The front-end hands one end of a socket pair over with SET_BACKEND_REQ_FD; the
 back-end sends requests on it and, when REPLY_ACK is negotiated and NEED_REPLY
 set, waits for the front-end's u64 ack. Sends are serialised by one lock so
-workers and device threads may share the channel. Deadlock hazard (§4): a
+workers and device threads may share the channel. Deadlock hazard: a
 request sent from the connection's control thread (inside a hook) cannot wait
 for its ack, because the front-end may itself be waiting for our reply on the
 main channel; such requests are sent without NEED_REPLY.
@@ -65,7 +65,7 @@ class BackendChannel:
         fd: the socket received with SET_BACKEND_REQ_FD (owned from now on).
         protocol_features: returns the negotiated protocol features when called.
         timeout: seconds to wait for a reply before the channel is declared broken.
-        suspended: returns whether the device is suspended (all rings stopped, §7.4);
+        suspended: returns whether the device is suspended (all rings stopped);
             requests are refused then (VU-STATE-007).
     """
 
@@ -94,11 +94,11 @@ class BackendChannel:
         self.request(BackendReq.BACKEND_CONFIG_CHANGE_MSG)
 
     def vring_call(self, index: int) -> None:
-        """In-band used-buffer notification for ring `index` (§7.16)."""
+        """In-band used-buffer notification for ring `index`."""
         self.request(BackendReq.BACKEND_VRING_CALL, VhostUserVringState(index, 0))
 
     def vring_err(self, index: int) -> None:
-        """In-band error notification for ring `index` (§7.16)."""
+        """In-band error notification for ring `index`."""
         self.request(BackendReq.BACKEND_VRING_ERR, VhostUserVringState(index, 0))
 
     def shared_object_add(self, object_id: uuid.UUID) -> None:
@@ -193,7 +193,7 @@ class BackendChannel:
 
     # --- machinery -------------------------------------------------------------------
     def _check_running(self, name: str) -> None:
-        """Refuse to send while the device is suspended (all rings stopped, §7.4)."""
+        """Refuse to send while the device is suspended (all rings stopped)."""
         if self._suspended is not None and self._suspended():
             raise BackendError(
                 f"VU-STATE-007: {name} not sent: the device is suspended (all rings stopped)"

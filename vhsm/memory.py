@@ -1,6 +1,6 @@
 """Guest memory: the front-end's memory table mapped from its fds, with fast address translation.
 
-A :class:`GuestMemory` is an immutable snapshot of the mapped regions (§7.6, §10). Updates
+A :class:`GuestMemory` is an immutable snapshot of the mapped regions. Updates
 (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) build a new snapshot that shares the unchanged
 mappings; :class:`GuestMemoryAtomic` publishes snapshots to the worker threads and unmaps a
 region only once no current snapshot and no lease still uses it.
@@ -48,7 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SLOTS = 509
-"""Memory slots advertised by GET_MAX_MEM_SLOTS (the libvhost-user / rust-vmm value, §7.6)."""
+"""Memory slots advertised by GET_MAX_MEM_SLOTS (the libvhost-user / rust-vmm value)."""
 
 _U64_END = 1 << 64
 
@@ -557,7 +557,7 @@ class GuestMemory:
         return None
 
     def uva_to_gpa(self, uva: int) -> int:
-        """Guest-physical address of front-end user address ``uva`` (§10).
+        """Guest-physical address of front-end user address ``uva``.
 
         Raises:
             GuestMemoryError: ``uva`` is in no region.
@@ -579,7 +579,7 @@ class GuestMemory:
         return gpa - r.guest_phys_addr + r.userspace_addr
 
     def gather(self, gpa: int, length: int) -> list[memoryview]:
-        """Views covering ``[gpa, gpa+length)`` piecewise across adjacent regions (§10).
+        """Views covering ``[gpa, gpa+length)`` piecewise across adjacent regions.
 
         Raises:
             GuestMemoryError: any part of the range is unmapped.

@@ -2,14 +2,14 @@
 
 The control thread configures a ring (size, addresses, base, fds, features, log);
 worker threads pop chains, add used elements and signal. ``enabled`` and ``started``
-are plain bools set by the control thread and read lock-free by workers (§7.4).
+are plain bools set by the control thread and read lock-free by workers.
 
 Ring addresses given to :meth:`VringState.set_queue_info` are guest-physical (the
-data plane converts SET_VRING_ADDR's user addresses, §10); they are translated
+data plane converts SET_VRING_ADDR's user addresses); they are translated
 through the current memory snapshot into memoryviews, again on every call (the data
 plane calls it after each memory-table change).
 
-Bad chains (§11.3 R9): ``pop`` raises VirtqError after consuming the chain; call
+Bad chains: ``pop`` raises VirtqError after consuming the chain; call
 :meth:`VringState.complete_error` to complete it with length 0 and signal the err fd.
 """
 
@@ -269,7 +269,7 @@ class VringState:
             q.set_log(active, self.desc_addr if self.log_addr is not None else None, self.log_addr)
 
     def set_inflight(self, inflight: Any) -> None:
-        """Attach a ring's inflight region (§7.15): resubmits what it lists as in flight.
+        """Attach a ring's inflight region: resubmits what it lists as in flight.
 
         The next avail index is set past the resubmitted requests (used index + their
         count, as [LVU] does); a packed ring also takes its used position and wrap
@@ -307,18 +307,18 @@ class VringState:
             raise
 
     def set_backend_channel(self, channel: Any) -> None:
-        """Back-end request channel, for in-band call/err notifications (§7.16)."""
+        """Back-end request channel, for in-band call/err notifications."""
         self.backend_channel = channel
 
     # ----------------------------------------------------------------- base
     def get_queue_base(self) -> int:
-        """GET_VRING_BASE ``num`` (§5.3)."""
+        """GET_VRING_BASE ``num``."""
         if self.queue is not None:
             return self.queue.get_base()
         return self.base if self.base_set or not self.packed else 0x80008000
 
     def set_queue_base(self, num: int) -> None:
-        """SET_VRING_BASE ``num`` (§5.3); ValueError for reserved bits / bad packed index."""
+        """SET_VRING_BASE ``num``; ValueError for reserved bits / bad packed index."""
         if not self.packed and num >> 16:
             raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
         self.base = num
@@ -327,7 +327,7 @@ class VringState:
         if q is not None:
             q.set_base(num)
             if isinstance(q, SplitQueue):
-                q.set_next_used(q.used_idx())  # §7.5: the used index comes from guest memory
+                q.set_next_used(q.used_idx())  # the used index comes from guest memory
 
     def queue_next_avail(self) -> int:
         """Next avail index (split) / position (packed)."""

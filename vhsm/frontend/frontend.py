@@ -1,9 +1,9 @@
 """`Frontend`: a vhost-user front-end (the VMM's role) in Python, to drive back-ends without a VM.
 
 It negotiates features (QEMU's order, or Cloud Hypervisor's SET_OWNER-first
-order, §7.1-§7.3), owns memfd guest memory, lays out split or packed rings,
+order), owns memfd guest memory, lays out split or packed rings,
 sends the ring set-up, serves the back-end request channel, stops rings,
-resets, disconnects and reconnects (with SET_INFLIGHT_FD, §7.15/§7.17). It
+resets, disconnects and reconnects (with SET_INFLIGHT_FD). It
 uses REPLY_ACK when offered. Every message is recorded (`transcript`).
 
 Typed helpers raise `BackendError` on a NACK; the raw layer (`send`,
@@ -58,7 +58,7 @@ SUPPORTED_FEATURES = (
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.PROTOCOL_FEATURES
 )
-#: Device-specific feature ranges (§6.2): bits 0-23 and 50-63.
+#: Device-specific feature ranges: bits 0-23 and 50-63.
 DEVICE_FEATURE_MASK = ((1 << 24) - 1) | (((1 << 64) - 1) ^ ((1 << 50) - 1))
 #: Protocol features accepted by default (when offered).
 SUPPORTED_PROTOCOL_FEATURES = (
@@ -466,7 +466,7 @@ class Frontend:
         backend_req: bool = True,
         enable_first: Sequence[int] = (),
     ) -> None:
-        """Negotiate virtio and protocol features (§7.2).
+        """Negotiate virtio and protocol features.
 
         ``owner_first=False`` is QEMU's order (GET_FEATURES, protocol features,
         queries, SET_BACKEND_REQ_FD, then SET_OWNER, SET_FEATURES);
@@ -552,7 +552,7 @@ class Frontend:
         """Lay out ring ``index`` in guest memory and send its set-up.
 
         NUM, BASE, ADDR, KICK (starts it), CALL, ERR, then ENABLE when protocol
-        features are in use (§7.3, §7.4).
+        features are in use.
         """
         old = self.vrings.pop(index, None)
         if old is not None:
@@ -586,7 +586,7 @@ class Frontend:
         self.call(FrontendReq.SET_VRING_ENABLE, VhostUserVringState(index, int(enabled)))
 
     def stop_vring(self, index: int) -> int:
-        """GET_VRING_BASE: stop ring ``index``; return its base (§5.3)."""
+        """GET_VRING_BASE: stop ring ``index``; return its base."""
         reply = self.call(FrontendReq.GET_VRING_BASE, VhostUserVringState(index, 0))
         if reply is None or not isinstance(reply.payload, VhostUserVringState):
             raise BackendError("GET_VRING_BASE: no vring state in the reply")
@@ -693,7 +693,7 @@ class Frontend:
         self.connection.close()
 
     def reconnect(self, timeout: float | None = None) -> None:
-        """Connect again and redo the whole set-up, resuming rings where they were (§7.17).
+        """Connect again and redo the whole set-up, resuming rings where they were.
 
         Uses the same negotiation options; sends SET_INFLIGHT_FD (with the buffer
         kept from GET_INFLIGHT_FD) before the rings, so the back-end can resubmit.

@@ -1,6 +1,6 @@
 """Front-end guest memory: memfd-backed regions, a buffer allocator, GPA/UVA lookups.
 
-The front-end owns guest memory (§1, §7.6): each region is a memfd mapped
+The front-end owns guest memory: each region is a memfd mapped
 here and handed to the back-end in SET_MEM_TABLE / ADD_MEM_REG. User
 addresses are made up (``UVA_BASE + gpa``), deliberately different from
 guest addresses so a back-end that mixes the two is caught.

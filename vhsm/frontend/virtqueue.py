@@ -109,11 +109,11 @@ class Virtqueue:
         return d.device_event_gpa if isinstance(d, PackedDriver) else d.used_gpa
 
     def initial_base(self) -> int:
-        """The SET_VRING_BASE value of a fresh ring (§5.3): 0, or both wrap counters set."""
+        """The SET_VRING_BASE value of a fresh ring: 0, or both wrap counters set."""
         return 0x8000_8000 if self.packed else 0
 
     def resume_base(self) -> int:
-        """The base to resume at after a disconnect: the used index in guest memory (§7.17)."""
+        """The base to resume at after a disconnect: the used index in guest memory."""
         if self.base is not None:
             return self.base
         d = self.driver

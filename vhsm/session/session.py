@@ -6,7 +6,7 @@ machine (``specs/session.yaml``) and, for ring requests, on that ring's own
 machine (``specs/vring.yaml``). The named conditions and callbacks of the
 YAML are the `_guard_*` and `_do_*` methods here and in `SessionHandlers`.
 
-Failure policy (rule VU-REQ-001 and §2.4): a violation of a `reject` rule
+Failure policy (rule VU-REQ-001): a violation of a `reject` rule
 answers a NACK (u64 1) when the request asked for an ack (NEED_REPLY) and its
 reply is an ack or a u64 status; otherwise `handle` raises `ProtocolViolation`
 and the daemon closes the connection. `warn` rules are logged and recorded in
@@ -131,7 +131,7 @@ class Session(SessionHandlers):
 
     @property
     def protocol_features_in_use(self) -> bool:
-        """VHOST_USER_F_PROTOCOL_FEATURES offered and SET_PROTOCOL_FEATURES received (§7.2)."""
+        """VHOST_USER_F_PROTOCOL_FEATURES offered and SET_PROTOCOL_FEATURES received."""
         return self.protocol_features_set
 
     def started_rings(self) -> list[int]:

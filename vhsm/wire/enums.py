@@ -1,4 +1,4 @@
-"""Request codes, header flags and feature bits of vhost-user (digest §2-§6).
+"""Request codes, header flags and feature bits of vhost-user.
 
 Names follow the spec (``VHOST_USER_`` prefix dropped) and the virtio spec
 (``VIRTIO_*_F_`` prefix dropped); values are the wire values.
@@ -18,7 +18,7 @@ class Channel(enum.Enum):
 
 
 class FrontendReq(IntEnum):
-    """Front-end -> back-end request codes on the main channel (§3)."""
+    """Front-end -> back-end request codes on the main channel."""
 
     GET_FEATURES = 1
     SET_FEATURES = 2
@@ -68,7 +68,7 @@ class FrontendReq(IntEnum):
 
 
 class BackendReq(IntEnum):
-    """Back-end -> front-end request codes on the back-end request channel (§4)."""
+    """Back-end -> front-end request codes on the back-end request channel."""
 
     BACKEND_IOTLB_MSG = 1
     BACKEND_CONFIG_CHANGE_MSG = 2
@@ -83,7 +83,7 @@ class BackendReq(IntEnum):
 
 
 class HeaderFlags(IntFlag):
-    """Bits of the header's ``flags`` word (§2.1)."""
+    """Bits of the header's ``flags`` word."""
 
     VERSION_1 = 0x1
     REPLY = 0x4
@@ -99,7 +99,7 @@ VRING_F_LOG = 0x1
 
 
 class ProtocolFeature(IntFlag):
-    """vhost-user protocol features, GET/SET_PROTOCOL_FEATURES (§6.1)."""
+    """vhost-user protocol features, GET/SET_PROTOCOL_FEATURES."""
 
     MQ = 1 << 0
     LOG_SHMFD = 1 << 1
@@ -128,7 +128,7 @@ class ProtocolFeature(IntFlag):
 
 
 class VirtioFeature(IntFlag):
-    """Device-independent virtio and vhost feature bits of GET/SET_FEATURES (§6.2)."""
+    """Device-independent virtio and vhost feature bits of GET/SET_FEATURES."""
 
     NOTIFY_ON_EMPTY = 1 << 24
     LOG_ALL = 1 << 26
@@ -208,7 +208,7 @@ class NetFeature(IntFlag):
 
 
 class DeviceStatus(IntFlag):
-    """The virtio device status byte of SET_STATUS / GET_STATUS (§6.3); 0 = reset."""
+    """The virtio device status byte of SET_STATUS / GET_STATUS; 0 = reset."""
 
     ACKNOWLEDGE = 0x01
     DRIVER = 0x02
@@ -220,7 +220,7 @@ class DeviceStatus(IntFlag):
 
 
 class IotlbType(IntEnum):
-    """``type`` of a vhost_iotlb_msg (§5.9)."""
+    """``type`` of a vhost_iotlb_msg."""
 
     MISS = 1
     UPDATE = 2
@@ -229,7 +229,7 @@ class IotlbType(IntEnum):
 
 
 class IotlbPerm(IntEnum):
-    """``perm`` of a vhost_iotlb_msg (§5.9)."""
+    """``perm`` of a vhost_iotlb_msg."""
 
     NONE = 0
     RO = 1
@@ -238,14 +238,14 @@ class IotlbPerm(IntEnum):
 
 
 class ConfigFlags(IntEnum):
-    """``flags`` of a config space message (§5.8)."""
+    """``flags`` of a config space message."""
 
     FRONTEND = 0
     MIGRATION = 1
 
 
 class TransferDirection(IntEnum):
-    """``direction`` of SET_DEVICE_STATE_FD (§5.14)."""
+    """``direction`` of SET_DEVICE_STATE_FD."""
 
     SAVE = 0
     LOAD = 1
@@ -260,7 +260,7 @@ class XenMmapFlag(IntFlag):
 
 
 class TransferPhase(IntEnum):
-    """``phase`` of SET_DEVICE_STATE_FD (§5.14)."""
+    """``phase`` of SET_DEVICE_STATE_FD."""
 
     STOPPED = 0
 
