@@ -252,7 +252,7 @@ class TransferDirection(IntEnum):
 
 
 class XenMmapFlag(IntFlag):
-    """``xen_mmap_flags`` of a memory region with XEN_MMAP (§5.5)."""
+    """``xen_mmap_flags`` of a memory region with XEN_MMAP."""
 
     FOREIGN = 1 << 0  # map the domain's frames through privcmd
     GRANT = 1 << 1  # map the domain's grant references through gntdev

@@ -137,7 +137,7 @@ class VhostUserVringAddr:
 
 @attrs.frozen
 class VhostUserMemoryRegion:
-    """A memory region descriptor (§5.5): 32 bytes, 40 with the XEN_MMAP fields set."""
+    """A memory region descriptor: 32 bytes, 40 with the XEN_MMAP fields set."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
     XEN_STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQQII")
