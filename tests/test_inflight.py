@@ -57,18 +57,20 @@ def test_region_sizes(qs: int, packed: bool, size: int) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_allocate_gives_an_initialised_sealed_memfd(packed: bool) -> None:
+def test_allocate_gives_a_new_sealed_memfd(packed: bool) -> None:
     desc, fd = allocate(3, 16, packed=packed)
     try:
         assert desc == VhostUserInflight(3 * queue_region_size(16, packed), 0, 3, 16)
         assert os.fstat(fd).st_size == desc.mmap_size
         with pytest.raises(PermissionError):
             os.ftruncate(fd, 10)  # sealed: the front-end cannot make us SIGBUS
-        header = os.pread(fd, 12, queue_region_size(16, packed))  # queue 1
-        assert header[8:12] == (1).to_bytes(2, "little") + (16).to_bytes(2, "little")
+        # all zero, as libvhost-user and DPDK hand theirs out: a new region (version 0)
+        assert os.pread(fd, desc.mmap_size, 0) == bytes(desc.mmap_size)
         buf = restart(desc, fd, packed)
         assert len(buf.queues) == 3
-        assert all(q.queue_size == 16 for q in buf.queues)
+        assert all(q.queue_size == 16 and q.new for q in buf.queues)
+        header = os.pread(fd, 12, queue_region_size(16, packed))  # queue 1, laid out
+        assert header[8:12] == (0).to_bytes(2, "little") + (16).to_bytes(2, "little")
         if packed:
             q = buf.queue(0)
             assert isinstance(q, InflightPacked)
@@ -223,8 +225,12 @@ def test_split_used_idx_wraps(split_buf: tuple[VhostUserInflight, int]) -> None:
 
 def test_split_inconsistent_used_idx_refused(split_buf: tuple[VhostUserInflight, int]) -> None:
     desc, fd = split_buf
+    first = restart(desc, fd, False)
+    split_queue(first).adopt(0)  # the region records position 0
+    first.close()
     buf = restart(desc, fd, False)
     q = split_queue(buf)
+    assert not q.new
     with pytest.raises(VirtqError):
         q.resubmit(100)  # 100 entries past with a queue of 8
     with pytest.raises(VirtqError):

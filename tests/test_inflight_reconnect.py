@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -173,3 +174,38 @@ def test_reconnect_with_nothing_in_flight_resumes_where_the_ring_was(
         vq.kick(force=True)
         assert vq.wait_used(WAIT) == (head, 4) and fe.memory.read(out, 4) == b"LAST"
         assert vq.get_used() is None and len(backend.done) == 3 * 7 + 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_a_new_all_zero_region_adopts_the_rings_position(
+    served: tuple[HoldingBackend, Path], packed: bool
+) -> None:
+    """A migration destination's fresh region is new: no ring error, tracked from here on."""
+    backend, path = served
+    with Frontend.connect(path, timeout=WAIT) as fe:
+        fe.start(queues=1, size=16, packed=packed, inflight=True)
+        vq = fe.vring(0)
+        for i in range(40):  # the ring moves well past its size
+            head, out = post(fe, b"m%02d" % i)
+            vq.kick(force=True)
+            assert vq.wait_used(WAIT) == (head, 3)
+        assert fe.inflight is not None and fe.inflight_fd is not None
+        region = bytes(fe.inflight.mmap_size)
+        os.pwrite(fe.inflight_fd, region, fe.inflight.mmap_offset)  # fresh and all zero
+        fe.reconnect()
+        assert not vq.error_signalled()
+        if not packed:  # the split header records version 1 and the ring's used index
+            header = os.pread(fe.inflight_fd, 16, fe.inflight.mmap_offset)
+            assert (header[8], header[14]) == (1, 40)
+        backend.hold = True
+        head, out = post(fe, b"held")
+        vq.kick(force=True)
+        wait_until(lambda: len(backend.held) == 1)
+        backend.hold = False
+        fe.reconnect()  # now the region has content: the held request is resubmitted
+        assert vq.wait_used(WAIT) == (head, 4) and fe.memory.read(out, 4) == b"HELD"
+        assert not vq.error_signalled()
+        head, out = post(fe, b"next")
+        vq.kick(force=True)
+        assert vq.wait_used(WAIT) == (head, 4) and fe.memory.read(out, 4) == b"NEXT"
+        assert backend.done[-2:] == [b"held", b"next"]

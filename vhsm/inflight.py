@@ -81,7 +81,9 @@ def allocate(
 ) -> tuple[VhostUserInflight, int]:
     """Create the buffer for GET_INFLIGHT_FD: the reply description and the memfd (caller's).
 
-    The memfd is sealed against shrinking and growing, so a later mapping cannot SIGBUS.
+    The buffer is left all zero, a *new* region (version 0), as libvhost-user and DPDK
+    hand theirs out: each queue adopts its ring's position when the ring starts. The
+    memfd is sealed against shrinking and growing, so a later mapping cannot SIGBUS.
 
     Raises:
         WireError: ``num_queues`` or ``queue_size`` out of range (VU-PAY-003).
@@ -94,7 +96,7 @@ def allocate(
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         desc = VhostUserInflight(size, 0, num_queues, queue_size)
-        InflightBuffer.attach(desc, os.dup(fd), packed=packed, request=request).close()
+        map_fd(fd, 0, size, what=f"{request} inflight buffer").close()
     except BaseException:
         os.close(fd)
         raise
@@ -216,17 +218,18 @@ class InflightSplit:
     # entry i: inflight byte 16 + 16i, next u16 11 + 8i, counter u64 3 + 2i.
 
     def __init__(self, view: memoryview, queue_size: int, index: int = 0) -> None:
-        """Track the queue whose region is ``view`` (initialised if its version is 0)."""
+        """Track the queue whose region is ``view`` (laid out afresh if its version is 0)."""
         self.index = index
         self.queue_size = queue_size
         self._b = view
         self._h = view.cast("H")
         self._q = view.cast("Q")
         version = self._h[4]
-        if version == 0:
+        #: Version 0: a new region, nothing recorded; it adopts the ring's position.
+        self.new = version == 0
+        if self.new:
             view[:] = bytes(view.nbytes)
             self._h[5] = queue_size
-            self._h[4] = INFLIGHT_VERSION
         elif version != INFLIGHT_VERSION:
             raise _header_error(index, f"unknown version {version}")
         elif self._h[5] != queue_size:
@@ -243,10 +246,23 @@ class InflightSplit:
         """Head of the list of the last completed batch."""
         return int(self._h[6])
 
+    def adopt(self, used_idx: int) -> None:
+        """A new region takes the ring's position: ``used_idx`` read from the used ring."""
+        self._h[7] = used_idx & 0xFFFF
+        self._mark_recording()
+
+    def _mark_recording(self) -> None:
+        # The version is written once the region records a position: until then a
+        # back-end that restarts still sees a new region (§7.15 layout, version 1).
+        self._h[4] = INFLIGHT_VERSION
+        self.new = False
+
     def fetch(self, head: int) -> None:
         """Record head ``head`` as in flight (taken from the avail ring), newest counter."""
         if not 0 <= head < self.queue_size:
             raise VirtqError(self.index, "inflight: head out of range", head)
+        if self.new:
+            self._mark_recording()
         self._q[3 + 2 * head] = self._counter
         self._counter += 1
         self._b[16 + 16 * head] = 1
@@ -376,7 +392,7 @@ class InflightPacked:
     # flags 25+16j; u32 len 13+8j; u64 counter 5+4j, addr 7+4j.
 
     def __init__(self, view: memoryview, queue_size: int, index: int = 0) -> None:
-        """Track the queue whose region is ``view`` (initialised if its version is 0)."""
+        """Track the queue whose region is ``view`` (laid out afresh if its version is 0)."""
         self.index = index
         self.queue_size = queue_size
         self._b = view
@@ -384,7 +400,9 @@ class InflightPacked:
         self._i = view.cast("I")
         self._q = view.cast("Q")
         version = self._h[4]
-        if version == 0:
+        #: Version 0: a new region, nothing recorded; it adopts the ring's position.
+        self.new = version == 0
+        if self.new:
             self._initialise()
         elif version != INFLIGHT_VERSION:
             raise _header_error(index, f"unknown version {version}")
@@ -401,7 +419,17 @@ class InflightPacked:
         h[5] = self.queue_size
         b[20] = 1
         b[21] = 1
-        h[4] = INFLIGHT_VERSION
+
+    def adopt(self, next_used: int, used_wrap: int) -> None:
+        """A new region takes the ring's used position and wrap counter."""
+        b, h = self._b, self._h
+        h[8] = h[9] = next_used
+        b[20] = b[21] = used_wrap & 1
+        self._mark_recording()
+
+    def _mark_recording(self) -> None:
+        self._h[4] = INFLIGHT_VERSION
+        self.new = False
 
     @property
     def free_head(self) -> int:
@@ -424,6 +452,8 @@ class InflightPacked:
         qs = self.queue_size
         if not 0 < n <= qs:
             raise VirtqError(self.index, f"inflight: chain of {n} descriptors")
+        if self.new:
+            self._mark_recording()
         b, h, i, q = self._b, self._h, self._i, self._q
         slot = h[7]
         fh = h[6]

@@ -271,6 +271,8 @@ class VringState:
     def set_inflight(self, inflight: Any) -> None:
         """Attach a ring's inflight region: resubmits what it lists as in flight.
 
+        A new region (version 0: nothing recorded yet, as a migration destination gets)
+        adopts the ring's current position instead, like libvhost-user and DPDK.
         The next avail index is set past the resubmitted requests (used index + their
         count, as [LVU] does); a packed ring also takes its used position and wrap
         counter from the region's header.
@@ -286,7 +288,14 @@ class VringState:
         if inflight is None or q is None:
             return
         try:
-            if isinstance(q, SplitQueue):
+            if isinstance(q, SplitQueue) and inflight.new:
+                # nothing recorded (e.g. a migration destination's region): adopt the ring
+                inflight.adopt(q.used_idx())
+            elif (
+                isinstance(q, PackedQueue) and isinstance(inflight, InflightPacked) and inflight.new
+            ):
+                inflight.adopt(q.next_used, q.used_wrap)
+            elif isinstance(q, SplitQueue):
                 used = q.used_idx()
                 self._resubmit = list(inflight.resubmit(used))
                 q.set_next_avail((used + len(self._resubmit)) & 0xFFFF)
