@@ -15,7 +15,13 @@ import pytest
 from vhsm.audit.frontend_mode import FrontendAudit
 from vhsm.cli import main
 from vhsm.frontend import Frontend, RngDevice
-from vhsm.wire import FrontendReq, VhostUserU64, VirtioFeature, make_request
+from vhsm.wire import (
+    FrontendReq,
+    VhostUserU64,
+    VhostUserVringState,
+    VirtioFeature,
+    make_request,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,6 +90,28 @@ def test_a_misbehaving_frontend_is_reported(sock_dir: Path) -> None:
     assert "VU-NEG-004" in rules
     assert report.exit_status() == 1
     assert offered & VirtioFeature.PROTOCOL_FEATURES
+
+
+def test_a_session_the_backend_cut_short_is_never_a_pass(sock_dir: Path) -> None:
+    with FrontendAudit(sock_dir / "fe.sock", "net", once=True) as audit:
+        fe = Frontend.connect(sock_dir / "fe.sock")
+        try:
+            fe.get_features()
+            fe.set_owner()
+            # a SHOULD rule the runtime enforces: rings configured before SET_FEATURES
+            fe.send(make_request(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 256)))
+            assert fe.expect_closed(5)
+        finally:
+            fe.close()
+        assert audit.wait(10)
+        report = audit.report()
+    assert {f.rule.severity for f in report.findings} == {"SHOULD"}  # no MUST broken...
+    assert report.verdict() == "incomplete" and report.exit_status() == 1  # ...yet no pass
+    (why,) = report.incomplete
+    assert "connection 1: the back-end closed it" in why and "before any ring started" in why
+    assert "verdict: INCOMPLETE" in report.text()
+    assert json.loads(report.json())["verdict"] == "incomplete"
+    assert 'name="the whole session was audited"' in report.junit()
 
 
 def test_command_once_json(sock_dir: Path) -> None:

@@ -258,3 +258,121 @@ def check_rng_result(result: GuestResult, nbytes: int = 8192) -> None:
         )
     if not result.values.get("rng_current", "").startswith("virtio"):
         raise AssertionError("guest hwrng is not virtio\n" + result.report())
+
+
+# --- net ------------------------------------------------------------------------------
+#: ICMP payload sizes pinged: one frame up to 1472 bytes, IP fragments beyond (MTU 1500).
+PING_SIZES = (56, 1000, 1472, 3000, 8000)
+PING_COUNT = 2
+ARP_COUNT = 3
+_MTU_PAYLOAD = 1480  # IPv4 payload bytes per fragment at MTU 1500
+
+
+@dataclass(frozen=True)
+class NetNic:
+    """One guest NIC of the net test.
+
+    Attributes:
+        name: key prefix in the guest output.
+        mac: how the guest finds the interface.
+        subnet: the NIC gets 10.0.<subnet>.1/24.
+        loopback: the back-end returns every frame (else it drops them: a sink).
+    """
+
+    name: str
+    mac: str
+    subnet: int
+    loopback: bool
+
+    def expected_frames(self) -> int:
+        """Frames the script sends at least: ARP requests plus every ping's fragments."""
+        per_round = sum(-(-(size + 8) // _MTU_PAYLOAD) for size in PING_SIZES)
+        return ARP_COUNT + PING_COUNT * per_round
+
+
+_NET_STATS = (
+    "tx_packets rx_packets tx_bytes rx_bytes tx_errors rx_errors tx_dropped rx_dropped "
+    "rx_length_errors rx_crc_errors rx_frame_errors"
+)
+
+_NET_FUNCTIONS = f"""fail() {{ echo "FAIL: $*"; exit 1; }}
+ifname() {{
+    for d in /sys/class/net/*; do
+        [ "$(cat $d/address)" = "$1" ] && {{ echo ${{d##*/}}; return 0; }}
+    done
+    return 1
+}}
+stat() {{ cat /sys/class/net/$1/statistics/$2; }}
+# nic NAME MAC SUBNET LOOPBACK: bring the NIC up, send ARP and pings, report its counters
+nic() {{
+    i=0
+    while ! dev=$(ifname $2); do
+        i=$((i + 1)); [ $i -le 100 ] || fail "$1: no interface with MAC $2"; sleep 0.1
+    done
+    echo 1 >/proc/sys/net/ipv6/conf/$dev/disable_ipv6 2>/dev/null || true
+    ip link set $dev up
+    ip addr add 10.0.$3.1/24 dev $dev
+    i=0
+    while [ "$(cat /sys/class/net/$dev/carrier 2>/dev/null)" != 1 ]; do
+        i=$((i + 1)); [ $i -le 100 ] || fail "$1: no carrier on $dev"; sleep 0.1
+    done
+    tx0=$(stat $dev tx_packets); rx0=$(stat $dev rx_packets)
+    # Nobody answers on this wire: ARP for a stranger, then ping a peer whose MAC is
+    # our own (a static entry), so every ICMP request leaves without ARP.
+    arping -c {ARP_COUNT} -w {ARP_COUNT + 1} -I $dev 10.0.$3.3 >/dev/null || true
+    arp -i $dev -s 10.0.$3.2 $2
+    for s in {" ".join(map(str, PING_SIZES))}; do
+        ping -c {PING_COUNT} -i 0.2 -W 1 -s $s 10.0.$3.2 >/dev/null || true
+    done
+    if [ $4 = 1 ]; then  # loopback: the last frames may still be on their way back
+        i=0
+        while [ $(stat $dev rx_packets) -lt $(stat $dev tx_packets) ] && [ $i -lt 50 ]; do
+            i=$((i + 1)); sleep 0.1
+        done
+    fi
+    echo "VHSM-KV $1.ifname=$dev"
+    echo "VHSM-KV $1.tx_frames=$(( $(stat $dev tx_packets) - tx0 ))"
+    echo "VHSM-KV $1.rx_frames=$(( $(stat $dev rx_packets) - rx0 ))"
+    for k in {_NET_STATS}; do echo "VHSM-KV $1.$k=$(stat $dev $k)"; done
+    echo "VHSM-KV $1.done=1"
+}}
+"""
+
+
+def net_script(nics: tuple[NetNic, ...]) -> str:
+    """Guest script: every NIC in parallel (each one's traffic only waits on its own wire)."""
+    jobs = "".join(f"nic {n.name} {n.mac} {n.subnet} {int(n.loopback)} &\n" for n in nics)
+    return _NET_FUNCTIONS + jobs + "wait\n"
+
+
+def check_net_result(result: GuestResult, nic: NetNic) -> dict[str, int]:
+    """Assert `nic` sent every frame, (loopback) got each back, and counted no error.
+
+    Returns:
+        The NIC's counters (and ``tx_frames`` / ``rx_frames`` of the test itself).
+    """
+    result.assert_passed()
+    prefix = f"{nic.name}."
+    values = {k[len(prefix) :]: v for k, v in result.values.items() if k.startswith(prefix)}
+    problems = []
+    if values.get("done") != "1":
+        problems.append(f"{nic.name}: the guest script did not finish")
+    counters = {k: int(v) for k, v in values.items() if v.isdigit()}
+    sent, want = counters.get("tx_frames", 0), nic.expected_frames()
+    if sent < want:
+        problems.append(f"{nic.name}: {sent} frames sent, at least {want} expected")
+    if nic.loopback:
+        for kind in ("packets", "bytes"):
+            tx, rx = counters.get(f"tx_{kind}"), counters.get(f"rx_{kind}")
+            if tx != rx:
+                problems.append(f"{nic.name}: loopback returned {rx} {kind} of {tx}")
+    elif counters.get("rx_packets") != 0:
+        problems.append(f"{nic.name}: a sink returned {counters.get('rx_packets')} frames")
+    for key in _NET_STATS.split():
+        if ("error" in key or "dropped" in key) and counters.get(key) != 0:
+            problems.append(f"{nic.name}: {key}={counters.get(key)}")
+    if problems:
+        raise AssertionError(
+            "net check failed:\n  " + "\n  ".join(problems) + "\n" + result.report()
+        )
+    return counters

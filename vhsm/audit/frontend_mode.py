@@ -139,6 +139,35 @@ def make_device(
     raise ValueError(f"unknown device {device!r}")
 
 
+#: Requests that start a ring: a session without one never ran the device.
+_RING_STARTS = frozenset({"SET_VRING_KICK", "VRING_KICK"})
+
+
+def cut_short(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Why each connection the back-end (or the relay) ended is not a complete audit.
+
+    In this mode the back-end is vhsm's own permissive device: when it closes a
+    connection, it refused something, and what the front-end would have sent
+    afterwards was never seen. A front-end closing its connection is a normal end.
+    """
+    out = []
+    for line in records:
+        if line.get("event") != "close" or "channel" in line:
+            continue
+        by, why = line.get("by"), str(line.get("why", ""))
+        if by == "F" or (by == "relay" and why == "relay stopped"):
+            continue
+        conn = line.get("conn")
+        sent = [r for r in records if r.get("conn") == conn and r.get("dir") == "F>B"]
+        ran = any(r.get("name") in _RING_STARTS for r in sent)
+        who = "the back-end" if by == "B" else "the relay"
+        out.append(
+            f"connection {conn}: {who} closed it ({why}) after {len(sent)} front-end "
+            f"messages, {'while the device ran' if ran else 'before any ring started'}"
+        )
+    return out
+
+
 DEVICE_FEATURE_ENUMS = {"blk": (BlkFeature,), "net": (NetFeature,)}
 
 
@@ -205,10 +234,13 @@ class FrontendAudit:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def report(self) -> Report:
-        """Audit everything recorded so far."""
-        lines = [json.dumps(line) for line in self.relay.records]
+        """Audit everything recorded so far; a session its back-end cut short is no pass."""
+        records = list(self.relay.records)
+        lines = [json.dumps(line) for line in records]
         title = f"front-end connecting to {self.listen} (device {self.device})"
-        return audit_trace(parse_lines(lines, str(self.listen)), title)
+        report = audit_trace(parse_lines(lines, str(self.listen)), title)
+        report.incomplete.extend(cut_short(records))
+        return report
 
     def __enter__(self) -> FrontendAudit:
         self.start()
@@ -218,4 +250,4 @@ class FrontendAudit:
         self.stop()
 
 
-__all__ = ["FRONTEND_DEVICES", "FrontendAudit", "GenericBackend", "make_device"]
+__all__ = ["FRONTEND_DEVICES", "FrontendAudit", "GenericBackend", "cut_short", "make_device"]

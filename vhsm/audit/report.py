@@ -4,7 +4,8 @@ A report lists findings (a rule broken at a point of a session) and, for the
 active suites, case results (one scenario or bad input and its outcome). Every
 failed case counts as a finding of its rule (`Report.all_findings`), so the
 counts always agree with the verdict. The exit status is 1 when a MUST rule is
-broken, else 0.
+broken or the audit is incomplete (it could not see the whole session, e.g. its
+own back-end closed it), else 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ Outcome = Literal["pass", "rejected-cleanly", "wedged", "crashed", "skipped", "f
 #: Outcomes that count as the peer breaking the case's rule.
 FAILING: frozenset[str] = frozenset({"wedged", "crashed", "fail"})
 FORMATS = ("text", "json", "junit")
+_VERDICT_TEXT = {
+    "fail": "FAIL (a MUST rule is broken)",
+    "incomplete": "INCOMPLETE (the session was cut short: not a pass)",
+    "pass": "PASS",
+}
 
 
 @attrs.frozen
@@ -79,6 +85,8 @@ class Report:
     title: str
     findings: list[AuditFinding] = attrs.field(factory=list)
     cases: list[CaseResult] = attrs.field(factory=list)
+    #: Why the audit could not judge the whole session (never a PASS then).
+    incomplete: list[str] = attrs.field(factory=list)
 
     def all_findings(self) -> list[AuditFinding]:
         """The findings, plus one for each failed case that has none of its own rule."""
@@ -99,9 +107,15 @@ class Report:
         """True when any MUST rule was broken (a MUST finding, or a failed MUST case)."""
         return any(f.rule.severity == "MUST" for f in self.all_findings())
 
+    def verdict(self) -> str:
+        """``fail`` (a MUST rule broken), ``incomplete`` or ``pass``."""
+        if self.must_broken():
+            return "fail"
+        return "incomplete" if self.incomplete else "pass"
+
     def exit_status(self) -> int:
-        """0 when no MUST rule is broken, 1 otherwise."""
-        return 1 if self.must_broken() else 0
+        """0 on a pass, 1 when a MUST rule is broken or the audit is incomplete."""
+        return 0 if self.verdict() == "pass" else 1
 
     def render(self, fmt: str) -> str:
         """The report in `fmt` (text, json or junit)."""
@@ -119,6 +133,8 @@ class Report:
         findings = self.all_findings()
         for finding in findings:
             out.append("  " + finding.line())
+        for why in self.incomplete:
+            out.append(f"  INCOMPLETE: {why}")
         counts = {sev: 0 for sev in ("MUST", "SHOULD", "INTEROP")}
         for finding in findings:
             counts[finding.rule.severity] += 1
@@ -127,7 +143,7 @@ class Report:
         out.append(
             f"{plural(len(findings), 'finding')} ({summary})"
             + (f"; {plural(len(self.cases), 'case')}, {failed} failed" if self.cases else "")
-            + f"; verdict: {'FAIL (a MUST rule is broken)' if self.must_broken() else 'PASS'}"
+            + f"; verdict: {_VERDICT_TEXT[self.verdict()]}"
         )
         return "\n".join(out) + "\n"
 
@@ -135,7 +151,8 @@ class Report:
         """Machine-readable JSON."""
         doc = {
             "title": self.title,
-            "verdict": "fail" if self.must_broken() else "pass",
+            "verdict": self.verdict(),
+            "incomplete": list(self.incomplete),
             "findings": [
                 {
                     **attrs.asdict(f),
@@ -198,6 +215,13 @@ class Report:
                         case, "failure", message=by_rule[rule_id][0].detail
                     )
                     failure.text = "\n".join(f.line() for f in by_rule[rule_id])
+        if self.incomplete:
+            case = ElementTree.SubElement(
+                suite, "testcase", classname="audit", name="the whole session was audited"
+            )
+            failures += 1
+            failure = ElementTree.SubElement(case, "failure", message=self.incomplete[0])
+            failure.text = "\n".join(self.incomplete)
         suite.set("tests", str(len(suite)))
         suite.set("failures", str(failures))
         suite.set("skipped", str(skipped))
