@@ -231,6 +231,7 @@ def test_blk_guest_multiqueue_one_queue_per_vcpu(
 NET_NICS = (
     NetNic("loop", "52:54:00:00:00:01", 1, loopback=True),
     NetNic("sink", "52:54:00:00:00:02", 2, loopback=False),
+    NetNic("audit", "52:54:00:00:00:03", 3, loopback=True),  # `vhsm audit frontend` (loopback)
 )
 
 
@@ -238,37 +239,51 @@ NET_NICS = (
 def test_net_guest_against_vhsm_loopback_and_sink(
     guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
 ) -> None:
-    """QEMU's vhost-user-net served out of the box; the loopback session is recorded."""
-    loop_sock, relay_sock, sink_sock = (sock_dir / n for n in ("loop.sock", "rl.sock", "sk.sock"))
-    transcript = tmp_path / "qemu-vhsm-net.jsonl"
-    record = [*VHSM, "record", "--listen", str(relay_sock), "--connect", str(loop_sock)]
+    """QEMU's vhost-user-net served out of the box, in both modes and by the auditor.
+
+    One boot, three NICs: `vhsm serve net` in loopback mode behind `vhsm record`,
+    in sink mode, and `vhsm audit frontend --device net`.
+    """
+    socks = {n: sock_dir / f"{n}.sock" for n in ("loop", "relay", "sink", "audit")}
+    transcript, audit_json = tmp_path / "qemu-vhsm-net.jsonl", tmp_path / "audit.json"
+    record = [*VHSM, "record", "--listen", str(socks["relay"]), "--connect", str(socks["loop"])]
     record += ["--out", str(transcript), "--device", "net"]
+    audit = [*VHSM, "audit", "frontend", "--listen", str(socks["audit"]), "--device", "net"]
+    audit += ["--format", "json", "--output", str(audit_json)]
+    loop_nic, sink_nic, audit_nic = NET_NICS
     with (
-        running_backend(serve_net_argv(loop_sock, "loopback"), loop_sock, tmp_path / "l.log") as lp,
-        running_backend(record, relay_sock, tmp_path / "record.log") as relay,
-        running_backend(serve_net_argv(sink_sock, "sink"), sink_sock, tmp_path / "s.log") as sink,
+        running_backend(
+            serve_net_argv(socks["loop"], "loopback"), socks["loop"], tmp_path / "loop.log"
+        ) as lp,
+        running_backend(record, socks["relay"], tmp_path / "record.log") as relay,
+        running_backend(
+            serve_net_argv(socks["sink"], "sink"), socks["sink"], tmp_path / "sink.log"
+        ) as sink,
+        running_backend(audit, socks["audit"], tmp_path / "audit.log") as auditor,
     ):
-        loop_nic, sink_nic = NET_NICS
         result = boot_guest(
             guest_env,
             script=net_script(NET_NICS),
             devices=[
-                vhost_user_net(relay_sock, mac=loop_nic.mac, id="vunet0"),
-                vhost_user_net(sink_sock, mac=sink_nic.mac, id="vunet1"),
+                vhost_user_net(socks["relay"], mac=loop_nic.mac, id="vunet0"),
+                vhost_user_net(socks["sink"], mac=sink_nic.mac, id="vunet1"),
+                vhost_user_net(socks["audit"], mac=audit_nic.mac, id="vunet2"),
             ],
-            backends=[lp, relay, sink],
+            backends=[lp, relay, sink, auditor],
             workdir=tmp_path / "guest",
             modules=(*VIRTIO_MODULES, "virtio_net"),
         )
     for nic in NET_NICS:
         print(nic.name, check_net_result(result, nic))  # shown with -s
-    assert_backend_clean(result, lp, relay, sink)
+    assert_backend_clean(result, lp, relay, sink, auditor)
     # QEMU enabled the rings before SET_FEATURES: an INTEROP finding, nothing else
     lines = [json.loads(line) for line in transcript.read_text().splitlines()]
     sent = [line["name"] for line in lines if line.get("dir") == "F>B"]
-    assert (
-        sent.index("SET_VRING_ENABLE") < sent.index("SET_FEATURES") < sent.index("SET_VRING_KICK")
-    )
+    assert sent.index("SET_VRING_ENABLE") < sent.index("SET_FEATURES")
+    assert sent.index("SET_FEATURES") < sent.index("SET_VRING_KICK")
     report = audit_trace(load_transcript(transcript), str(transcript))
     assert {f.rule_id for f in report.findings} == {"VU-STATE-012"}, report.text()
     assert report.verdict() == "pass", report.text()
+    doc = json.loads(audit_json.read_text())
+    assert doc["verdict"] == "pass", doc
+    assert {f["rule_id"] for f in doc["findings"]} == {"VU-STATE-012"}, doc["findings"]
