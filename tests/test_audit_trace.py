@@ -31,6 +31,14 @@ def test_real_transcripts_are_clean(name: str) -> None:
     assert report.exit_status() == 0
 
 
+def test_qemu_net_transcript_has_only_its_early_enables() -> None:
+    report = audit_trace(load_transcript(DATA / "qemu72-net.jsonl"), "qemu72-net.jsonl")
+    assert {(f.rule_id, f.rule.severity, f.request) for f in report.findings} == {
+        ("VU-STATE-012", "INTEROP", "SET_VRING_ENABLE")
+    }
+    assert report.verdict() == "pass" and report.exit_status() == 0
+
+
 def test_missing_reply_is_found() -> None:
     records = lines("qemu72-blk.jsonl")
     drop = next(

@@ -1,4 +1,4 @@
-"""Replay the real transcripts (QEMU 7.2 blk, DPDK 22.11 net) through a `Session`.
+"""Replay the real transcripts (QEMU 7.2 blk and net, DPDK 22.11 net) through a `Session`.
 
 The back-end stub offers what the recorded back-end offered; every front-end
 message must be accepted, every reply must match the recorded one in shape,
@@ -122,12 +122,14 @@ def replay(name: str) -> tuple[Session, list[tuple[str, Message | None, dict[str
     return session, results
 
 
-@pytest.mark.parametrize("transcript", ["qemu72-blk.jsonl", "dpdk2211-net.jsonl"])
+@pytest.mark.parametrize(
+    "transcript", ["qemu72-blk.jsonl", "dpdk2211-net.jsonl", "qemu72-net.jsonl"]
+)
 def test_every_message_accepted_and_replies_match(transcript: str) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
     session, results = replay(transcript)
     assert session.findings == [] or all(
-        f.rule_id in ("VU-RING-010", "VU-NEG-012") for f in session.findings
+        f.rule_id in ("VU-RING-010", "VU-NEG-012", "VU-STATE-012") for f in session.findings
     ), session.findings
     for name, reply, recorded in results:
         if recorded is None:
@@ -156,3 +158,21 @@ def test_qemu_transcript_walks_the_session_machine() -> None:
     assert seen.count(("SUSPENDED", "RUNNING", "set_vring_kick")) == 2  # SeaBIOS, then Linux
     assert ("NEGOTIATING", "SUSPENDED", "set_features") in seen
     assert FrontendReq.GET_VRING_BASE.name.lower() in {t for _, _, t in seen}
+
+
+def test_qemu_net_enables_rings_before_set_features_and_they_start_enabled() -> None:
+    """QEMU 7.2 vhost-user-net: the early enables are kept and the rings start enabled."""
+    lines = load("qemu72-net.jsonl")
+    session = Session(RecordedBackend(lines))
+    seen: list[tuple[str, int | None, str, str]] = []
+    session.listeners.append(
+        lambda machine, index, old, new, trigger: seen.append((machine, index, new, trigger))
+    )
+    for line in lines:
+        if line["dir"] == "F>B":
+            session.handle(to_message(line))
+    for ring in (0, 1):
+        assert ("vring", ring, "STOPPED_ENABLED", "set_vring_enable") in seen
+        assert ("vring", ring, "STARTED_ENABLED", "set_vring_kick") in seen
+    early = [f for f in session.findings if f.state == "NEGOTIATING"]
+    assert len(early) == 10 and {f.rule_id for f in session.findings} == {"VU-STATE-012"}
