@@ -134,6 +134,8 @@ def migrate_blk_guest(
         result = dest.result(status, extra_output=source.output())
     for backend in (src_be, dst_be):
         assert "Traceback" not in backend.log(), result.report()
+    # QEMU hands the destination a new inflight region: adopted at the ring's position
+    assert "inflight buffer not usable" not in dst_be.log(), dst_be.log()
     intact, stale = plan.outcome(result)
     return Migrated(result, intact, stale, held)
 
