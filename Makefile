@@ -82,4 +82,4 @@ diagrams: venv
 	$(BIN)/vhsm diagram --trace tests/data/qemu72-blk.jsonl --out diagrams
 
 clean:
-	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache vhsm/_speedups*.so
