@@ -67,7 +67,8 @@ OFFERED = BACKEND.features()
 OFFERED_PF = BACKEND.protocol_features()
 
 # --- fds -----------------------------------------------------------------------------
-#: An fd "kind": ("eventfd",), ("memfd", size), ("pipe",), ("devnull",), ("socket",).
+#: An fd "kind": ("eventfd",), ("memfd", size), ("pipe",), ("devnull",), ("socket",),
+#: ("blocking-eventfd",), ("read-only-file",), ("directory",), ("pipe-write",).
 FdKind = tuple[Any, ...]
 
 
@@ -76,6 +77,16 @@ def make_fd(kind: FdKind) -> int:
     name = kind[0]
     if name == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    if name == "blocking-eventfd":
+        return os.eventfd(0, os.EFD_CLOEXEC)
+    if name == "read-only-file":
+        return os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    if name == "directory":
+        return os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if name == "pipe-write":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.close(r)
+        return w
     if name == "memfd":
         fd = os.memfd_create("vhsm-fuzz", os.MFD_CLOEXEC)
         os.ftruncate(fd, kind[1])
@@ -97,6 +108,7 @@ any_fd = st.one_of(
     st.just(("pipe",)),
     st.just(("devnull",)),
     st.just(("socket",)),
+    st.sampled_from([("blocking-eventfd",), ("read-only-file",), ("directory",), ("pipe-write",)]),
 )
 
 # --- plausible payloads (deep into the session) and anything else ---------------------

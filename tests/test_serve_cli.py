@@ -354,3 +354,107 @@ def test_start_up_line_names_the_reference_device(workdir) -> None:
     code, err = finish(proc)
     assert code == 0, err
     assert f"vhsm serve: serving rng on {path}" in err.splitlines()
+
+
+# --- a hostile front-end against `vhsm serve`: it serves on, leaks nothing, exits 0 -------
+def daemon_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def daemon_guest_mappings(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/maps").read_text()
+    return [line for line in text.splitlines() if "vhsm-guest-" in line]
+
+
+def test_hostile_front_end_fds_memory_and_silence_then_sigterm_exits_0(workdir) -> None:
+    import os
+    import struct
+
+    from vhsm.frontend import FrontendMemory
+    from vhsm.wire import FrontendReq, VhostUserMemory, VhostUserU64, VhostUserVringFd
+    from vhsm.wire.payloads import VhostUserMemoryRegion
+
+    path = workdir / "hostile.sock"
+    image = workdir / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    proc = serve("blk", "--file", str(image), "--socket", str(path), "--handshake-timeout", "0.5")
+
+    def io(fe: Frontend) -> None:
+        dev = BlkDevice(fe)
+        dev.write(3, b"\x5a" * 512)
+        assert dev.read(3, 1) == b"\x5a" * 512
+
+    def fresh(memory: FrontendMemory | None = None) -> Frontend:
+        fe = Frontend.connect(path, retry_for=WAIT, timeout=WAIT, strict=False, memory=memory)
+        fe.start(queues=1, size=64)
+        return fe
+
+    def nacked(fe: Frontend, req: FrontendReq, payload: object, fd: int) -> bool:
+        try:
+            reply = fe.request(req, payload, fds=[fd], need_reply=True)  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
+        return reply is not None and reply.payload == VhostUserU64(1)
+
+    try:
+        with fresh() as fe:
+            io(fe)
+        before = steady_fds(proc.pid)  # once the first session's reset is done
+        with fresh() as fe:
+            (workdir / "ro").write_bytes(b"x")
+            for _ in range(10):  # a non-socket back-end channel fd used to leak every time
+                fd = os.open(workdir / "ro", os.O_RDONLY)
+                assert nacked(fe, FrontendReq.SET_BACKEND_REQ_FD, None, fd)
+            fd = os.open(workdir / "ro", os.O_RDONLY)  # read-only "call" fd: refused up front
+            assert nacked(fe, FrontendReq.SET_VRING_CALL, VhostUserVringFd(0), fd)
+            fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+            assert nacked(fe, FrontendReq.SET_VRING_KICK, VhostUserVringFd(0), fd)
+            full = os.eventfd(0, os.EFD_CLOEXEC)  # blocking, counter at its maximum
+            os.eventfd_write(full, 0xFFFF_FFFF_FFFF_FFFE)
+            fe.call(FrontendReq.SET_VRING_CALL, VhostUserVringFd(0), fds=[full])
+            os.close(full)
+            io(fe)
+            top = os.memfd_create("top", os.MFD_CLOEXEC)
+            os.ftruncate(top, 1 << 20)
+            region = VhostUserMemoryRegion((1 << 64) - (1 << 20), 1 << 20, 0x7F00_0000_0000, 0)
+            assert nacked(fe, FrontendReq.SET_MEM_TABLE, VhostUserMemory([region]), top)
+        with fresh(FrontendMemory(sealing=False)) as fe:
+            (guest,) = fe.memory.regions
+            os.ftruncate(guest.fd, 0)  # shrunk under the daemon's mapping
+            del guest
+            os.eventfd_write(fe.vring(0).kick_fd, 1)
+            assert fe.expect_closed(WAIT)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+            silent.connect(str(path))
+            silent.sendall(struct.pack("<III", int(FrontendReq.SET_FEATURES), 1, 8)[:5])
+            with fresh() as fe:  # served once the silent client timed out
+                io(fe)
+        after = before
+        for _ in range(200):  # the last session's reset runs after its close
+            after = daemon_fds(proc.pid)
+            if after <= before and not daemon_guest_mappings(proc.pid):
+                break
+            pause()
+        assert after <= before, f"the daemon kept fds: {before} -> {after}"
+        assert daemon_guest_mappings(proc.pid) == [], "guest memory stayed mapped"
+    finally:
+        code, err = finish(proc)
+    assert code == 0, err
+    for rule in ("VU-FD-001", "VU-FD-002", "VU-MEM-004", "VU-FD-004", "VU-FRAME-011"):
+        assert rule in err, f"{rule} not logged"
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def pause() -> None:
+    import threading
+
+    threading.Event().wait(0.02)
+
+
+def steady_fds(pid: int) -> int:
+    """The daemon's fd count once it stopped changing (five equal looks in a row)."""
+    seen = [daemon_fds(pid)]
+    while len(seen) < 500 and not (len(seen) >= 5 and len(set(seen[-5:])) == 1):
+        pause()
+        seen.append(daemon_fds(pid))
+    return seen[-1]
