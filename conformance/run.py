@@ -230,38 +230,41 @@ def finish_auditor(proc: BackendProcess, out: Path, grace: float = 30.0) -> dict
     return report
 
 
-def frontend_qemu(work: Path) -> Result:
-    """QEMU booting a Linux guest that writes, reads and flushes a vhost-user-blk disk."""
-    from guest.harness import boot_guest
-    from guest.scripts import BlkPlan
+def frontend_qemu(device: str, work: Path) -> Result:
+    """QEMU booting a Linux guest that uses a vhost-user blk (write, read, flush) or rng device."""
+    from guest.harness import boot_guest, vhost_user_rng
+    from guest.scripts import BlkPlan, rng_script
 
     env = guest_env_problem()
     if isinstance(env, str):
         raise Unavailable(env)
-    plan = BlkPlan()
-    image = plan.prepare_image(work / "guest-disk.img")
-    sock, out = work / "qemu-fe.sock", work / "qemu-fe.json"
-    argv = auditor("blk", sock, out, ["--file", str(image)])
+    sock, out = work / f"qemu-{device}.sock", work / f"qemu-{device}.json"
+    if device == "blk":
+        plan = BlkPlan()
+        image = plan.prepare_image(work / "guest-disk.img")
+        argv = auditor("blk", sock, out, ["--file", str(image)])
+        script, guest_device = plan.script(), vhost_user_blk(sock)
+    else:
+        argv = auditor("rng", sock, out, [])
+        script, guest_device = rng_script(4096), vhost_user_rng(sock)
+    qdev = f"vhost-user-{device}-pci"
+    what = "guest boot and I/O" if device == "blk" else "guest reads /dev/hwrng"
     result = Result(
-        "QEMU vhost-user-blk-pci (guest boot and I/O)",
+        f"QEMU {qdev} ({what})",
         "front-end",
-        "vhsm audit frontend --device blk; qemu-system-x86_64 ... -device vhost-user-blk-pci",
+        f"vhsm audit frontend --device {device}; qemu-system-x86_64 ... -device {qdev}",
     )
     result.version = version_of([str(env.qemu), "--version"])
-    proc = start_backend(argv, sock, work / "qemu-fe.log")
+    proc = start_backend(argv, sock, work / f"qemu-{device}.log")
     try:
         guest = boot_guest(
-            env,
-            script=plan.script(),
-            devices=[vhost_user_blk(sock)],
-            backends=[proc],
-            workdir=work / "guest",
+            env, script=script, devices=[guest_device], backends=[proc], workdir=work / "guest"
         )
         result.report = finish_auditor(proc, out)
     finally:
         proc.stop()
     if not guest.passed:
-        result.notes.append(f"the guest's own I/O check ended with status {guest.status}")
+        result.notes.append(f"the guest's own check ended with status {guest.status}")
     return result
 
 
@@ -417,7 +420,16 @@ IMPLEMENTATIONS: list[tuple[str, str, Callable[[Path], Result]]] = [
     ("qemu-storage-daemon (blk)", "back-end", backend_qsd),
     ("virtiofsd (QEMU, C)", "back-end", backend_virtiofsd),
     ("DPDK vhost PMD (testpmd)", "back-end", backend_dpdk),
-    ("QEMU vhost-user-blk-pci (guest boot and I/O)", "front-end", frontend_qemu),
+    (
+        "QEMU vhost-user-blk-pci (guest boot and I/O)",
+        "front-end",
+        lambda w: frontend_qemu("blk", w),
+    ),
+    (
+        "QEMU vhost-user-rng-pci (guest reads /dev/hwrng)",
+        "front-end",
+        lambda w: frontend_qemu("rng", w),
+    ),
     ("DPDK virtio-user PMD (testpmd)", "front-end", frontend_dpdk),
 ]
 
