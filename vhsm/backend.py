@@ -249,8 +249,9 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
     driver is signalled once per pass (only when it asked, event-idx aware),
     and after kicks are re-enabled the ring is drained again if work arrived
     meanwhile. A bad chain is logged, completed with length 0 and reported on
-    the ring's err fd; a ring error that consumes nothing (avail idx moved too far)
-    ends the pass after signalling it. Returns how many chains were completed.
+    the ring's err fd. The loop is bounded by the vring: a worker pass takes at
+    most the ring size in chains, and a broken ring (avail idx moved too far, used
+    ring aliasing the driver's) gives none. Returns how many chains were completed.
     """
     done = 0
     while True:
@@ -259,13 +260,13 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
             try:
                 chain = vring.pop()
             except VirtqError as exc:
-                log.warning("bad chain: %s", str(exc))
                 vring.complete_error(exc)
                 if exc.head is None:
-                    # Nothing was consumed (avail idx moved too far): retrying would spin
-                    # forever holding the worker. The error is signalled; wait for a kick.
+                    # No chain to answer (a vring class that does not mark the ring broken
+                    # itself): retrying would spin holding the worker; wait for a kick.
                     vring.signal_used_queue()
                     return done
+                log.warning("bad chain: %s", str(exc))
                 continue
             if chain is None:
                 break

@@ -289,6 +289,10 @@ class DevicePlane:
         """The base of a stopped ring."""
         return int(self.vrings[index].get_queue_base())
 
+    def needs_reset(self) -> bool:
+        """Whether a ring is marked broken (reported as DEVICE_NEEDS_RESET by GET_STATUS)."""
+        return any(getattr(vring, "broken", None) is not None for vring in self.vrings)
+
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """Watch the new kick fd (None: poll the ring) and close the old one.
 

@@ -157,6 +157,26 @@ class _SharedVring:
         """Whether the ring has a queue to serve (size and addresses set, memory mapped)."""
         return self._state.queue is not None
 
+    # passes and breakage: read and reset lock-free by the ring's own worker
+    @property
+    def broken(self) -> str | None:
+        """Why the ring is broken (None: it is not)."""
+        return self._state.broken
+
+    @property
+    def yielded(self) -> bool:
+        """The last pass stopped at its budget with work left."""
+        return self._state.yielded
+
+    def begin_pass(self) -> None:
+        """Start a worker pass: at most the ring size in chains until the next one."""
+        self._state.begin_pass()
+
+    def mark_broken(self, reason: str) -> None:
+        """Stop serving the ring until the front-end reconfigures it."""
+        with self._wlock:
+            self._state.mark_broken(reason)
+
     def set_enabled(self, enabled: bool) -> None:
         """Set the enabled flag."""
         self._state.enabled = enabled
@@ -376,6 +396,20 @@ class VringT(Protocol):
 
     enabled: bool
     started: bool
+
+    @property
+    def broken(self) -> str | None:
+        """Why the ring is broken (None: it is not)."""
+
+    @property
+    def yielded(self) -> bool:
+        """The last pass stopped at its budget with work left."""
+
+    def begin_pass(self) -> None:
+        """Start a worker pass (bounds how many chains it takes)."""
+
+    def mark_broken(self, reason: str) -> None:
+        """Stop serving the ring until the front-end reconfigures it."""
 
     def pop(self) -> DescriptorChain | None:
         """Next available chain; VirtqError (consumed) for a bad one."""

@@ -11,6 +11,19 @@ plane calls it after each memory-table change).
 
 Bad chains: ``pop`` raises VirtqError after consuming the chain; call
 :meth:`VringState.complete_error` to complete it with length 0 and signal the err fd.
+
+A broken ring (an error no single chain can answer: the avail index more than
+the ring size ahead, the used ring aliasing the driver's areas, a buffer id
+reused while in flight) is marked broken once (:meth:`VringState.mark_broken`:
+err fd signalled, one log line, ``broken`` set, which the data plane reports as
+DEVICE_NEEDS_RESET) and gives no more chains until the front-end reconfigures it
+(SET_VRING_NUM / ADDR / BASE / KICK, GET_VRING_BASE, reset).
+
+Bounded passes: a worker calls :meth:`VringState.begin_pass` before each
+dispatch; ``pop`` and ``pop_batch`` then hand out at most the ring size in
+chains. Past that the ring reports nothing available and sets ``yielded``, so
+the device's loop ends and the worker dispatches the ring again after releasing
+its lock. A ring used without a worker is not bounded.
 """
 
 from __future__ import annotations
@@ -41,6 +54,9 @@ _EVENT_IDX = 1 << 29
 _RING_PACKED = 1 << 34
 
 Queue = SplitQueue | PackedQueue
+
+#: The pass budget of a ring no worker drives (tests, standalone use): unbounded.
+_UNBOUNDED = 1 << 62
 
 
 def _close(fd: int | None) -> None:
@@ -94,6 +110,11 @@ class VringState:
         # rust-vmm's `if needs_notification(): signal_used_queue()` and a bare
         # `signal_used_queue()` both notify exactly when the driver asked.
         self._notify: bool | None = None
+        #: Why the ring is broken (None: it is not); see `mark_broken`.
+        self.broken: str | None = None
+        #: The last pass ran out of budget with work left: dispatch the ring again.
+        self.yielded = False
+        self._left = _UNBOUNDED  # chains this pass may still take
 
     # --------------------------------------------------------------- config
     @property
@@ -142,7 +163,7 @@ class VringState:
         layout_changed = (features ^ self.features) & _RING_PACKED
         self.features = features
         if layout_changed:
-            self._build(carry=False)
+            self._rebuild_or_idle()
         elif self.queue is not None:
             self.queue.set_event_idx(self.event_idx)
             self.queue.set_indirect(bool(features & _INDIRECT_DESC))
@@ -161,7 +182,8 @@ class VringState:
             raise ValueError(f"queue size {num} > maximum {self.max_queue_size}")
         self.size = num
         if self.addr_set:
-            self._build(carry=False)
+            self._rebuild_or_idle()
+        self._repaired()
 
     def set_queue_info(self, desc: int, avail: int, used: int, log_addr: int | None = None) -> None:
         """SET_VRING_ADDR (guest-physical areas; ``log_addr`` when the LOG flag is set).
@@ -179,6 +201,7 @@ class VringState:
         self.addr_set = True
         if self.size:
             self._build(carry=not first)
+        self._repaired()
 
     def update_memory(self, memory: GuestMemoryAtomic | GuestMemory | None = None) -> bool:
         """Re-translate the areas through a new snapshot; False (ring idle) if unmapped."""
@@ -193,6 +216,14 @@ class VringState:
             self._drop_queue()
             return False
         return True
+
+    def _rebuild_or_idle(self) -> None:
+        """Rebuild after a size or layout change; an unmappable ring idles until SET_VRING_ADDR."""
+        try:
+            self._build(carry=False)
+        except GuestMemoryError as exc:
+            log.warning("ring %d: areas not mapped for this layout: %s", self.index, str(exc))
+            self._drop_queue()
 
     def _snapshot(self) -> GuestMemory:
         mem = self.memory
@@ -218,6 +249,27 @@ class VringState:
             "indirect": bool(self.features & _INDIRECT_DESC),
         }
         queue: Queue
+        try:
+            queue = self._new_queue(mem, n, base, next_used, common)
+        except GuestMemoryError:
+            raise
+        except ValueError as exc:  # an area the ring layout cannot use (host alignment...)
+            raise GuestMemoryError(f"ring {self.index}: {exc}", "VU-RING-003") from None
+        if old is not None:
+            if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
+                queue.take_in_flight(old)  # buffers popped before the rebuild stay completable
+            old.release()
+        self.queue = queue
+        self._apply_log()
+        overlap = queue.device_area_overlap()
+        if overlap is not None and self.broken is None:
+            self.mark_broken(overlap)
+
+    def _new_queue(
+        self, mem: GuestMemory, n: int, base: int, next_used: int | None, common: dict[str, Any]
+    ) -> Queue:
+        """The queue object over the translated areas (ValueError: an area is unusable)."""
+        queue: Queue
         if self.packed:
             queue = PackedQueue(
                 mem,
@@ -240,12 +292,7 @@ class VringState:
                 **common,
             )
             queue.notify_on_empty = bool(self.features & _NOTIFY_ON_EMPTY)
-        if old is not None:
-            if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
-                queue.take_in_flight(old)  # buffers popped before the rebuild stay completable
-            old.release()
-        self.queue = queue
-        self._apply_log()
+        return queue
 
     def _drop_queue(self) -> None:
         if self.queue is not None:
@@ -337,6 +384,7 @@ class VringState:
             q.set_base(num)
             if isinstance(q, SplitQueue):
                 q.set_next_used(q.used_idx())  # the used index comes from guest memory
+        self._repaired()
 
     def queue_next_avail(self) -> int:
         """Next avail index (split) / position (packed)."""
@@ -360,10 +408,11 @@ class VringState:
 
     # ------------------------------------------------------------------ fds
     def set_kick(self, fd: int | None) -> None:
-        """Own a new kick eventfd (the previous one is closed)."""
+        """Own a new kick eventfd (the previous one is closed); a broken ring may run again."""
         if fd != self.kick:
             _close(self.kick)
         self.kick = fd
+        self._repaired()
 
     def get_kick(self) -> int | None:
         """The kick fd, if any."""
@@ -403,16 +452,72 @@ class VringState:
             raise VirtqError(self.index, "ring not configured (size, addresses, memory)")
         return q
 
+    # ------------------------------------------------------- broken, passes
+    def mark_broken(self, reason: str) -> None:
+        """Stop serving this ring until the front-end reconfigures it (once per breakage).
+
+        Signals the err fd (or in-band VRING_ERR) and logs one line; later calls
+        until the repair do nothing.
+        """
+        self._left = 0
+        if self.broken is not None:
+            return
+        self.broken = reason
+        log.warning(
+            "ring %d broken (VU-RING-009): %s; not served until the front-end reconfigures it",
+            self.index,
+            reason,
+        )
+        try:
+            self.signal_err()
+        except Exception as exc:  # the in-band channel may be gone: the log line stays
+            log.debug("ring %d: error notification failed: %s", self.index, str(exc))
+
+    def _repaired(self) -> None:
+        """The front-end reconfigured the ring: serve it again unless its areas still overlap."""
+        q = self.queue
+        overlap = q.device_area_overlap() if q is not None else None
+        if overlap is not None and self.broken == overlap:
+            return  # still broken for the same reason: already reported
+        self.broken = None
+        self.yielded = False
+        self._left = _UNBOUNDED
+        if overlap is not None:
+            self.mark_broken(overlap)
+
+    def begin_pass(self) -> None:
+        """A worker starts a dispatch: at most the ring size in chains until the next one."""
+        self.yielded = False
+        self._left = 0 if self.broken is not None else max(self.size, 1)
+
+    def _out_of_budget(self) -> None:
+        """The pass used its budget: have the worker come back (unless the ring is broken)."""
+        if self.broken is None:
+            self.yielded = True
+
     def pop(self) -> DescriptorChain | None:
-        """Next available chain (resubmitted inflight heads first); VirtqError if bad."""
+        """Next available chain (resubmitted inflight heads first); VirtqError if bad.
+
+        None when the ring is empty, broken, or this pass used its budget.
+        """
+        if self._left <= 0:
+            self._out_of_budget()
+            return None
+        self._left -= 1
         q = self._require()
-        if self.inflight is None:
-            return q.pop()
-        if isinstance(q, PackedQueue):
-            return self._pop_packed(q)
-        if self._resubmit:
-            return q._walk(self._resubmit.pop(0))
-        chain = q.pop()
+        try:
+            if self.inflight is None:
+                return q.pop()
+            if isinstance(q, PackedQueue):
+                return self._pop_packed(q)
+            if self._resubmit:
+                return q._walk(self._resubmit.pop(0))
+            chain = q.pop()
+        except VirtqError as exc:
+            if exc.head is not None:
+                raise
+            self.mark_broken(exc.detail)  # no chain to answer: the ring itself is broken
+            return None
         if chain is not None:
             self.inflight.fetch(chain.head)
         return chain
@@ -449,14 +554,14 @@ class VringState:
     def has_available(self) -> bool:
         """Whether a chain is waiting (cheap: one ring word; resubmissions count too)."""
         q = self.queue
-        if q is None:
+        if q is None or self.broken is not None:
             return False
         return bool(self._resubmit or self._resubmit_packed) or q.has_available()
 
     def iter(self) -> Iterator[DescriptorChain]:
         """Iterate available chains (the queue's fast iterator when no inflight tracking)."""
         q = self._require()
-        if self.inflight is None and not self._resubmit:
+        if self.inflight is None and not self._resubmit and self._left >= _UNBOUNDED:
             return iter(q)
         return iter(self.pop, None)
 
@@ -464,7 +569,7 @@ class VringState:
         """Take up to ``max_chains`` chains at once (numpy arrays, see Batch)."""
         q = self._require()
         if self.inflight is not None and (isinstance(q, PackedQueue) or self._resubmit):
-            batch = q.pop_batch(0)  # an empty batch; tracked chains are popped one by one
+            batch = q.empty_batch()  # tracked chains are popped one by one (budgeted by pop)
             while len(batch) < max_chains:
                 try:
                     chain = self.pop()
@@ -475,7 +580,18 @@ class VringState:
                     break
                 batch.chains.append(chain)
             return batch
-        batch = q.pop_batch(max_chains)
+        left = self._left
+        if left <= 0:
+            self._out_of_budget()
+            return q.empty_batch()
+        try:
+            batch = q.pop_batch(min(max_chains, left))
+        except VirtqError as exc:
+            if exc.head is not None:
+                raise
+            self.mark_broken(exc.detail)
+            return q.empty_batch()
+        self._left = left - max(len(batch), 1)
         if self.inflight is not None and isinstance(q, SplitQueue):
             for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
                 self.inflight.fetch(head)
@@ -543,11 +659,15 @@ class VringState:
         """Finish a bad chain: signal err, then complete it with used length 0 when possible.
 
         The err fd is written first so a driver that sees the zero-length used
-        element can already see the error too.
+        element can already see the error too. An error naming no chain marks the
+        ring broken instead (`mark_broken`).
         """
+        if exc.head is None:  # nothing to complete: the ring as a whole is broken
+            self.mark_broken(exc.detail)
+            return
         self.signal_err()
         q = self.queue
-        if q is not None and exc.head is not None:
+        if q is not None:
             try:
                 self.add_used(exc.head, 0)
             except VirtqError as again:
@@ -565,7 +685,14 @@ class VringState:
         return self._notify
 
     def enable_notification(self) -> bool:
-        """Ask for kicks again; True if work arrived meanwhile (process it before sleeping)."""
+        """Ask for kicks again; True if work arrived meanwhile (process it before sleeping).
+
+        False once the pass used its budget (the worker dispatches the ring again) or
+        the ring is broken (kicks stay off: nothing more is taken from it).
+        """
+        if self._left <= 0:
+            self._out_of_budget()
+            return False
         return self.queue.enable_notification() if self.queue is not None else False
 
     def disable_notification(self) -> None:
@@ -614,3 +741,6 @@ class VringState:
         self._resubmit = []
         self._resubmit_packed = []
         self._slot_of = {}
+        self.broken = None
+        self.yielded = False
+        self._left = _UNBOUNDED

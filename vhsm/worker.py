@@ -8,6 +8,13 @@ thread changes kick fds, stops rings and asks for rescans through the methods
 here; `paused()` is the drain: inside it no `handle_event` runs on this worker.
 A hook that raises is logged and reported through `on_error`; the loop goes on.
 
+Bounded passes: before each dispatch the worker starts a pass on its rings
+(`begin_pass`, when the vring class has it), so one `handle_event` takes at
+most a ring's size in chains; a ring that stopped at that budget with work left
+(`yielded`) is dispatched again on the next turn of the loop, after the lock
+was released, so the control thread (GET_VRING_BASE, a new memory table) and
+the exit fd are never kept waiting behind a guest that keeps the ring full.
+
 Busy polling (off unless the back-end's `busy_poll_us` is set): after a burst the
 worker keeps looking at its rings' available entries for up to that many
 microseconds, with kicks suppressed, before it sleeps in epoll. Each poll takes the
@@ -90,6 +97,12 @@ class VringEpollHandler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._dispatched = False  # the last _dispatch ran a ring's handle_event
+        # the served rings whose vring class bounds passes (begin_pass / yielded)
+        self._passes = [
+            vrings[i]
+            for i in self.queues
+            if 0 <= i < len(vrings) and hasattr(vrings[i], "begin_pass")
+        ]
         #: Busy-poll window in seconds (0: sleep in epoll right after each burst).
         self.busy_poll = max(0, int(getattr(backend, "busy_poll_us", 0) or 0)) / 1e6
 
@@ -252,8 +265,17 @@ class VringEpollHandler:
         for index in dict.fromkeys(rings):
             if self._is_active(index):
                 self._dispatched = True
-                self._call(index, EPOLLIN, index)
+                self._serve(index)
         return False
+
+    def _serve(self, index: int) -> None:
+        """One bounded pass over ring `index`; a ring that yielded is dispatched again soon."""
+        for vring in self._passes:
+            vring.begin_pass()
+        self._call(index, EPOLLIN, index)
+        if getattr(self.vrings[index], "yielded", False):
+            self._pending.add(index)
+            self._wake()
 
     def _spin(self, window: float) -> bool:
         """Busy-poll the rings for new work for up to `window` s; True when asked to exit.
@@ -279,7 +301,7 @@ class VringEpollHandler:
                 generation = self._generation
                 ready = [i for i in rings if active(i) and vrings[i].has_available()]
                 for i in ready:
-                    self._call(i, EPOLLIN, i)
+                    self._serve(i)
                     if active(i):
                         vrings[i].disable_notification()  # the device re-enabled kicks
             try:

@@ -55,6 +55,9 @@ class DataPlane(Protocol):
     def get_vring_base(self, index: int) -> int:
         """Return the base of a ring that was just stopped."""
 
+    def needs_reset(self) -> bool:
+        """Whether a ring is broken (GET_STATUS then reports DEVICE_NEEDS_RESET)."""
+
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """Install a kick eventfd (None: poll the ring)."""
 
@@ -127,6 +130,10 @@ class NullDataPlane:
     def get_vring_base(self, index: int) -> int:
         """Return 0: no ring state is kept."""
         return 0
+
+    def needs_reset(self) -> bool:
+        """No rings, none broken."""
+        return False
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """Close the eventfd."""

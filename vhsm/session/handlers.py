@@ -16,6 +16,7 @@ from vhsm.backend import get_config, set_config
 from vhsm.errors import BackendError, GuestMemoryError, ProtocolViolation
 from vhsm.session.machines import SessionState
 from vhsm.wire import (
+    DeviceStatus,
     Message,
     ProtocolFeature,
     VhostUserConfig,
@@ -304,7 +305,10 @@ class SessionHandlers:
             self.backend.reset_device()
 
     def _do_reply_status(self, event: EventData) -> None:
-        self.reply_with(_msg(event), VhostUserU64(self.status))
+        status = self.status
+        if self.dataplane.needs_reset():  # a broken ring: the driver must reset the device
+            status |= DeviceStatus.DEVICE_NEEDS_RESET
+        self.reply_with(_msg(event), VhostUserU64(int(status)))
 
     def _do_apply_mtu(self, event: EventData) -> None:
         self.mtu = _value(event)
@@ -354,11 +358,13 @@ class SessionHandlers:
 
     def _guard_vring_addr_valid(self, event: EventData) -> bool:
         addr = _payload(event, VhostUserVringAddr)
+        # a packed ring's "avail" is its driver event area: two 16-bit words, 4-byte aligned
+        avail_align = 4 if self.acked_features & VirtioFeature.RING_PACKED else 2
         return (
             addr.flags & ~0x1 == 0
             and addr.desc_user_addr % 16 == 0
             and addr.used_user_addr % 4 == 0
-            and addr.avail_user_addr % 2 == 0
+            and addr.avail_user_addr % avail_align == 0
         )
 
     def _guard_base_valid(self, event: EventData) -> bool:

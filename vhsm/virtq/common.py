@@ -246,6 +246,28 @@ def check_queue_size(size: int, *, packed: bool) -> None:
         raise ValueError(f"split queue size {size} is not a power of two")
 
 
+def host_span(view: memoryview) -> tuple[int, int]:
+    """The host address range ``[start, end)`` of a (non-empty) view of guest memory."""
+    start = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data)
+    return start, start + view.nbytes
+
+
+def written_over(device: tuple[str, memoryview], *driver: tuple[str, memoryview]) -> str | None:
+    """Why the area the device writes lies over one the driver writes, or None.
+
+    Compares host addresses, so two guest addresses mapping the same bytes count.
+    A ring laid out like this feeds the device its own writes (used index over
+    avail index: every completion publishes new work), so it is treated as broken.
+    """
+    name, view = device
+    start, end = host_span(view)
+    for other, area in driver:
+        s, e = host_span(area)
+        if start < e and s < end:
+            return f"the {name} area overlaps the {other} area"
+    return None
+
+
 def check_area(name: str, view: memoryview, size: int, align: int) -> None:
     """Check that a ring area view is long enough and suitably aligned."""
     if view.nbytes < size:

@@ -43,6 +43,7 @@ from vhsm.virtq.common import (
     or_of,
     sum_of,
     used_arrays,
+    written_over,
 )
 from vhsm.virtq.common import log_failure as _log_failure
 
@@ -260,6 +261,18 @@ class PackedQueue:
         fl: int = self._desc_h[(self._next_avail << 3) + 7]
         w = self._avail_wrap
         return (fl >> 7) & 1 == w and (fl >> 15) & 1 != w
+
+    def device_area_overlap(self) -> str | None:
+        """Why the device event area lies over the descriptor ring or driver area, or None."""
+        return written_over(
+            ("device event", self._device_h),
+            ("descriptor", self._desc),
+            ("driver event", self._driver_h),
+        )
+
+    def empty_batch(self) -> Batch:
+        """A batch with nothing in it (a pass that takes nothing)."""
+        return Batch(self._space)
 
     def release(self) -> None:
         """Drop every view of guest memory."""

@@ -42,6 +42,7 @@ from vhsm.virtq.common import (
     min_of,
     or_of,
     used_arrays,
+    written_over,
 )
 
 _NEXT = VIRTQ_DESC_F_NEXT
@@ -216,6 +217,16 @@ class SplitQueue:
         """Whether the driver has published entries not yet popped."""
         return self._avail_h[1] != self._next_avail
 
+    def device_area_overlap(self) -> str | None:
+        """Why the used ring lies over the descriptor table or available ring, or None."""
+        return written_over(
+            ("used", self._used), ("descriptor", self._desc), ("available", self._avail)
+        )
+
+    def empty_batch(self) -> Batch:
+        """A batch with nothing in it (a pass that takes nothing)."""
+        return Batch(self._space)
+
     def release(self) -> None:
         """Drop every view of guest memory (before the mapping is closed)."""
         for name in ("_desc_q", "_desc_i", "_desc_h", "_avail_h", "_used_h", "_used_q"):
@@ -228,7 +239,11 @@ class SplitQueue:
 
     # ------------------------------------------------------------------ pop
     def _avail_count(self) -> int:
-        """Entries published and not popped; VirtqError if the index moved too far."""
+        """Entries published and not popped; VirtqError (no head) if the ring is broken.
+
+        Broken: the avail index moved more than the ring size, or the device has
+        completed more chains than it took (only an aliased used ring does that).
+        """
         ai: int = self._avail_h[1]
         n = (ai - self._next_avail) & 0xFFFF
         if n > self._size:
@@ -236,6 +251,13 @@ class SplitQueue:
                 self.index,
                 f"avail idx {ai} moved {n} entries past next avail {self._next_avail}"
                 f" (queue size {self._size})",
+            )
+        if (self._next_avail - self._next_used) & 0xFFFF > self._size:
+            # more used than taken: the used ring feeds the avail index (aliased areas)
+            raise VirtqError(
+                self.index,
+                f"used idx {self._next_used} ahead of next avail {self._next_avail}:"
+                " the used ring aliases the driver's areas",
             )
         self._avail_shadow = ai
         return n
