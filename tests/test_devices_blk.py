@@ -404,3 +404,57 @@ def test_io_matches_a_model(image: Path, sector: int, nsect: int, split: int) ->
     finally:
         bench.close()
         bench.backend.close()  # type: ignore[attr-defined]
+
+
+# --- the limits the config space advertises are enforced ---------------------------------
+@pytest.fixture
+def big_bench(tmp_path: Path) -> Iterator[Bench]:
+    """A 2 MiB image behind a 256-entry ring: room for seg_max segments and size_max bytes."""
+    path = tmp_path / "big.img"
+    path.write_bytes(bytes(2 << 20))
+    b = Bench(BlkBackend(str(path)), size=256)
+    yield b
+    b.close()
+    b.backend.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rtype", [IN, OUT])
+def test_more_segments_than_seg_max_is_ioerr(big_bench: Bench, rtype: int) -> None:
+    n = blk.SEG_MAX * 512
+    data = os.urandom(n + 512) if rtype == OUT else b""
+    read_len = n + 512 if rtype == IN else 0
+    # seg_max segments are served; one more fails and leaves the image alone
+    ok = request(big_bench, rtype, 0, data=data[:n], read_len=read_len and n, split=512)
+    assert ok[1] == OK
+    before = Path(big_bench.backend.path).read_bytes()  # type: ignore[attr-defined]
+    too_many = request(big_bench, rtype, 0, data=data, read_len=read_len, split=512)
+    assert too_many[1] == IOERR
+    assert Path(big_bench.backend.path).read_bytes() == before  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rtype", [IN, OUT])
+def test_segment_larger_than_size_max_is_ioerr(big_bench: Bench, rtype: int) -> None:
+    big_bench._next = 2 << 20  # the second region: the buffer is one piece
+    n = blk.SIZE_MAX + 512
+    data = bytes([7]) * n if rtype == OUT else b""
+    status = request(big_bench, rtype, 0, data=data, read_len=0 if data else n)[1]
+    assert status == IOERR
+    assert Path(big_bench.backend.path).read_bytes() == bytes(2 << 20)  # type: ignore[attr-defined]
+    big_bench._next = 2 << 20
+    assert (
+        request(big_bench, rtype, 0, data=data[: n - 512], read_len=0 if data else n - 512)[1] == OK
+    )
+
+
+def test_read_without_writable_data_is_ioerr(bench: Bench) -> None:
+    # header and status only: nothing to read into
+    assert request(bench, IN, 0)[:2] == (1, IOERR)
+    # the data buffer is device-readable: the device must not pretend it read into it
+    hdr = bench.alloc(16, struct.pack("<IIQ", IN, 0, 0))
+    buf = bench.alloc(512, b"\xaa" * 512)
+    st_gpa = bench.alloc(1, b"\xff")
+    head = bench.post(0, [(hdr, 16), (buf, 512)], [(st_gpa, 1)])
+    bench.kick(0)
+    assert bench.used(0) == [(head, 1)]
+    assert bench.read(st_gpa, 1) == bytes([IOERR])
+    assert bench.read(buf, 512) == b"\xaa" * 512

@@ -13,6 +13,9 @@ Teaching notes:
   leave the status byte unlogged during migration.
 * Anything wrong in a request the guest sent gets a status (IOERR, UNSUPP); only a
   chain with nowhere to put the status is a bad chain (completed with length 0).
+  The limits the config space advertises are enforced: a read or write with more
+  than ``seg_max`` data segments or a segment over ``size_max`` bytes fails with
+  IOERR, as does a read without a device-writable data buffer.
 * Each queue gets its own worker thread: ``preadv``/``pwritev``/``fsync`` release
   the GIL, so queues really do I/O in parallel.
 """
@@ -199,12 +202,17 @@ class BlkBackend(VhostUserBackend):
     ) -> int:
         """Run one request; returns its status."""
         if rtype == VIRTIO_BLK_T_IN:
+            # a read needs somewhere to put the data, and no device-readable data
+            if data_in or not data_out or not _within_limits(data_out):
+                return VIRTIO_BLK_S_IOERR
             if not self._in_range(sector, sum(len(v) for v in data_out)):
                 return VIRTIO_BLK_S_IOERR
             _preadv_all(self.fd, data_out, sector * SECTOR)
             return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_OUT:
-            if self.read_only or not self._in_range(sector, sum(len(v) for v in data_in)):
+            if self.read_only or not _within_limits(data_in):
+                return VIRTIO_BLK_S_IOERR
+            if not self._in_range(sector, sum(len(v) for v in data_in)):
                 return VIRTIO_BLK_S_IOERR
             _pwritev_all(self.fd, data_in, sector * SECTOR)
             return VIRTIO_BLK_S_OK
@@ -244,6 +252,15 @@ class BlkBackend(VhostUserBackend):
 
 
 # --- helpers over lists of memoryviews ---------------------------------------------------
+def _within_limits(data: Sequence[memoryview]) -> bool:
+    """At most SEG_MAX data segments, none longer than SIZE_MAX (the limits the config offers).
+
+    Segments are counted as mapped pieces: a descriptor that crosses a memory-region
+    border counts twice (guest RAM regions are not adjacent in practice).
+    """
+    return len(data) <= SEG_MAX and (not data or max(map(len, data)) <= SIZE_MAX)
+
+
 def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     """The views after the first ``n`` bytes."""
     out: list[memoryview] = []
