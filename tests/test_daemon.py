@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzz_support import settle_fds, wait_idle
 
 from vhsm.backend import VhostUserBackend
 from vhsm.daemon import Listener, VhostUserDaemon
 from vhsm.errors import BackendError, VhsmError
 from vhsm.frontend import Frontend, FrontendListener
+from vhsm.transport import PeerClosed
 from vhsm.vring import VringRwLock, VringState
 from vhsm.wire import (
     BackendReq,
@@ -773,3 +775,26 @@ def test_a_ring_started_without_addresses_is_noted_once_not_on_every_kick(served
     assert caplog.text.count("VU-RING-011") == 1
     assert "Traceback" not in caplog.text and "handle_event failed" not in caplog.text
     assert daemon.last_error is None
+
+
+def test_dirty_log_far_larger_than_guest_memory_is_rejected(served, caplog) -> None:
+    """VU-MEM-015: 4 MiB of guest memory never needs a 64 MiB log (it covers 2 TiB)."""
+    backend, daemon, path = served
+    fds = open_fds()
+    with connect(path) as fe:
+        fe.start(queues=1, size=64, protocol_features=backend.protocol_features())
+        fe.set_features(fe.acked_features | VirtioFeature.LOG_ALL)
+        log_fd = os.memfd_create("dirty-log-huge")
+        os.ftruncate(log_fd, 64 << 20)  # sparse: nothing is allocated
+        try:
+            with pytest.raises((BackendError, PeerClosed)):
+                fe.call(FrontendReq.SET_LOG_BASE, VhostUserLog(64 << 20, 0), fds=[log_fd])
+        finally:
+            os.close(log_fd)
+    assert "VU-MEM-015" in caplog.text
+    wait_idle(daemon)
+    with connect(path) as fe:  # the daemon serves on
+        fe.start(queues=1, size=64)
+        assert upper(fe, 0, b"again") == b"AGAIN"
+    wait_idle(daemon)
+    assert settle_fds(fds) <= fds

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from vhsm import inflight
 from vhsm.backend_channel import BackendChannel
-from vhsm.dirtylog import DirtyLog
+from vhsm.dirtylog import LOG_PAGE_SHIFT, DirtyLog
 from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
 from vhsm.fdcheck import take_notifier, take_stream_socket
 from vhsm.memory import GuestMemory, GuestMemoryAtomic, shrunk_mappings
@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     )
 
 log = logging.getLogger(__name__)
+
+#: A dirty log may cover at most this many times the highest guest address of the
+#: memory table (room for RAM the front-end logs but does not share, such as video
+#: memory in the PCI hole, and for growth), and never less than LOG_COVER_FLOOR bytes
+#: of guest-physical space (rule VU-MEM-015).
+LOG_COVER_FACTOR = 4
+LOG_COVER_FLOOR = 1 << 40
 
 
 class DevicePlane:
@@ -227,7 +234,22 @@ class DevicePlane:
         _hook(self.backend.memory_updated)
 
     def set_log_base(self, log_desc: VhostUserLog, fd: int) -> None:
-        """Install the dirty log (replacing any older one)."""
+        """Install the dirty log (replacing any older one).
+
+        Raises:
+            GuestMemoryError: the log is far larger than the memory table can need
+                (VU-MEM-015; the fd is closed), or cannot be mapped.
+        """
+        end = max((r.gpa_end for r in self.memory.memory().regions), default=0)
+        limit = max(LOG_COVER_FACTOR * end, LOG_COVER_FLOOR) >> (LOG_PAGE_SHIFT + 3)
+        if log_desc.mmap_size > limit:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise GuestMemoryError(
+                f"SET_LOG_BASE: a log of {log_desc.mmap_size:#x} bytes; the memory table ends"
+                f" at {end:#x}, so at most {limit:#x} bytes are accepted",
+                "VU-MEM-015",
+            )
         new = DirtyLog.from_fd(log_desc, fd)
         with self._all_paused():
             self._close_log()
