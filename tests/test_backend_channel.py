@@ -123,9 +123,21 @@ def test_reply_ack_sets_need_reply_and_waits(pair) -> None:
         "BACKEND_VRING_CALL",
         "BACKEND_VRING_ERR",
     ]
-    assert all(m.need_reply for m in fe.received)
+    # in-band notifications come from workers holding their dispatch lock: no ack awaited
+    assert [m.need_reply for m in fe.received] == [True, False, False]
     assert fe.received[1].payload.index == 3
     assert fe.received[2].payload.index == 2
+
+
+def test_inband_notifications_never_wait_for_a_silent_frontend(pair) -> None:
+    ours, theirs = pair
+    channel = BackendChannel(os.dup(ours.fileno()), lambda: ALL, timeout=60.0)
+    ours.close()
+    channel.vring_call(0)  # the peer never answers: returns at once (no 60 s wait)
+    channel.vring_err(1)
+    assert not channel.closed
+    channel.close()
+    theirs.close()
 
 
 def test_nack_raises(pair) -> None:

@@ -94,12 +94,16 @@ class BackendChannel:
         self.request(BackendReq.BACKEND_CONFIG_CHANGE_MSG)
 
     def vring_call(self, index: int) -> None:
-        """In-band used-buffer notification for ring `index`."""
-        self.request(BackendReq.BACKEND_VRING_CALL, VhostUserVringState(index, 0))
+        """In-band used-buffer notification for ring `index`.
+
+        Sent without NEED_REPLY: it comes from a worker holding its dispatch lock,
+        which must never wait on the front-end (as an eventfd write does not).
+        """
+        self.request(BackendReq.BACKEND_VRING_CALL, VhostUserVringState(index, 0), ack=False)
 
     def vring_err(self, index: int) -> None:
-        """In-band error notification for ring `index`."""
-        self.request(BackendReq.BACKEND_VRING_ERR, VhostUserVringState(index, 0))
+        """In-band error notification for ring `index`; no ack awaited (see above)."""
+        self.request(BackendReq.BACKEND_VRING_ERR, VhostUserVringState(index, 0), ack=False)
 
     def shared_object_add(self, object_id: uuid.UUID) -> None:
         """Register this back-end as exporter of `object_id`."""
@@ -149,9 +153,17 @@ class BackendChannel:
 
     # --- generic request -------------------------------------------------------------
     def request(
-        self, req: BackendReq, payload: Payload | None = None, fds: Sequence[int] = ()
+        self,
+        req: BackendReq,
+        payload: Payload | None = None,
+        fds: Sequence[int] = (),
+        *,
+        ack: bool = True,
     ) -> int:
         """Send one request; return the front-end's ack (0 when no ack was awaited).
+
+        With REPLY_ACK negotiated, an ack is asked for (NEED_REPLY) and awaited unless
+        `ack` is False or the caller is the control thread.
 
         Raises BackendError when the request's gate was not negotiated, the
         device is suspended, the channel is broken or closed, the ack times out,
@@ -167,7 +179,7 @@ class BackendChannel:
             raise BackendError(f"{spec.name} needs protocol feature {gate.name}, not negotiated")
         if fds and not features & ProtocolFeature.BACKEND_SEND_FD:
             raise BackendError(f"{spec.name}: sending an fd needs BACKEND_SEND_FD, not negotiated")
-        ack = bool(features & ProtocolFeature.REPLY_ACK) and spec.reply == "ack"
+        ack = ack and bool(features & ProtocolFeature.REPLY_ACK) and spec.reply == "ack"
         wait = spec.reply == "always" or (ack and not on_control_thread())
         msg = make_request(req, payload, need_reply=wait, fds=fds, channel=Channel.BACKEND)
         reply = self._exchange(msg, wait=wait)
