@@ -491,7 +491,7 @@ class VringState:
         self._left = 0 if self.broken is not None else max(self.size, 1)
 
     def _out_of_budget(self) -> None:
-        """The pass used its budget: have the worker come back (unless the ring is broken)."""
+        """Asked for more after the pass used its budget: have the worker come back."""
         if self.broken is None:
             self.yielded = True
 
@@ -503,23 +503,26 @@ class VringState:
         if self._left <= 0:
             self._out_of_budget()
             return None
-        self._left -= 1
         q = self._require()
         try:
             if self.inflight is None:
-                return q.pop()
-            if isinstance(q, PackedQueue):
-                return self._pop_packed(q)
-            if self._resubmit:
-                return q._walk(self._resubmit.pop(0))
-            chain = q.pop()
+                chain = q.pop()
+            elif isinstance(q, PackedQueue):
+                chain = self._pop_packed(q)
+            elif self._resubmit:
+                chain = q._walk(self._resubmit.pop(0))
+            else:
+                chain = q.pop()
+                if chain is not None:
+                    self.inflight.fetch(chain.head)
         except VirtqError as exc:
+            self._left -= 1
             if exc.head is not None:
                 raise
             self.mark_broken(exc.detail)  # no chain to answer: the ring itself is broken
             return None
         if chain is not None:
-            self.inflight.fetch(chain.head)
+            self._left -= 1
         return chain
 
     def _pop_packed(self, q: PackedQueue) -> DescriptorChain | None:
@@ -591,7 +594,7 @@ class VringState:
                 raise
             self.mark_broken(exc.detail)
             return q.empty_batch()
-        self._left = left - max(len(batch), 1)
+        self._left = left - len(batch)
         if self.inflight is not None and isinstance(q, SplitQueue):
             for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
                 self.inflight.fetch(head)
@@ -687,13 +690,17 @@ class VringState:
     def enable_notification(self) -> bool:
         """Ask for kicks again; True if work arrived meanwhile (process it before sleeping).
 
-        False once the pass used its budget (the worker dispatches the ring again) or
-        the ring is broken (kicks stay off: nothing more is taken from it).
+        False when the pass used its budget (``yielded`` is set: the worker dispatches
+        the ring again) or the ring is broken (kicks stay off: nothing more is taken).
         """
-        if self._left <= 0:
-            self._out_of_budget()
+        q = self.queue
+        if q is None or self.broken is not None:
             return False
-        return self.queue.enable_notification() if self.queue is not None else False
+        more = q.enable_notification()
+        if more and self._left <= 0:  # work left and the pass used its budget: come back
+            self.yielded = True
+            return False
+        return more
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick."""
