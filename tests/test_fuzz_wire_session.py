@@ -413,6 +413,7 @@ def test_streams_into_decoder_and_session(
     gc.collect()  # a mapping still viewed is unmapped (and its mmap fd closed) by the GC
     after = fd_table()
     count(f"wire_session_sans_io[{plane_kind}]")
+    count("messages", len(items))
     leaked = {fd: what for fd, what in after.items() if fd not in before}
     assert not leaked, f"fds leaked: {leaked} by {[i.label for i in items]}"
 
