@@ -213,3 +213,54 @@ def test_no_fd_leak_and_no_thread_left() -> None:
         handler.close()
     assert len(os.listdir("/proc/self/fd")) <= before
     assert threading.active_count() == threads
+
+
+# --- bounded passes -----------------------------------------------------------------------
+class BudgetRing(FakeRing):
+    """A ring with more work than one pass may take: it yields `passes - 1` times."""
+
+    def __init__(self, passes: int) -> None:
+        super().__init__()
+        self.left = passes
+        self.begun = 0
+        self.yielded = False
+
+    def begin_pass(self) -> None:
+        self.begun += 1
+        self.yielded = False
+
+
+class Yielding(Recorder):
+    """Each dispatch of ring 0 is one pass; the ring yields until its work is done."""
+
+    def handle_event(
+        self, device_event: int, evset: int, vrings: Sequence[Any], thread_id: int
+    ) -> None:
+        super().handle_event(device_event, evset, vrings, thread_id)
+        ring = vrings[device_event]
+        ring.left -= 1
+        ring.yielded = ring.left > 0
+
+
+def test_a_ring_that_yields_is_dispatched_again_with_the_lock_released_between() -> None:
+    backend = Yielding(n=1)
+    ring = BudgetRing(passes=5)
+    handler = VringEpollHandler(backend, [ring], [0], thread_id=0)
+    handler.start()
+    kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        handler.set_kick(0, kick_fd)
+        with handler.paused():  # the control thread holds the lock: nothing runs
+            kick(kick_fd)
+        for _ in range(5):  # one kick, five passes
+            assert backend.next_call()[0] == 0
+            with handler.paused():  # between two passes the control thread gets in
+                pass
+        handler.rescan(0)  # the work is done: the next dispatch is a fresh pass
+        assert backend.next_call()[0] == 0
+        assert ring.begun == 6
+    finally:
+        handler.signal_exit()
+        handler.join()
+        handler.close()
+        os.close(kick_fd)

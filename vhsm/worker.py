@@ -8,12 +8,13 @@ thread changes kick fds, stops rings and asks for rescans through the methods
 here; `paused()` is the drain: inside it no `handle_event` runs on this worker.
 A hook that raises is logged and reported through `on_error`; the loop goes on.
 
-Bounded passes: before each dispatch the worker starts a pass on its rings
-(`begin_pass`, when the vring class has it), so one `handle_event` takes at
-most a ring's size in chains; a ring that stopped at that budget with work left
-(`yielded`) is dispatched again on the next turn of the loop, after the lock
-was released, so the control thread (GET_VRING_BASE, a new memory table) and
-the exit fd are never kept waiting behind a guest that keeps the ring full.
+Bounded passes: before each dispatch (a kick or a listener event) the worker
+starts a pass on its rings (`begin_pass`, when the vring class has it), so one
+`handle_event` takes at most a ring's size in chains from each; a ring that
+stopped at that budget with work left (`yielded`) is dispatched again on the
+next turn of the loop, after the lock was released, so the control thread
+(GET_VRING_BASE, a new memory table) and the exit fd are never kept waiting
+behind a guest that keeps the ring full.
 
 Busy polling (off unless the back-end's `busy_poll_us` is set): after a burst the
 worker keeps looking at its rings' available entries for up to that many
@@ -99,7 +100,7 @@ class VringEpollHandler:
         self._dispatched = False  # the last _dispatch ran a ring's handle_event
         # the served rings whose vring class bounds passes (begin_pass / yielded)
         self._passes = [
-            vrings[i]
+            (i, vrings[i])
             for i in self.queues
             if 0 <= i < len(vrings) and hasattr(vrings[i], "begin_pass")
         ]
@@ -257,7 +258,7 @@ class VringEpollHandler:
                 continue
             data = self._listeners.get(fd)
             if data is not None:
-                self._call(data, evset, None)
+                self._serve(data, evset, None)
         rings.extend(self._polled)
         rings.extend(self._pending)
         self._pending.clear()
@@ -265,16 +266,21 @@ class VringEpollHandler:
         for index in dict.fromkeys(rings):
             if self._is_active(index):
                 self._dispatched = True
-                self._serve(index)
+                self._serve(index, EPOLLIN, index)
         return False
 
-    def _serve(self, index: int) -> None:
-        """One bounded pass over ring `index`; a ring that yielded is dispatched again soon."""
-        for vring in self._passes:
+    def _serve(self, device_event: int, evset: int, ring: int | None) -> None:
+        """One bounded pass: a ring kick or a listener event (which may fill rings too).
+
+        Every ring of this worker gets a fresh budget first; a ring that stopped at its
+        budget with work left is dispatched again on the next turn of the loop.
+        """
+        for _, vring in self._passes:
             vring.begin_pass()
-        self._call(index, EPOLLIN, index)
-        if getattr(self.vrings[index], "yielded", False):
-            self._pending.add(index)
+        self._call(device_event, evset, ring)
+        again = [i for i, vring in self._passes if vring.yielded]
+        if again:
+            self._pending.update(again)
             self._wake()
 
     def _spin(self, window: float) -> bool:
@@ -301,7 +307,7 @@ class VringEpollHandler:
                 generation = self._generation
                 ready = [i for i in rings if active(i) and vrings[i].has_available()]
                 for i in ready:
-                    self._serve(i)
+                    self._serve(i, EPOLLIN, i)
                     if active(i):
                         vrings[i].disable_notification()  # the device re-enabled kicks
             try:
