@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 from fuzz_support import open_fds, running_daemon, settle_fds, wait_idle
 
+from vhsm.devices.blk import SEG_MAX, SIZE_MAX
 from vhsm.devices.rng import RngBackend
 from vhsm.errors import BackendError
-from vhsm.frontend import Frontend, NetDevice, RngDevice
+from vhsm.frontend import BlkDevice, Frontend, NetDevice, RngDevice
+from vhsm.frontend.devices import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vhsm.wire import (
     DeviceStatus,
     FrontendReq,
@@ -247,3 +249,37 @@ def test_broken_ring_leaves_no_fd_or_mapping_behind() -> None:
         assert maps_of("vhsm-guest-") == mapped, "guest memory still mapped"
         assert daemon.last_error is None, repr(daemon.last_error)
     assert settle_fds(fds) <= fds
+
+
+# --- blk: the limits its config space advertises ------------------------------------------
+def test_blk_requests_over_its_limits_fail_and_the_daemon_serves_on(workdir: Path) -> None:
+    image = workdir / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    path = workdir / "blk.sock"
+    proc = serve("blk", "--file", str(image), "--socket", str(path))
+    hdr_out = struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 0)
+    hdr_in = struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)
+    try:
+        with connect(path) as fe:
+            fe.start(queues=1, size=256)
+            dev = BlkDevice(fe)
+            # seg_max + 1 data segments, one segment over size_max, a read with nowhere to go
+            cases = [
+                ([hdr_out] + [bytes([1]) * 512] * (SEG_MAX + 1), [1]),
+                ([hdr_out, bytes([2]) * (SIZE_MAX + 512)], [1]),
+                ([hdr_in, bytes(512)], [1]),
+                ([hdr_in], [1]),
+            ]
+            for readable, writable in cases:
+                _, got = dev._run(dev.vq, readable, writable)
+                assert got[-1] == bytes([VIRTIO_BLK_S_IOERR])
+            dev.write(0, bytes([3]) * 512)  # within the limits: served
+        assert image.read_bytes()[:512] == bytes([3]) * 512
+        assert image.read_bytes()[512:] == bytes(len(image.read_bytes()) - 512)
+        with connect(path) as fe:
+            fe.start(queues=1, size=256)
+            assert BlkDevice(fe).read(0) == bytes([3]) * 512
+    finally:
+        code, err = terminate(proc)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
