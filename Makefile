@@ -13,10 +13,11 @@ SPEEDUPS := vhsm/_speedups$(shell $(PY) -c 'import sysconfig; print(sysconfig.ge
 # The data-path tests, run a second time on the pure-Python path (VHSM_PURE_PYTHON=1).
 DATA_PATH_TESTS := tests/test_virtq_split.py tests/test_virtq_packed.py tests/test_virtq_fastpath.py \
 	tests/test_vring.py tests/test_devices_net.py tests/test_net_checksum.py tests/test_fuzz_guest.py \
-	tests/test_inflight.py
+	tests/test_inflight.py tests/test_fuzz_rings.py
 # The hostile-ring tests `make asan` runs against an AddressSanitizer build of the accelerator.
 ASAN_TESTS := tests/test_speedups.py tests/test_virtq_split.py tests/test_virtq_packed.py \
-	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py
+	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py \
+	tests/test_fuzz_rings.py
 
 .PHONY: venv demo test lint docs diagrams conformance fuzz clean speedups asan
 
