@@ -519,6 +519,19 @@ def test_r5_split_base_reserved_bits(session: Session) -> None:
     assert info.value.rule_id == "VU-RING-005"
 
 
+class PackedIndexPlane(NullDataPlane):
+    def set_vring_base(self, index: int, base: int) -> None:
+        raise ValueError(f"packed avail index {base & 0x7FFF} >= queue size 64")
+
+
+def test_r5_packed_base_past_the_ring_is_a_violation_not_an_internal_error() -> None:
+    session = Session(Device(), PackedIndexPlane())
+    negotiate(session)
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(req(R.SET_VRING_BASE, vstate(0, 0x400)))
+    assert info.value.rule_id == "VU-RING-005" and "1024" in info.value.detail
+
+
 def test_get_vring_base_with_leftover_num_is_only_warned(session: Session) -> None:
     negotiate(session)
     start_ring(session)

@@ -377,13 +377,13 @@ class VringState:
         """SET_VRING_BASE ``num``; ValueError for reserved bits / bad packed index."""
         if not self.packed and num >> 16:
             raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
-        self.base = num
-        self.base_set = True
         q = self.queue
         if q is not None:
-            q.set_base(num)
-            if isinstance(q, SplitQueue):
-                q.set_next_used(q.used_idx())  # the used index comes from guest memory
+            q.set_base(num)  # checked before anything changes (a packed index past the size)
+        self.base = num
+        self.base_set = True
+        if isinstance(q, SplitQueue):
+            q.set_next_used(q.used_idx())  # the used index comes from guest memory
         self._repaired()
 
     def queue_next_avail(self) -> int:

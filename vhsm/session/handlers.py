@@ -396,7 +396,10 @@ class SessionHandlers:
             raise self.memory_violation(err, "VU-RING-004") from err
 
     def _do_configure_base(self, event: EventData) -> None:
-        self.dataplane.set_vring_base(_ring(event), _num(event))
+        try:
+            self.dataplane.set_vring_base(_ring(event), _num(event))
+        except ValueError as err:  # a packed ring's index past its size
+            raise self.violation("VU-RING-005", str(err)) from err
 
     def _do_configure_endian(self, event: EventData) -> None:
         log.info("ring %d: legacy endianness %s", _ring(event), "BE" if _num(event) else "LE")
