@@ -55,8 +55,9 @@ def wait_for_log(backend: BackendProcess, text: str, guest: RunningGuest, timeou
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("packed", ["off", "on"], ids=["split", "packed"])
 def test_blk_guest_survives_sigkill_of_vhsm(
-    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path, packed: str
 ) -> None:
     plan = WriterPlan()
     image = plan.prepare_image(tmp_path / "disk.img")
@@ -74,7 +75,9 @@ def test_blk_guest_survives_sigkill_of_vhsm(
     )
     backends = [first]
     try:
-        guest = start_guest(guest_env, initramfs, work, devices=[vhost_user_blk(sock, reconnect=1)])
+        guest = start_guest(
+            guest_env, initramfs, work, devices=[vhost_user_blk(sock, reconnect=1, packed=packed)]
+        )
         try:
             wait_for_log(first, f"HOLDING write at sector {held_sector}", guest, timeout=180)
             first.proc.kill()
