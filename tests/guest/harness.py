@@ -233,7 +233,7 @@ class BackendProcess:
 
 
 def start_backend(
-    argv: Sequence[str], socket: Path, log_path: Path, *, ready_timeout: float = 20.0
+    argv: Sequence[str], socket: Path, log_path: Path, *, ready_timeout: float = 60.0
 ) -> BackendProcess:
     """Start a back-end and wait until it listens on `socket`.
 
@@ -264,7 +264,7 @@ def start_backend(
 
 @contextlib.contextmanager
 def running_backend(
-    argv: Sequence[str], socket: Path, log_path: Path, *, ready_timeout: float = 20.0
+    argv: Sequence[str], socket: Path, log_path: Path, *, ready_timeout: float = 60.0
 ) -> Iterator[BackendProcess]:
     """Context manager around start_backend that always stops the process."""
     backend = start_backend(argv, socket, log_path, ready_timeout=ready_timeout)
