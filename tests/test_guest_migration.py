@@ -33,6 +33,7 @@ from guest.migration import (
     hold_migration,
     migration_status,
 )
+from guest.scripts import VIRTIO_F_RING_PACKED, guest_virtio_features
 from guest.serve import CUT_DIRTY_LOG, VHSM, require_serve, serve_blk_argv
 from guest.vm import RunningGuest, start_guest
 
@@ -71,7 +72,12 @@ def _wait_running(guest: RunningGuest, timeout: float = 120.0) -> None:
 
 
 def migrate_blk_guest(
-    env: GuestEnv, tmp_path: Path, sock_dir: Path, *, source_vhsm: Sequence[str] = VHSM
+    env: GuestEnv,
+    tmp_path: Path,
+    sock_dir: Path,
+    *,
+    source_vhsm: Sequence[str] = VHSM,
+    packed: str = "off",
 ) -> Migrated:
     """Boot on one `vhsm serve blk`, migrate to a second QEMU and daemon, check the cache."""
     plan = PageCachePlan()
@@ -101,7 +107,7 @@ def migrate_blk_guest(
             initramfs,
             work,
             name="source",
-            devices=[vhost_user_blk(socks["src"])],
+            devices=[vhost_user_blk(socks["src"], packed=packed)],
             backends=[src_be],
             qmp_socket=socks["srcq"],
             **common,  # type: ignore[arg-type]
@@ -112,7 +118,7 @@ def migrate_blk_guest(
             initramfs,
             work,
             name="dest",
-            devices=[vhost_user_blk(socks["dst"])],
+            devices=[vhost_user_blk(socks["dst"], packed=packed)],
             backends=[dst_be],
             qmp_socket=socks["dstq"],
             extra_args=("-incoming", f"unix:{socks['mig']}"),
@@ -136,21 +142,26 @@ def migrate_blk_guest(
         assert "Traceback" not in backend.log(), result.report()
     # QEMU hands the destination a new inflight region: adopted at the ring's position
     assert "inflight buffer not usable" not in dst_be.log(), dst_be.log()
+    assert "vring error" not in result.qemu_log, result.report()
     intact, stale = plan.outcome(result)
     return Migrated(result, intact, stale, held)
 
 
+@pytest.mark.parametrize("packed", ["off", "on"], ids=["split", "packed"])
 def test_blk_guest_migrates_between_vhsm_daemons(
-    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path, packed: str
 ) -> None:
-    run = migrate_blk_guest(guest_env, tmp_path, sock_dir)
+    run = migrate_blk_guest(guest_env, tmp_path, sock_dir, packed=packed)
     assert "init_on_alloc=0" in run.result.values["cmdline"]
+    negotiated = bool(guest_virtio_features(run.result) & (1 << VIRTIO_F_RING_PACKED))
+    assert negotiated == (packed == "on"), run.result.report()
     assert run.stale == 0, run.result.report()
     assert run.intact == PageCachePlan().chunks
 
 
+@pytest.mark.parametrize("packed", ["off", "on"], ids=["split", "packed"])
 def test_migration_check_detects_a_cut_dirty_log(
-    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path
+    guest_env: GuestEnv, tmp_path: Path, sock_dir: Path, packed: str
 ) -> None:
-    run = migrate_blk_guest(guest_env, tmp_path, sock_dir, source_vhsm=CUT_DIRTY_LOG)
+    run = migrate_blk_guest(guest_env, tmp_path, sock_dir, source_vhsm=CUT_DIRTY_LOG, packed=packed)
     assert run.stale > 0, run.result.report()

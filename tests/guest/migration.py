@@ -182,6 +182,7 @@ done
 # Linux drops a block device's page cache when its last opener closes it: hold it open.
 exec 3<$DEV
 echo "VHSM-KV cmdline=$(cat /proc/cmdline)"
+echo "VHSM-KV virtio_features=$(cat /sys/block/${{DEV##*/}}/device/features)"
 # Non-zero RAM keeps the bulk stage busy for seconds (zero pages cost it nothing).
 # fill N FILE: N times 8 MiB of the same random bytes (one urandom MiB, cat is cheap)
 fill() {{ i=0; while [ $i -lt $1 ]; do cat /tmp/r8; i=$((i + 1)); done >$2; }}
