@@ -813,3 +813,23 @@ def test_dirty_log_far_larger_than_guest_memory_is_rejected(served, caplog) -> N
         assert upper(fe, 0, b"again") == b"AGAIN"
     wait_idle(daemon)
     assert settle_fds(fds) <= fds
+
+
+@pytest.mark.parametrize("base", [0x7FFF, 0x8000_7FFF, 0xFFFF_FFFF, 0x4000_0040])
+def test_packed_base_past_the_ring_is_refused_not_an_internal_error(caplog, base) -> None:
+    """A packed SET_VRING_BASE index at or past the ring size used to raise a ValueError."""
+    from fuzz_support import EchoBackend, running_daemon
+
+    caplog.set_level(logging.INFO, logger="vhsm")
+    with running_daemon(EchoBackend(), "packed") as (daemon, path), connect(path) as fe:
+        fe.start(queues=1, size=64, packed=True)
+        fe.stop_vring(0)
+        reply = fe.request(
+            FrontendReq.SET_VRING_BASE, VhostUserVringState(0, base), need_reply=True
+        )
+        assert reply is not None and reply.payload.value == 1
+        fe.restart_vring(0)
+        assert upper(fe, 0, b"packed").lower() == b"packed"  # echoed (the echo device)
+        assert fe.packed
+        assert "VU-RING-005" in caplog.text
+        assert daemon.last_error is None

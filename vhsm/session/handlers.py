@@ -387,13 +387,20 @@ class SessionHandlers:
 
     # --- vring callbacks ---------------------------------------------------------------
     def _do_configure_num(self, event: EventData) -> None:
-        self.dataplane.set_vring_num(_ring(event), _num(event))
+        try:
+            self.dataplane.set_vring_num(_ring(event), _num(event))
+        except GuestMemoryError as err:
+            raise self.memory_violation(err, "VU-RING-004") from err
+        except ValueError as err:  # a packed base set earlier does not fit the new size
+            raise self.violation("VU-RING-005", str(err)) from err
 
     def _do_configure_addr(self, event: EventData) -> None:
         try:
             self.dataplane.set_vring_addr(_ring(event), _payload(event, VhostUserVringAddr))
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-RING-004") from err
+        except ValueError as err:  # the ring cannot be built at the base it was given
+            raise self.violation("VU-RING-005", str(err)) from err
 
     def _do_configure_base(self, event: EventData) -> None:
         try:
