@@ -213,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             if len(unclean) < 5:
                 labels = [i.label for i in items]
                 unclean.append(f"{plane} {labels}: {exc!r}\n{traceback.format_exc()}")
+                print(f"UNCLEAN (stream {streams}): {unclean[-1]}", flush=True)
         messages += len(items)
         streams += 1
         if streams % 1000 == 0:
             gc.collect()
             fd_growth = max(fd_growth, open_fds() - fds0)
-        if streams % 10000 == 0:
+        if streams % 2000 == 0:
             rate = messages / (time.monotonic() - start)
             print(f"{messages} messages, {rate:.0f}/s, {dict(outcomes)}", flush=True)
     elapsed = time.monotonic() - start

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes["unclean"] += 1
                 if len(unclean) < 5:
                     unclean.append(f"{rig.name} {layout}: {exc!r}\n{traceback.format_exc()}")
-            if (n + 1) % 100_000 == 0:
+                    print(f"UNCLEAN (ring {n}): {unclean[-1]}", flush=True)
+            if (n + 1) % 20_000 == 0:
                 rate = (n + 1) / (time.monotonic() - start)
                 print(f"{n + 1} rings, {rate:.0f}/s, {dict(outcomes)}", flush=True)
         elapsed = time.monotonic() - start
