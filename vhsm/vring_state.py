@@ -163,7 +163,11 @@ class VringState:
         layout_changed = (features ^ self.features) & _RING_PACKED
         self.features = features
         if layout_changed:
-            self._rebuild_or_idle()
+            try:
+                self._rebuild_or_idle()
+            except ValueError as exc:  # the base given for the old layout does not fit
+                log.warning("ring %d: idle until a base fits the new layout: %s", self.index, exc)
+                self._drop_queue()
         elif self.queue is not None:
             self.queue.set_event_idx(self.event_idx)
             self.queue.set_indirect(bool(features & _INDIRECT_DESC))
@@ -253,7 +257,10 @@ class VringState:
             queue = self._new_queue(mem, n, base, next_used, common)
         except GuestMemoryError:
             raise
-        except ValueError as exc:  # an area the ring layout cannot use (host alignment...)
+        except ValueError as exc:
+            if " area " not in str(exc):
+                raise  # a base the ring cannot take: the session names VU-RING-005
+            # an area the ring layout cannot use (host alignment, read-only mapping)
             raise GuestMemoryError(f"ring {self.index}: {exc}", "VU-RING-003") from None
         if old is not None:
             if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
