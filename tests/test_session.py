@@ -381,6 +381,18 @@ def test_qemu_rng_acking_unoffered_ring_features_is_tolerated() -> None:
     assert [f.rule_id for f in session.findings] == ["VU-NEG-013"]
 
 
+def test_qemu_scsi_acking_unoffered_change_is_tolerated() -> None:
+    """QEMU 7.2's vhost-user-scsi acks VIRTIO_SCSI_F_CHANGE (bit 2) whatever was offered."""
+    session = Session(Device(features=V1 | VF30))
+    session.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30 | 1 << 2)))
+    assert session.state is SessionState.SUSPENDED and session.acked_features & 1 << 2
+    assert [f.rule_id for f in session.findings] == ["VU-NEG-013"]
+    other = Session(Device(features=V1 | VF30))  # another device bit is still refused
+    with pytest.raises(ProtocolViolation) as info:
+        other.handle(req(R.SET_FEATURES, VhostUserU64(V1 | VF30 | 1 << 2 | 1 << 5)))
+    assert info.value.rule_id == "VU-NEG-004"
+
+
 def test_n5_unoffered_protocol_bits() -> None:
     session = Session(Device(protocol=0x8))
     with pytest.raises(ProtocolViolation) as info:

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 
 MAX_QUEUE_SIZE = 32768
-#: Ring features a real front-end acks without their being offered (rule VU-NEG-013).
-KNOWN_UNOFFERED_ACKS = int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.RING_INDIRECT_DESC)
 _LOG_ONLY = int(VirtioFeature.LOG_ALL)
 _DEVICE_STATE_NO_FD = 0x100
 
@@ -77,6 +75,7 @@ class SessionHandlers:
     backend: VhostUserBackend
     dataplane: DataPlane
     offered_features: int
+    tolerated_unoffered_acks: int
     offered_protocol_features: int
     acked_features: int
     acked_protocol_features: int
@@ -105,9 +104,9 @@ class SessionHandlers:
         if not unoffered:
             return True
         names = ", ".join(feature_names(unoffered, VirtioFeature))
-        if unoffered & ~KNOWN_UNOFFERED_ACKS == 0:
-            # QEMU 7.2's vhost-user-rng: its driver uses these rings features anyway, and
-            # the rings support them, so refusing would only hang the guest (VU-NEG-013).
+        if unoffered & ~self.tolerated_unoffered_acks == 0:
+            # bits real front-ends ack anyway (specs/session.yaml): refusing them would
+            # only cut the guest's device off (VU-NEG-013)
             self.note("VU-NEG-013", f"acked bits never offered: {names}")
             return True
         self.guard_detail = f"acked bits never offered: {names}"

@@ -97,6 +97,8 @@ class Session(SessionHandlers):
         self.guard_detail: str | None = None
         self.session_spec = load_machine_spec("session")
         self.vring_spec = load_machine_spec("vring")
+        tolerated = self.session_spec.conditions["features_offered"]["tolerated_unoffered"]
+        self.tolerated_unoffered_acks = sum(1 << int(bit) for bit in tolerated)
         self._model = _Model()
         self._vrings = [_Model(i) for i in range(self.num_queues)]
         self.machine: Machine = build_machine(
