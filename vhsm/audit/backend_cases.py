@@ -26,6 +26,7 @@ from vhsm.frontend import (
 )
 from vhsm.frontend.frontend import DEVICE_FEATURE_MASK
 from vhsm.frontend.vsock import VsockDevice
+from vhsm.session.machines import load_machine_spec
 from vhsm.transport import PeerClosed
 from vhsm.wire import (
     BlkFeature,
@@ -729,7 +730,11 @@ def _memfd(size: int) -> int:
 
 
 def _unoffered_bit(offered: int) -> int:
+    # not one of the bits real front-ends ack anyway (tolerated as VU-NEG-013)
+    tolerated = load_machine_spec("session").conditions["features_offered"]["tolerated_unoffered"]
     for bit in (*range(24), *range(50, 64)):
+        if bit in tolerated:
+            continue
         if (1 << bit) & DEVICE_FEATURE_MASK and not offered & (1 << bit):
             return int(1 << bit)
     return 1 << 41  # a reserved transport bit
