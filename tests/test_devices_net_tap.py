@@ -281,7 +281,7 @@ def test_audit_backend_passes_every_case(sockdir: Path) -> None:
         daemon = VhostUserDaemon("net-tap", backend)
         daemon.start(Listener(sockdir / "a.sock"))
         try:
-            report = run_suite(sockdir / "a.sock", "net", timeout=2.0)
+            report = run_suite(sockdir / "a.sock", "net", timeout=5.0)
             assert daemon.last_error is None
         finally:
             daemon.stop()
