@@ -8,11 +8,7 @@ virtio-net-pci on a vhost-user netdev; the guest's interface counters are checke
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,37 +36,13 @@ from guest.scripts import (
     net_script,
     rng_script,
 )
+from guest.serve import VHSM, require_serve, serve_blk_argv
 from guest.writers import WriterPlan
 
 from vhsm.audit.trace import audit_trace
 from vhsm.audit.transcript import load_transcript
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
-
-VHSM = [sys.executable, "-m", "vhsm"]
-NOT_YET = "vhsm serve not available yet"
-
-
-@functools.cache
-def serve_problem(device: str) -> str | None:
-    """None if `vhsm serve DEVICE` exists, else the reason to skip."""
-    try:
-        cli = importlib.import_module("vhsm.cli")
-    except ImportError as err:
-        return f"{NOT_YET} (vhsm.cli: {err})"
-    if not hasattr(cli, "main"):
-        return f"{NOT_YET} (vhsm.cli has no main)"
-    probe = subprocess.run(
-        [*VHSM, "serve", device, "--help"], capture_output=True, text=True, timeout=60
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or [""])[-1]
-        return f"{NOT_YET} (`vhsm serve {device} --help` exited {probe.returncode}: {last})"
-    return None
-
-
-def serve_blk_argv(image: Path, socket: Path) -> list[str]:
-    return [*VHSM, "serve", "blk", "--socket", str(socket), "--file", str(image)]
 
 
 def serve_rng_argv(socket: Path) -> list[str]:
@@ -94,23 +66,17 @@ def sock_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def vhsm_blk() -> None:
-    reason = serve_problem("blk")
-    if reason:
-        pytest.skip(reason)
+    require_serve("blk")
 
 
 @pytest.fixture
 def vhsm_net() -> None:
-    reason = serve_problem("net")
-    if reason:
-        pytest.skip(reason)
+    require_serve("net")
 
 
 @pytest.fixture
 def vhsm_rng() -> None:
-    reason = serve_problem("rng")
-    if reason:
-        pytest.skip(reason)
+    require_serve("rng")
 
 
 def assert_backend_clean(result: GuestResult, *backends: BackendProcess) -> None:
