@@ -94,6 +94,9 @@ def test_vhsm_rng_is_clean(sock_dir: Path) -> None:
     assert got["R2 ring size 3 (split)"] == "rejected-cleanly"
     assert got["M5 overlapping guest addresses"] == "rejected-cleanly"
     assert got["RESET_DEVICE and re-initialisation"] == "skipped"  # rng does not offer it
+    by_rule = {case.rule_id: case.outcome for case in report.cases}
+    for rule_id in ("VU-STATE-008", "VU-STATE-009", "VU-STATE-011", "VU-REQ-002"):
+        assert by_rule[rule_id] == "pass", rule_id
 
 
 def test_vhsm_blk_is_clean(sock_dir: Path, tmp_path: Path) -> None:

@@ -55,6 +55,16 @@ def test_reply_with_wrong_flags_is_found() -> None:
     assert "VU-FRAME-009" in audit(records)
 
 
+def test_front_end_not_waiting_for_a_reply_is_found() -> None:
+    """VU-REQ-003: GET_PROTOCOL_FEATURES sent before the GET_FEATURES reply came back."""
+    records = lines("qemu72-blk.jsonl")
+    ask = next(i for i, r in enumerate(records) if r.get("dir") == "F>B")
+    assert records[ask]["name"] == "GET_FEATURES" and records[ask + 1]["dir"] == "B>F"
+    nxt = next(i for i, r in enumerate(records) if i > ask + 1 and r.get("dir") == "F>B")
+    records.insert(ask + 1, records.pop(nxt))
+    assert "VU-REQ-003" in audit(records)
+
+
 def test_unsolicited_ack_is_found() -> None:
     records = lines("qemu72-blk.jsonl")
     at = next(

@@ -11,14 +11,13 @@ import pytest
 from devices_support import Bench, eventfd_count
 
 from vhsm.backend import (
-    DEFAULT_MAX_MEM_SLOTS,
     HOOK_NAMES,
     VhostUserBackend,
     VhostUserBackendMut,
     drain,
 )
 from vhsm.errors import BackendError
-from vhsm.wire import ProtocolFeature, VirtioFeature
+from vhsm.wire import DEFAULT_MAX_MEM_SLOTS, ProtocolFeature, VirtioFeature
 
 
 class Echo(VhostUserBackend):

@@ -34,6 +34,7 @@ from vhsm.wire import (
     VhostUserVringFd,
     VhostUserVringState,
     VirtioFeature,
+    encode,
     make_request,
 )
 
@@ -345,6 +346,19 @@ def test_unpollable_kick_fd_on_a_started_ring_keeps_the_old_kick(served, sock_pa
             )
         assert reply is not None and reply.payload.value == 1
         assert upper(fe, 0, b"still kicked") == b"STILL KICKED"
+
+
+def test_pipelined_requests_are_answered_in_arrival_order(served) -> None:
+    """VU-STATE-010: three requests in one write, three replies in the same order."""
+    _, _, path = served
+    with connect(path) as fe:
+        codes = [
+            FrontendReq.GET_FEATURES,
+            FrontendReq.GET_PROTOCOL_FEATURES,
+            FrontendReq.GET_FEATURES,
+        ]
+        fe.send_raw(b"".join(encode(make_request(code)) for code in codes))
+        assert [fe.recv(WAIT).request for _ in codes] == codes
 
 
 def test_protocol_violation_closes_and_the_next_front_end_is_served(served, caplog) -> None:

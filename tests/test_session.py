@@ -204,6 +204,7 @@ def test_enable_is_tracked_while_stopped(session: Session) -> None:
 
 
 def test_set_features_without_protocol_bit_enables_every_ring() -> None:
+    """VU-STATE-003: without VF 30 the back-end enables every ring at once."""
     session = Session(Device(features=V1))
     session.handle(req(R.SET_FEATURES, VhostUserU64(V1)))
     assert all(session.vring_state(i) is VringMachineState.STOPPED_ENABLED for i in (0, 1))
@@ -445,6 +446,43 @@ def test_n8_log_all_may_toggle_while_running() -> None:
     assert session.acked_features == V1 | VF30 | log_all and not session.findings
 
 
+def test_protocol_features_without_acking_vf30_is_warned() -> None:
+    """VU-NEG-011: QEMU < 7.2 used protocol features without acking VF 30."""
+    session = Session(Device())
+    session.handle(req(R.GET_FEATURES))
+    session.handle(req(R.SET_PROTOCOL_FEATURES, VhostUserU64(0)))
+    session.handle(req(R.SET_FEATURES, VhostUserU64(V1)))
+    assert [f.rule_id for f in session.findings] == ["VU-NEG-011"]
+    assert session.acked_features == V1
+
+
+def test_postcopy_with_mem_slots_is_refused(session: Session) -> None:
+    negotiate(session)
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(req(R.POSTCOPY_ADVISE))
+    assert info.value.rule_id == "VU-MEM-012"
+
+
+def test_postcopy_listen_after_regions_are_mapped_is_refused() -> None:
+    session = Session(Device(), observer=True)
+    negotiate(session, protocol=ALL_PROTOCOL & ~ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    region = VhostUserMemoryRegion(0, 4096, 0x7F00_0000_0000, 0)
+    session.handle(req(R.SET_MEM_TABLE, VhostUserMemory((region,)), fds=(efd(),)))
+    session.handle(req(R.POSTCOPY_LISTEN))
+    assert [f.rule_id for f in session.findings][-2:] == ["VU-MEM-013", "VU-REQ-001"]
+
+
+def test_set_inflight_fd_after_rings_started_is_refused(session: Session) -> None:
+    from vhsm.wire import VhostUserInflight
+
+    negotiate(session)
+    start_ring(session)
+    memfd = os.memfd_create("inflight")
+    with pytest.raises(ProtocolViolation) as info:
+        session.handle(req(R.SET_INFLIGHT_FD, VhostUserInflight(4096, 0, 2, 256), fds=(memfd,)))
+    assert info.value.rule_id == "VU-STATE-005"
+
+
 def test_n9_iotlb_without_access_platform(session: Session) -> None:
     negotiate(session)
     from vhsm.wire import VhostUserIotlb
@@ -586,7 +624,7 @@ def test_get_config_error_is_a_zero_length_reply(session: Session) -> None:
 
 
 def test_unsupported_request_policy(session: Session) -> None:
-    negotiate(session)
+    negotiate(session, protocol=ALL_PROTOCOL & ~ProtocolFeature.CONFIGURE_MEM_SLOTS)
     nack = session.handle(req(R.POSTCOPY_END, ack=True))
     assert nack is not None and nack.payload == VhostUserU64(1)
     assert session.findings[-1].rule_id == "VU-REQ-001"

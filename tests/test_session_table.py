@@ -138,7 +138,8 @@ def test_session_pair(state: SessionState, trigger: str) -> None:
         session.handle(msg)
     except ProtocolViolation as violation:
         # Allowed by the machine, refused by policy: unsupported or feature-gated requests.
-        expected = {"VU-REQ-001"} | ({"VU-NEG-009"} if state is SessionState.NEGOTIATING else set())
+        expected = {"VU-REQ-001", "VU-MEM-012"}  # postcopy is refused with memory slots
+        expected |= {"VU-NEG-009"} if state is SessionState.NEGOTIATING else set()
         assert violation.rule_id in expected, violation
         return
     assert session.state.name in dests

@@ -155,7 +155,7 @@ def test_bad_chains_are_consumed_and_queue_stays_usable(mem: GuestMemory) -> Non
     drv.add_chain([(BUF_GPA, 8)])
     with pytest.raises(VirtqError, match="INDIRECT without") as info:
         q.pop()
-    assert info.value.head is not None
+    assert info.value.head is not None and info.value.rule_id == "VU-RING-009"
     q.add_used(info.value.head, 0)
     chain = q.pop()
     assert chain is not None and chain.readable_len == 8

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vhsm.errors import BackendError, VirtqError
+from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS, ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.memory import GuestMemoryAtomic
@@ -28,11 +29,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Every protocol feature the vhsm runtime implements: a device offers a subset.
+IMPLEMENTED_PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+)
+
 #: EPOLLIN, as `handle_event` receives it for a kick.
 EPOLLIN = 0x001
-
-#: Default ADD_MEM_REG slot limit (the value libvhost-user and rust-vmm report).
-DEFAULT_MAX_MEM_SLOTS = 509
 
 
 class VhostUserBackend:

@@ -37,13 +37,12 @@ from vhsm.wire import (
     make_request,
     request_spec,
 )
+from vhsm.wire.enums import VRING_NOFD_MASK
 
 log = logging.getLogger(__name__)
 
 #: Seconds to wait for the front-end's ack before giving up on the channel.
 DEFAULT_TIMEOUT = 5.0
-#: Bit 8 of the vring-area u64: no fd attached.
-_NOFD = 0x100
 
 _control = threading.local()
 
@@ -144,7 +143,7 @@ class BackendChannel:
         if not 0 <= index <= 0xFF:
             raise BackendError(f"host notifier: ring index {index} out of 0..255")
         area = VhostUserVringArea(
-            index | (_NOFD if fd is None else 0),
+            index | (VRING_NOFD_MASK if fd is None else 0),
             os.sysconf("SC_PAGE_SIZE") if size is None else size,
             offset,
         )

@@ -492,6 +492,8 @@ class VhostUserDaemon:
             log.info("%s: front-end disconnected; session reset", self.name)
 
     def _message_loop(self, session: Session, reader: MessageReader, decoder: Decoder) -> None:
+        # One message at a time, its reply sent before the next is read: main-channel
+        # requests are answered strictly in arrival order (VU-STATE-010).
         msg = None
         try:
             while True:

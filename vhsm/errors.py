@@ -62,6 +62,9 @@ class GuestMemoryError(VhsmError, ValueError):
 class VirtqError(VhsmError, ValueError):
     """The guest wrote something invalid into a virtqueue (a bad descriptor chain...)."""
 
+    #: The rule the guest broke: rings and descriptor chains are valid.
+    rule_id = "VU-RING-009"
+
     def __init__(self, queue: int, detail: str, head: int | None = None) -> None:
         self.queue = queue
         self.head = head

@@ -22,6 +22,7 @@ import numpy as np
 
 from vhsm.errors import VirtqError, WireError
 from vhsm.memory import MmapMapping, map_fd
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 from vhsm.wire.payloads import VhostUserInflight
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INFLIGHT_VERSION = 1
-MAX_QUEUE_SIZE = 32768
-"""Largest virtqueue size virtio allows."""
 
 SPLIT_HEADER_SIZE = 16
 SPLIT_DESC_SIZE = 16

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from vhsm.errors import GuestMemoryError, WireError
 from vhsm.fdcheck import describe
+from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS
 
 if TYPE_CHECKING:
     from vhsm.wire.payloads import VhostUserMemoryRegion
@@ -47,8 +48,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SLOTS = 509
-"""Memory slots advertised by GET_MAX_MEM_SLOTS (the libvhost-user / rust-vmm value)."""
+DEFAULT_MAX_SLOTS = DEFAULT_MAX_MEM_SLOTS
+"""Memory slots advertised by GET_MAX_MEM_SLOTS (declared in specs/requests.yaml)."""
 
 _U64_END = 1 << 64
 

@@ -19,8 +19,9 @@ from vhsm.errors import VirtqError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike
+from vhsm.virtq.common import DirtyLogLike
 from vhsm.vring_state import VringState
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 
 __all__ = ["RwLock", "VringMutex", "VringRwLock", "VringState", "VringT"]
 

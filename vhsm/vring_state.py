@@ -41,17 +41,18 @@ from vhsm.inflight import InflightChain, InflightPacked
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import MAX_QUEUE_SIZE, DirtyLogLike, check_queue_size, length_list
+from vhsm.virtq.common import DirtyLogLike, check_queue_size, length_list
 from vhsm.virtq.packed import PackedQueue
 from vhsm.virtq.split import SplitQueue
+from vhsm.wire.enums import MAX_QUEUE_SIZE, VirtioFeature
 
 log = logging.getLogger(__name__)
 
-_NOTIFY_ON_EMPTY = 1 << 24
-_LOG_ALL = 1 << 26
-_INDIRECT_DESC = 1 << 28
-_EVENT_IDX = 1 << 29
-_RING_PACKED = 1 << 34
+_NOTIFY_ON_EMPTY = int(VirtioFeature.NOTIFY_ON_EMPTY)
+_LOG_ALL = int(VirtioFeature.LOG_ALL)
+_INDIRECT_DESC = int(VirtioFeature.RING_INDIRECT_DESC)
+_EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
+_RING_PACKED = int(VirtioFeature.RING_PACKED)
 
 Queue = SplitQueue | PackedQueue
 

@@ -48,7 +48,10 @@ from vhsm.wire import (
     VhostUserVringState,
     VirtioFeature,
 )
+from vhsm.wire.enums import ALL_PROTOCOL_FEATURES
 from vhsm.wire.framing import HEADER
+
+PF = ProtocolFeature
 
 
 class Scenarios(SuiteCore):
@@ -437,14 +440,19 @@ class BadInputs(SuiteCore):
         """SET_PROTOCOL_FEATURES with a bit the back-end never offered."""
         if not self.offered & VirtioFeature.PROTOCOL_FEATURES:
             raise Skip("VHOST_USER_F_PROTOCOL_FEATURES not offered")
-        known = (1 << 24) - 1
-        spare = [b for b in range(24) if not self.offered_protocol & (1 << b)]
-        spare = [b for b in spare if b not in (14, 20, 23)]  # bits with their own rules
+        own_rules = (
+            PF.INBAND_NOTIFICATIONS,
+            PF.GET_VRING_BASE_INFLIGHT,
+            PF.GET_VRING_BASE_SKIP_DRAIN,
+        )
+        spare = [f for f in PF if not self.offered_protocol & f and f not in own_rules]
         if not spare:
             raise Skip("every protocol feature bit is offered")
         fe = self._connect()
         fe.get_protocol_features()
-        value = (self.offered_protocol & known & ~(1 << 14)) | (1 << spare[0])
+        value = (self.offered_protocol & ALL_PROTOCOL_FEATURES & ~PF.INBAND_NOTIFICATIONS) | spare[
+            0
+        ]
         return self._bad(
             fe, FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(value), flags=HeaderFlags.VERSION_1
         )

@@ -25,9 +25,10 @@ from vhsm.audit.record import Relay
 from vhsm.audit.report import Report
 from vhsm.audit.trace import audit_trace
 from vhsm.audit.transcript import parse_lines
-from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.backend import EPOLLIN, IMPLEMENTED_PROTOCOL_FEATURES, VhostUserBackend, drain
 from vhsm.errors import BackendError
-from vhsm.wire import BlkFeature, NetFeature, ProtocolFeature, VirtioFeature
+from vhsm.wire import BlkFeature, NetFeature, VirtioFeature
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 
 if TYPE_CHECKING:
     from vhsm.daemon import VhostUserDaemon
@@ -56,7 +57,7 @@ class GenericBackend(VhostUserBackend):
 
     def max_queue_size(self) -> int:
         """The largest split ring."""
-        return 32768
+        return MAX_QUEUE_SIZE
 
     def features(self) -> int:
         """Ring features, LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES."""
@@ -70,17 +71,7 @@ class GenericBackend(VhostUserBackend):
 
     def protocol_features(self) -> int:
         """Every protocol feature the vhsm runtime implements."""
-        return int(
-            ProtocolFeature.MQ
-            | ProtocolFeature.LOG_SHMFD
-            | ProtocolFeature.REPLY_ACK
-            | ProtocolFeature.BACKEND_REQ
-            | ProtocolFeature.CONFIG
-            | ProtocolFeature.INFLIGHT_SHMFD
-            | ProtocolFeature.RESET_DEVICE
-            | ProtocolFeature.CONFIGURE_MEM_SLOTS
-            | ProtocolFeature.STATUS
-        )
+        return IMPLEMENTED_PROTOCOL_FEATURES
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Zeros (or what the front-end wrote)."""

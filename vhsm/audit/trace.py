@@ -21,6 +21,7 @@ from vhsm.wire import (
     VhostUserConfig,
     request_spec,
 )
+from vhsm.wire.enums import ALL_PROTOCOL_FEATURES, DEFAULT_MAX_MEM_SLOTS, MAX_QUEUE_SIZE
 
 _ALL_BITS = (1 << 64) - 1
 
@@ -58,11 +59,11 @@ class RecordedBackend(VhostUserBackend):
 
     def max_queue_size(self) -> int:
         """Any valid ring size is accepted: the recorded back-end decided."""
-        return 32768
+        return MAX_QUEUE_SIZE
 
     def max_mem_slots(self) -> int:
         """The recorded GET_MAX_MEM_SLOTS answer."""
-        return self._u64("GET_MAX_MEM_SLOTS", 509)
+        return self._u64("GET_MAX_MEM_SLOTS", DEFAULT_MAX_MEM_SLOTS)
 
     def features(self) -> int:
         """The recorded GET_FEATURES answer (every bit when none was recorded)."""
@@ -70,7 +71,7 @@ class RecordedBackend(VhostUserBackend):
 
     def protocol_features(self) -> int:
         """The recorded GET_PROTOCOL_FEATURES answer (every bit when none was recorded)."""
-        return self._u64("GET_PROTOCOL_FEATURES", (1 << 24) - 1)
+        return self._u64("GET_PROTOCOL_FEATURES", ALL_PROTOCOL_FEATURES)
 
     def get_config(self, offset: int, size: int) -> bytes:
         """The recorded config space bytes (zeros where none were recorded)."""
@@ -158,6 +159,18 @@ class TraceAuditor:
             required = spec.reply == "always" or (msg.need_reply and self.session.reply_ack)
         optional = msg.need_reply and not required
         closed = reply is None
+        if required and not paired and reply is not None and reply.direction == "F>B":
+            late = self._late_reply(msg.request, rest)
+            if spec.reply == "always" and late is not None:
+                self._add(
+                    reply,
+                    "VU-REQ-003",
+                    f"{msg.name} sent before the reply to the previous {msg.name} arrived",
+                    "front-end",
+                    state,
+                )
+                self._check_reply(entry, late, state)
+                return
         if required and not paired and not closed:
             self._add(
                 entry,
@@ -174,6 +187,15 @@ class TraceAuditor:
         if paired:
             assert reply is not None
             self._check_reply(entry, reply, state)
+
+    @staticmethod
+    def _late_reply(request: int, rest: Sequence[TraceEntry]) -> TraceEntry | None:
+        """The first main-channel reply to `request` further on, if any."""
+        for later in rest:
+            msg = later.message
+            if msg is not None and later.channel is Channel.MAIN and later.direction == "B>F":
+                return later if msg.is_reply and msg.request == request else None
+        return None
 
     def _check_reply(self, request: TraceEntry, reply: TraceEntry, state: str) -> None:
         assert request.message is not None and reply.message is not None

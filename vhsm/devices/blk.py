@@ -31,9 +31,9 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.backend import EPOLLIN, IMPLEMENTED_PROTOCOL_FEATURES, VhostUserBackend, drain
 from vhsm.errors import BackendError
-from vhsm.wire.enums import BlkFeature, ProtocolFeature, VirtioFeature
+from vhsm.wire.enums import BlkFeature, VirtioFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -127,18 +127,8 @@ class BlkBackend(VhostUserBackend):
         return int(bits)
 
     def protocol_features(self) -> int:
-        """What qemu-storage-daemon offers, plus inflight tracking, reset and status."""
-        return int(
-            ProtocolFeature.MQ
-            | ProtocolFeature.LOG_SHMFD
-            | ProtocolFeature.REPLY_ACK
-            | ProtocolFeature.BACKEND_REQ
-            | ProtocolFeature.CONFIG
-            | ProtocolFeature.INFLIGHT_SHMFD
-            | ProtocolFeature.RESET_DEVICE
-            | ProtocolFeature.CONFIGURE_MEM_SLOTS
-            | ProtocolFeature.STATUS
-        )
+        """Everything vhsm implements (qemu-storage-daemon's set plus inflight, reset, status)."""
+        return IMPLEMENTED_PROTOCOL_FEATURES
 
     def get_config(self, offset: int, size: int) -> bytes:
         """The virtio_blk_config bytes ``[offset, offset+size)``, zeros past its end."""

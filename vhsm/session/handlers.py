@@ -30,6 +30,7 @@ from vhsm.wire import (
     VirtioFeature,
     feature_names,
 )
+from vhsm.wire.enums import MAX_QUEUE_SIZE, VRING_NOFD_MASK
 
 if TYPE_CHECKING:
     from vhsm.backend import VhostUserBackend
@@ -38,9 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 P = TypeVar("P")
 
-MAX_QUEUE_SIZE = 32768
 _LOG_ONLY = int(VirtioFeature.LOG_ALL)
-_DEVICE_STATE_NO_FD = 0x100
 
 
 def _msg(event: EventData) -> Message:
@@ -82,6 +81,7 @@ class SessionHandlers:
     protocol_features_set: bool
     guard_detail: str | None
     owned: bool
+    mapped_regions: int
     status: int
     mtu: int | None
     rarp_mac: bytes | None
@@ -138,6 +138,12 @@ class SessionHandlers:
         if bits & (inflight | skip) and not bits & ProtocolFeature.INFLIGHT_SHMFD:
             return False
         return not (bits & skip and not bits & inflight)
+
+    def _guard_postcopy_without_mem_slots(self, event: EventData) -> bool:
+        return not self.acked_protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS
+
+    def _guard_no_region_mapped(self, event: EventData) -> bool:
+        return self.mapped_regions == 0
 
     def _guard_stops_last_started_ring(self, event: EventData) -> bool:
         index = self.ring_index(_msg(event))
@@ -199,6 +205,7 @@ class SessionHandlers:
             self.dataplane.set_mem_table(regions, self.take_fds(msg))
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-004") from err
+        self.mapped_regions = len(regions)
 
     def _do_add_region(self, event: EventData) -> None:
         msg = _msg(event)
@@ -208,6 +215,7 @@ class SessionHandlers:
             self.dataplane.add_mem_region(region, fd, self.backend.max_mem_slots())
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-004") from err
+        self.mapped_regions += 1
 
     def _do_remove_region(self, event: EventData) -> None:
         msg = _msg(event)
@@ -217,6 +225,7 @@ class SessionHandlers:
             self.dataplane.remove_mem_region(_payload(event, VhostUserSingleMemoryRegion).region)
         except GuestMemoryError as err:
             raise self.memory_violation(err, "VU-MEM-008") from err
+        self.mapped_regions = max(0, self.mapped_regions - 1)
 
     def _do_apply_log_base(self, event: EventData) -> None:
         msg = _msg(event)
@@ -329,10 +338,10 @@ class SessionHandlers:
             own = self.backend.set_device_state_fd(transfer.direction, transfer.phase, fd)
         except BackendError as err:
             log.warning("SET_DEVICE_STATE_FD refused by the device: %s", str(err))
-            self.reply_with(msg, VhostUserU64(_DEVICE_STATE_NO_FD | 1))
+            self.reply_with(msg, VhostUserU64(VRING_NOFD_MASK | 1))
             return
         if own is None:
-            self.reply_with(msg, VhostUserU64(_DEVICE_STATE_NO_FD))
+            self.reply_with(msg, VhostUserU64(VRING_NOFD_MASK))
         else:
             self.reply_with(msg, VhostUserU64(0), (own,))
 

@@ -86,6 +86,7 @@ class Session(SessionHandlers):
         self.acked_protocol_features = 0
         self.protocol_features_set = False
         self.owned = False
+        self.mapped_regions = 0
         self.status = 0
         self.mtu: int | None = None
         self.rarp_mac: bytes | None = None
@@ -278,7 +279,7 @@ class Session(SessionHandlers):
         return after_change
 
     def _check_gate(self, info: RequestSpec) -> None:
-        """Refuse a request whose gating feature was not negotiated (rules N2, N3, N9)."""
+        """Refuse a request whose gating feature was not negotiated (VU-NEG-002/003/009)."""
         if not info.gate:
             return
         ((kind, feature),) = info.gate.items()

@@ -10,6 +10,7 @@ from typing import Protocol, TypeGuard
 import numpy as np
 
 from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 
 # Descriptor flags (the same bits in split and packed descriptors).
 VIRTQ_DESC_F_NEXT = 0x1
@@ -26,7 +27,6 @@ RING_EVENT_FLAGS_ENABLE = 0x0
 RING_EVENT_FLAGS_DISABLE = 0x1
 RING_EVENT_FLAGS_DESC = 0x2
 
-MAX_QUEUE_SIZE = 32768
 DESC_SIZE = 16
 
 #: The ufunc reductions themselves: ``ndarray.max()`` and friends go through a Python

@@ -19,7 +19,6 @@ from vhsm.errors import GuestMemoryError, VirtqError
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import (
-    MAX_QUEUE_SIZE,
     PACKED_DESC_DTYPE,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -46,6 +45,7 @@ from vhsm.virtq.common import (
     written_over,
 )
 from vhsm.virtq.common import log_failure as _log_failure
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 
 _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE

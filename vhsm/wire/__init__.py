@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from vhsm.wire.catalogue import Check, RequestSpec, catalogue, request_spec
 from vhsm.wire.enums import (
+    DEFAULT_MAX_MEM_SLOTS,
+    MAX_MEM_REGIONS,
+    MAX_PAYLOAD,
+    MAX_QUEUE_SIZE,
+    VRING_NOFD_MASK,
     BackendReq,
     BlkFeature,
     Channel,
@@ -24,7 +29,6 @@ from vhsm.wire.enums import (
 from vhsm.wire.framing import (
     HEADER_SIZE,
     MAX_FDS,
-    MAX_PAYLOAD,
     Decoder,
     Message,
     decode_message,
@@ -63,10 +67,14 @@ from vhsm.wire.payloads import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_MEM_SLOTS",
     "HEADER_SIZE",
     "MAX_FDS",
+    "MAX_MEM_REGIONS",
     "MAX_PAYLOAD",
+    "MAX_QUEUE_SIZE",
     "PAYLOAD_CLASSES",
+    "VRING_NOFD_MASK",
     "BackendReq",
     "BlkFeature",
     "Channel",

@@ -1,13 +1,47 @@
-"""Request codes, header flags and feature bits of vhost-user.
+"""Request codes, header flags, limits and feature bits of vhost-user.
 
 Names follow the spec (``VHOST_USER_`` prefix dropped) and the virtio spec
-(``VIRTIO_*_F_`` prefix dropped); values are the wire values.
+(``VIRTIO_*_F_`` prefix dropped); values are the wire values. Request codes
+and the protocol's numeric limits are declared in ``specs/requests.yaml`` and
+only read here; feature bits and header flags are declared here, once, and
+every layer (runtime, auditor, front-end, diagrams) imports them.
 """
 
 from __future__ import annotations
 
 import enum
 from enum import IntEnum, IntFlag
+from typing import Final
+
+from vhsm.errors import VhsmError
+from vhsm.specs import load_spec
+
+
+def _codes(channel: str) -> dict[str, int]:
+    return {entry["name"]: int(entry["code"]) for entry in load_spec("requests")[channel]}
+
+
+_FRONTEND = _codes("frontend")
+_BACKEND = _codes("backend")
+_LIMITS: dict[str, int] = load_spec("requests")["limits"]
+
+#: Largest payload of one message; a larger size cannot be resynchronised (VU-FRAME-005).
+MAX_PAYLOAD: Final[int] = _LIMITS["max_payload"]
+#: Largest ring a front-end may configure (virtio's queue size limit, VU-RING-002).
+MAX_QUEUE_SIZE: Final[int] = _LIMITS["max_queue_size"]
+#: Regions one SET_MEM_TABLE may carry (VU-MEM-001).
+MAX_MEM_REGIONS: Final[int] = _LIMITS["max_mem_regions"]
+#: Memory slots vhsm offers in GET_MAX_MEM_SLOTS unless a device says otherwise.
+DEFAULT_MAX_MEM_SLOTS: Final[int] = _LIMITS["default_max_mem_slots"]
+#: Ring index bits of a ring-fd payload's u64.
+VRING_IDX_MASK: Final[int] = _LIMITS["vring_idx_mask"]
+#: "No fd follows" bit of a ring-fd payload's u64, also "no fd returned" in the
+#: SET_DEVICE_STATE_FD reply and the host-notifier area.
+VRING_NOFD_MASK: Final[int] = _LIMITS["nofd_bit"]
+#: The only flag of SET_VRING_ADDR: used-ring writes are logged.
+VRING_F_LOG: Final[int] = _LIMITS["vring_f_log"]
+#: Alignment of the ring parts a SET_VRING_ADDR names (VU-RING-003).
+VRING_ALIGN: Final[dict[str, int]] = dict(load_spec("requests")["vring_align"])
 
 
 class Channel(enum.Enum):
@@ -20,66 +54,70 @@ class Channel(enum.Enum):
 class FrontendReq(IntEnum):
     """Front-end -> back-end request codes on the main channel."""
 
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-    SET_DEVICE_STATE_FD = 42
-    CHECK_DEVICE_STATE = 43
-    GET_SHMEM_CONFIG = 44
-    GET_VRING_BASE_SKIP_DRAIN = 45
+    GET_FEATURES = _FRONTEND["GET_FEATURES"]
+    SET_FEATURES = _FRONTEND["SET_FEATURES"]
+    SET_OWNER = _FRONTEND["SET_OWNER"]
+    RESET_OWNER = _FRONTEND["RESET_OWNER"]
+    SET_MEM_TABLE = _FRONTEND["SET_MEM_TABLE"]
+    SET_LOG_BASE = _FRONTEND["SET_LOG_BASE"]
+    SET_LOG_FD = _FRONTEND["SET_LOG_FD"]
+    SET_VRING_NUM = _FRONTEND["SET_VRING_NUM"]
+    SET_VRING_ADDR = _FRONTEND["SET_VRING_ADDR"]
+    SET_VRING_BASE = _FRONTEND["SET_VRING_BASE"]
+    GET_VRING_BASE = _FRONTEND["GET_VRING_BASE"]
+    SET_VRING_KICK = _FRONTEND["SET_VRING_KICK"]
+    SET_VRING_CALL = _FRONTEND["SET_VRING_CALL"]
+    SET_VRING_ERR = _FRONTEND["SET_VRING_ERR"]
+    GET_PROTOCOL_FEATURES = _FRONTEND["GET_PROTOCOL_FEATURES"]
+    SET_PROTOCOL_FEATURES = _FRONTEND["SET_PROTOCOL_FEATURES"]
+    GET_QUEUE_NUM = _FRONTEND["GET_QUEUE_NUM"]
+    SET_VRING_ENABLE = _FRONTEND["SET_VRING_ENABLE"]
+    SEND_RARP = _FRONTEND["SEND_RARP"]
+    NET_SET_MTU = _FRONTEND["NET_SET_MTU"]
+    SET_BACKEND_REQ_FD = _FRONTEND["SET_BACKEND_REQ_FD"]
+    IOTLB_MSG = _FRONTEND["IOTLB_MSG"]
+    SET_VRING_ENDIAN = _FRONTEND["SET_VRING_ENDIAN"]
+    GET_CONFIG = _FRONTEND["GET_CONFIG"]
+    SET_CONFIG = _FRONTEND["SET_CONFIG"]
+    CREATE_CRYPTO_SESSION = _FRONTEND["CREATE_CRYPTO_SESSION"]
+    CLOSE_CRYPTO_SESSION = _FRONTEND["CLOSE_CRYPTO_SESSION"]
+    POSTCOPY_ADVISE = _FRONTEND["POSTCOPY_ADVISE"]
+    POSTCOPY_LISTEN = _FRONTEND["POSTCOPY_LISTEN"]
+    POSTCOPY_END = _FRONTEND["POSTCOPY_END"]
+    GET_INFLIGHT_FD = _FRONTEND["GET_INFLIGHT_FD"]
+    SET_INFLIGHT_FD = _FRONTEND["SET_INFLIGHT_FD"]
+    GPU_SET_SOCKET = _FRONTEND["GPU_SET_SOCKET"]
+    RESET_DEVICE = _FRONTEND["RESET_DEVICE"]
+    VRING_KICK = _FRONTEND["VRING_KICK"]
+    GET_MAX_MEM_SLOTS = _FRONTEND["GET_MAX_MEM_SLOTS"]
+    ADD_MEM_REG = _FRONTEND["ADD_MEM_REG"]
+    REM_MEM_REG = _FRONTEND["REM_MEM_REG"]
+    SET_STATUS = _FRONTEND["SET_STATUS"]
+    GET_STATUS = _FRONTEND["GET_STATUS"]
+    GET_SHARED_OBJECT = _FRONTEND["GET_SHARED_OBJECT"]
+    SET_DEVICE_STATE_FD = _FRONTEND["SET_DEVICE_STATE_FD"]
+    CHECK_DEVICE_STATE = _FRONTEND["CHECK_DEVICE_STATE"]
+    GET_SHMEM_CONFIG = _FRONTEND["GET_SHMEM_CONFIG"]
+    GET_VRING_BASE_SKIP_DRAIN = _FRONTEND["GET_VRING_BASE_SKIP_DRAIN"]
 
 
 class BackendReq(IntEnum):
     """Back-end -> front-end request codes on the back-end request channel."""
 
-    BACKEND_IOTLB_MSG = 1
-    BACKEND_CONFIG_CHANGE_MSG = 2
-    BACKEND_VRING_HOST_NOTIFIER_MSG = 3
-    BACKEND_VRING_CALL = 4
-    BACKEND_VRING_ERR = 5
-    BACKEND_SHARED_OBJECT_ADD = 6
-    BACKEND_SHARED_OBJECT_REMOVE = 7
-    BACKEND_SHARED_OBJECT_LOOKUP = 8
-    BACKEND_SHMEM_MAP = 9
-    BACKEND_SHMEM_UNMAP = 10
+    BACKEND_IOTLB_MSG = _BACKEND["BACKEND_IOTLB_MSG"]
+    BACKEND_CONFIG_CHANGE_MSG = _BACKEND["BACKEND_CONFIG_CHANGE_MSG"]
+    BACKEND_VRING_HOST_NOTIFIER_MSG = _BACKEND["BACKEND_VRING_HOST_NOTIFIER_MSG"]
+    BACKEND_VRING_CALL = _BACKEND["BACKEND_VRING_CALL"]
+    BACKEND_VRING_ERR = _BACKEND["BACKEND_VRING_ERR"]
+    BACKEND_SHARED_OBJECT_ADD = _BACKEND["BACKEND_SHARED_OBJECT_ADD"]
+    BACKEND_SHARED_OBJECT_REMOVE = _BACKEND["BACKEND_SHARED_OBJECT_REMOVE"]
+    BACKEND_SHARED_OBJECT_LOOKUP = _BACKEND["BACKEND_SHARED_OBJECT_LOOKUP"]
+    BACKEND_SHMEM_MAP = _BACKEND["BACKEND_SHMEM_MAP"]
+    BACKEND_SHMEM_UNMAP = _BACKEND["BACKEND_SHMEM_UNMAP"]
+
+
+if set(FrontendReq.__members__) != set(_FRONTEND) or set(BackendReq.__members__) != set(_BACKEND):
+    raise VhsmError("specs/requests.yaml and vhsm.wire.enums name different requests")
 
 
 class HeaderFlags(IntFlag):
@@ -92,10 +130,6 @@ class HeaderFlags(IntFlag):
 
 VERSION_MASK = 0x3
 RESERVED_FLAGS_MASK = 0xFFFF_FFF0
-
-VRING_IDX_MASK = 0xFF
-VRING_NOFD_MASK = 0x100
-VRING_F_LOG = 0x1
 
 
 class ProtocolFeature(IntFlag):
@@ -125,6 +159,10 @@ class ProtocolFeature(IntFlag):
     GPA_ADDRESSES = 1 << 21
     SHMEM = 1 << 22
     GET_VRING_BASE_SKIP_DRAIN = 1 << 23
+
+
+#: Every protocol feature bit this version of the protocol defines.
+ALL_PROTOCOL_FEATURES: Final[int] = sum(int(feature) for feature in ProtocolFeature)
 
 
 class VirtioFeature(IntFlag):

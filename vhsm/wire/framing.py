@@ -18,8 +18,10 @@ import attrs
 from vhsm.errors import FramingError, WireError
 from vhsm.wire.catalogue import RequestSpec, request_spec
 from vhsm.wire.enums import (
+    MAX_PAYLOAD,
     RESERVED_FLAGS_MASK,
     VERSION_MASK,
+    VRING_IDX_MASK,
     VRING_NOFD_MASK,
     BackendReq,
     Channel,
@@ -41,7 +43,6 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "MAX_FDS",
-    "MAX_PAYLOAD",
     "Channel",
     "Decoder",
     "Message",
@@ -53,7 +54,6 @@ __all__ = [
 
 HEADER: Final = struct.Struct("<III")
 HEADER_SIZE: Final = 12
-MAX_PAYLOAD: Final = 4096
 MAX_FDS: Final = 8
 REPLY_FLAGS: Final = HeaderFlags.VERSION_1 | HeaderFlags.REPLY
 
@@ -154,7 +154,7 @@ def _expected_fds(spec: RequestSpec, payload: Payload | None, is_reply: bool, al
         return "0"  # GET_INFLIGHT_FD reply without a buffer
     if is_reply and spec.code == FrontendReq.SET_DEVICE_STATE_FD and spec.channel is Channel.MAIN:
         value = payload.value if isinstance(payload, VhostUserU64) else 0
-        return "0" if value & (VRING_NOFD_MASK | 0xFF) else "1"
+        return "0" if value & (VRING_NOFD_MASK | VRING_IDX_MASK) else "1"
     return rule
 
 

@@ -18,7 +18,13 @@ from uuid import UUID
 import attrs
 
 from vhsm.errors import WireError
-from vhsm.wire.enums import VRING_F_LOG, VRING_IDX_MASK, VRING_NOFD_MASK
+from vhsm.wire.enums import (
+    MAX_MEM_REGIONS,
+    VRING_ALIGN,
+    VRING_F_LOG,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+)
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI host
     raise ImportError("vhsm.wire supports little-endian hosts only (the protocol uses host order)")
@@ -26,7 +32,7 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian CI host
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 U64_LIMIT = 1 << 64
-MAX_REGIONS = 8
+MAX_REGIONS = MAX_MEM_REGIONS
 MAX_CONFIG_SIZE = 256
 SHMEM_REGIONS = 256
 
@@ -90,11 +96,7 @@ class VhostUserVringAddr:
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
     SIZE: ClassVar[int] = 40
-    ALIGN: ClassVar[tuple[tuple[str, int], ...]] = (
-        ("desc_user_addr", 16),
-        ("used_user_addr", 4),
-        ("avail_user_addr", 2),
-    )
+    ALIGN: ClassVar[tuple[tuple[str, int], ...]] = tuple(VRING_ALIGN.items())
 
     index: int
     flags: int
