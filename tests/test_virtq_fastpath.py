@@ -293,3 +293,17 @@ def test_packed_burst_loses_its_trust_after_a_single_completion(mem: GuestMemory
         q.add_used_batch(b.heads, 0)
     q.add_used_batch(b.heads[[0, 2]], 0)
     assert len(drv.get_used_batch()[0]) == 3
+
+
+def test_a_region_ending_at_the_top_of_the_address_space_is_addressable() -> None:
+    from types import SimpleNamespace
+
+    from vhsm.virtq.common import AddressSpace
+
+    top = 1 << 64
+    region = SimpleNamespace(
+        guest_phys_addr=top - 4096, memory_size=4096, view=memoryview(bytearray(4096))
+    )
+    space = AddressSpace(SimpleNamespace(regions=[region]))  # type: ignore[arg-type]
+    (piece,) = space.pieces(0, 0, top - 16, 16)
+    assert len(piece) == 16

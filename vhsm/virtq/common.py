@@ -121,7 +121,12 @@ class AddressSpace:
         self.primary: tuple[int, int, memoryview] = (
             max(regs, key=lambda t: t[1] - t[0]) if regs else (1, 0, memoryview(bytearray()))
         )
-        self.bounds = np.array([(s, e) for s, e, _ in regs], dtype=np.uint64).reshape(-1, 2)
+        # A region may end at 2**64 exactly; uint64 holds at most 2**64 - 1 (the burst fast
+        # path then misses the last byte and the exact slow path answers).
+        top = (1 << 64) - 1
+        self.bounds = np.array([(s, min(e, top)) for s, e, _ in regs], dtype=np.uint64).reshape(
+            -1, 2
+        )
         self.views: tuple[memoryview, ...] = tuple(v for _, _, v in regs)
 
     def pieces(self, queue: int, head: int, addr: int, length: int) -> list[memoryview]:
