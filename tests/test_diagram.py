@@ -17,7 +17,7 @@ from vhsm.audit.transcript import load_transcript
 from vhsm.cli import main
 from vhsm.diagram_trace import trace_sequence
 from vhsm.errors import VhsmError
-from vhsm.session.machines import load_machine_spec
+from vhsm.session.machines import composition, load_machine_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DIAGRAMS = ROOT / "diagrams"
@@ -85,7 +85,10 @@ def test_diagrams_directory_holds_only_generated_files() -> None:
 # --- what the state diagrams say ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("machine", diagram.MACHINES)
+MACHINES = [m for m in diagram.MACHINES if m != "session"]
+
+
+@pytest.mark.parametrize("machine", MACHINES)
 @pytest.mark.parametrize("engine", diagram.ENGINES)
 def test_every_declared_transition_is_drawn(machine: str, engine: str) -> None:
     spec = load_machine_spec(machine)
@@ -104,46 +107,63 @@ def test_every_declared_transition_is_drawn(machine: str, engine: str) -> None:
         assert diagram.state_label(spec, state) in text
 
 
+@pytest.mark.parametrize("engine", diagram.ENGINES)
+def test_overview_has_one_region_per_machine_and_the_set_up_order(engine: str) -> None:
+    text = diagram.machine_source("session", engine)
+    for spec in composition().specs:
+        assert f"{spec.name}" in text and f"§{spec.section}" in text
+        for state in spec.states:
+            assert f"{spec.name}_{state.name}" in text or f"{spec.name}.{state.name}" in text
+    for step in composition().setup:
+        assert step in text
+    assert "NEGOTIATING" in text and "RUNNING" in text
+
+
+def test_overview_mermaid_uses_concurrent_regions() -> None:
+    text = diagram.machine_source("session", "mermaid")
+    assert text.count("\n    --\n") == len(composition().machines) - 1
+    assert "features_UNSET --> features_ACKED : SET_FEATURES" in text
+    assert "vring_STOPPED_DISABLED --> vring_STARTED_DISABLED : SET_VRING_KICK | VRING_KICK" in text
+    # requests that leave a machine where it is stay in that machine's own diagram
+    assert "GET_FEATURES" not in text.split("note right of session")[0]
+
+
 def test_state_titles_carry_spec_sections() -> None:
-    session = diagram.machine_source("session", "mermaid")
-    assert 'state "RUNNING §7.4" as RUNNING' in session
-    assert 'state "NEGOTIATING §7.2" as NEGOTIATING' in session
+    features = diagram.machine_source("features", "mermaid")
+    assert 'state "ACKED §7.2" as ACKED' in features
     vring = diagram.machine_source("vring", "graphviz")
     assert 'STARTED_ENABLED [label="STARTED_ENABLED §7.4' in vring
 
 
 def test_edges_name_request_and_condition() -> None:
-    session = diagram.machine_source("session", "mermaid")
-    assert "NEGOTIATING --> SUSPENDED: SET_FEATURES [features_offered]" in session
-    assert "SUSPENDED --> RUNNING: SET_VRING_KICK | VRING_KICK" in session
-    assert "RUNNING --> SUSPENDED: GET_VRING_BASE [stops_last_started_ring]" in session
-    assert "[*] --> NEGOTIATING" in session
+    features = diagram.machine_source("features", "mermaid")
+    assert "UNSET --> ACKED: SET_FEATURES [acks_offered_bits" in features
+    assert "[*] --> UNSET" in features
     vring = diagram.machine_source("vring", "graphviz")
     assert (
-        'STOPPED_DISABLED -> STOPPED_ENABLED [label="SET_VRING_ENABLE [enable_requested]'
-        '\\nSET_FEATURES [lacks_protocol_features]"]'
+        'STOPPED_DISABLED -> STOPPED_ENABLED [label="SET_VRING_ENABLE [enable_requested & '
+        'features_acked_first]\\nSET_FEATURES [lacks_protocol_features]"]'
     ) in vring
     assert "__initial__ -> STOPPED_DISABLED" in vring
 
 
 def test_internal_transitions_are_listed_inside_states_not_drawn_as_loops() -> None:
-    session = diagram.machine_source("session", "mermaid")
-    assert "[internal]" not in session
+    features = diagram.machine_source("features", "mermaid")
+    assert "[internal]" not in features
     # GET_FEATURES is internal everywhere: no edge carries it, every state lists it.
-    edges = [line for line in session.splitlines() if "-->" in line]
+    edges = [line for line in features.splitlines() if "-->" in line]
     assert not any("GET_FEATURES" in edge for edge in edges)
-    for state in ("NEGOTIATING", "SUSPENDED", "RUNNING"):
+    for state in ("UNSET", "ACKED"):
         described = " ".join(
             line.split(":", 1)[1]
-            for line in session.splitlines()
+            for line in features.splitlines()
             if line.strip().startswith(f"{state} :")
         )
         assert "GET_FEATURES" in described
     # Selectors are shown inside states; rule checks are left to the edges and rules.
-    inside = diagram.internal_requests(load_machine_spec("session"))
-    assert "GET_VRING_BASE [stops_other_ring]" in inside["RUNNING"]
-    assert "SET_OWNER" in inside["NEGOTIATING"]
-    assert "SET_VRING_NUM" not in inside["NEGOTIATING"]
+    inside = diagram.internal_requests(load_machine_spec("features"))
+    assert "SET_FEATURES [rings_running]" in inside["ACKED"]
+    assert "SET_FEATURES" not in " ".join(inside["UNSET"])
 
 
 @pytest.mark.parametrize("engine", diagram.ENGINES)
@@ -204,8 +224,9 @@ def test_missing_dot_says_how_to_install(
     ("argv", "message"),
     [
         (["--format", "jpeg"], "unknown format 'jpeg' (choose mermaid, dot, svg, png, all)"),
-        (["--machine", "ring"], "unknown machine 'ring' (choose session, vring, all)"),
-        (["--format", "all"], "--format all writes several files: give --out DIR"),
+        (["--machine", "ring"], "unknown machine 'ring' (choose session, ownership,"),
+        (["--format", "all"], "several diagrams make several files: give --out DIR"),
+        (["--machine", "all"], "several diagrams make several files: give --out DIR"),
         (["--trace", "x.jsonl", "--format", "dot"], "--trace draws a mermaid sequence diagram"),
         (["--trace", "x.jsonl", "--machine", "vring"], "--machine does not apply to --trace"),
         (["--trace", "/nonexistent/x.jsonl"], "cannot read transcript /nonexistent/x.jsonl"),
@@ -222,10 +243,11 @@ def test_cli_errors_are_one_line_exit_2(
     assert captured.out == ""
 
 
-def test_cli_prints_mermaid_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_one_mermaid_document_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diagram"]) == 0
     out = capsys.readouterr().out
-    assert out == _committed("session.mmd") + "\n" + _committed("vring.mmd")
+    assert out == _committed("session.mmd")  # the overview alone: one valid document
+    assert out.count("stateDiagram-v2") == 1
     assert main(["diagram", "--machine", "vring", "--format", "dot"]) == 0
     assert capsys.readouterr().out == _committed("vring.dot")
 
@@ -234,16 +256,13 @@ def test_cli_prints_mermaid_to_stdout(capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_format_all_regenerates_the_committed_files(tmp_path: Path) -> None:
     assert main(["diagram", "--format", "all", "--out", str(tmp_path)]) == 0
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == [
-        "session.dot",
-        "session.mmd",
-        "session.svg",
-        "vring.dot",
-        "vring.mmd",
-        "vring.svg",
-    ]
-    for name in ("session.mmd", "session.dot", "vring.mmd", "vring.dot"):
-        assert (tmp_path / name).read_text(encoding="utf-8") == _committed(name)
+    assert written == sorted(
+        f"{m}.{ext}" for m in diagram.MACHINES for ext in ("dot", "mmd", "svg")
+    )
+    for machine in diagram.MACHINES:
+        for ext in ("mmd", "dot"):
+            name = f"{machine}.{ext}"
+            assert (tmp_path / name).read_text(encoding="utf-8") == _committed(name)
     for machine in diagram.MACHINES:
         svg = (tmp_path / f"{machine}.svg").read_text(encoding="utf-8")
         assert diagram.svg_source_digest(svg) == diagram.svg_source_digest(
@@ -270,15 +289,23 @@ def test_qemu_blk_sequence_shows_messages_and_state_changes() -> None:
     assert lines[3] == "sequenceDiagram"
     assert "  Note over B: session NEGOTIATING, 1 ring STOPPED_DISABLED" in lines
     assert "  F->>B: GET_FEATURES" in lines
-    assert "  B-->>F: GET_FEATURES 0x175007e46" in lines
+    assert (
+        "  B-->>F: GET_FEATURES bit1 | bit2 | bit6 | bit9 | bit10 | bit11 | bit12 | bit13 | "
+        "bit14 | NOTIFY_ON_EMPTY | LOG_ALL | RING_INDIRECT_DESC | RING_EVENT_IDX | "
+        "PROTOCOL_FEATURES | VERSION_1" in lines
+    )
     assert "  F->>B: SET_BACKEND_REQ_FD +1 fd (need reply)" in lines
     kick = lines.index("  F->>B: SET_VRING_KICK ring 0 +1 fd")
     assert lines[kick + 1] == (
         "  Note over B: ring 0: STOPPED_DISABLED → STARTED_DISABLED<br/>"
         "session: SUSPENDED → RUNNING"
     )
-    features = lines.index("  F->>B: SET_FEATURES 0x140000046")
-    assert lines[features + 1] == "  Note over B: session: NEGOTIATING → SUSPENDED"
+    features = lines.index(
+        "  F->>B: SET_FEATURES bit1 | bit2 | bit6 | PROTOCOL_FEATURES | VERSION_1"
+    )
+    assert lines[features + 1] == (
+        "  Note over B: features: UNSET → ACKED<br/>session: NEGOTIATING → SUSPENDED"
+    )
     stop = lines.index("  B-->>F: GET_VRING_BASE ring 0 num 132")
     assert lines[stop - 1] == (
         "  Note over B: ring 0: STARTED_DISABLED → STOPPED_DISABLED<br/>"
@@ -352,7 +379,9 @@ def test_violations_become_notes_with_rule_ids(tmp_path: Path) -> None:
     text = _trace_text(trace).splitlines()
     assert "  Note over F,B: connection 7 opened" in text
     num = text.index("  F->>B: SET_VRING_NUM ring 0 num 128")
-    assert text[num + 1].startswith("  Note over B: VU-STATE-002: SET_VRING_NUM not allowed")
+    assert text[num + 1].startswith(
+        "  Note over B: VU-STATE-002: expected: SET_FEATURES came first"
+    )
     enable = text.index("  F->>B: SET_VRING_ENABLE (malformed, VU-RING-006)")
     assert text[enable + 1].startswith("  Note over B: VU-RING-006: ")
     assert all(";" not in line for line in text)
@@ -383,3 +412,13 @@ def test_design_page_embeds_the_current_diagrams() -> None:
         assert embedded == _committed(f"{machine}.mmd"), (
             f"docs/design.md embeds a stale diagrams/{machine}.mmd: paste the file's contents"
         )
+
+
+def test_cli_png_refuses_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert main(["diagram", "--machine", "vring", "--format", "png"]) == 2
+    captured = capsys.readouterr()
+    assert "png is binary: give --out DIR or redirect the output to a file" in captured.err
+    assert captured.out == ""

@@ -1,7 +1,9 @@
-"""Walk every (state, trigger) pair of both machines declared in specs/.
+"""Walk every (phase, trigger) pair of the session and every (state, trigger) pair of a ring.
 
-Allowed pairs must land on a destination the YAML declares; every other pair
-must raise `ProtocolViolation` with the rule the YAML names for it.
+The session fires a request on every machine that declares it: when each of them
+allows it from its current state, every machine must land on a destination its
+YAML declares; otherwise `ProtocolViolation` carries the rule the refusing
+machine's YAML names for it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from test_session import (
 
 from vhsm.errors import ProtocolViolation
 from vhsm.session import Session, SessionState, VringMachineState
-from vhsm.session.machines import MachineSpec, load_machine_spec
+from vhsm.session.machines import MachineSpec, composition, load_machine_spec
 from vhsm.wire import (
     FrontendReq,
     Message,
@@ -47,8 +49,9 @@ from vhsm.wire import (
 R = FrontendReq
 ACCESS_PLATFORM = int(VirtioFeature.ACCESS_PLATFORM)
 FEATURES = V1 | VF30 | EVENT_IDX | ACCESS_PLATFORM
-SESSION = load_machine_spec("session")
+COMPOSITION = composition()
 VRING = load_machine_spec("vring")
+TRIGGERS = tuple(dict.fromkeys(t for spec in COMPOSITION.specs for t in spec.triggers))
 REGION = VhostUserMemoryRegion(0, 0x10000, 0x7F0000000000, 0)
 
 
@@ -118,7 +121,18 @@ def session_in(state: SessionState) -> Session:
     return session
 
 
-SESSION_PAIRS = [(s, t) for s in SessionState for t in SESSION.triggers]
+SESSION_PAIRS = [(s, t) for s in SessionState for t in TRIGGERS]
+#: Rules a declared transition may still break on this test's payloads: policy refusals,
+#: gates, and the guards of the declaring machines.
+POLICY = {"VU-REQ-001", "VU-MEM-012", "VU-NEG-009", "VU-MEM-008"}
+
+
+def machine_states(session: Session) -> dict[str, str]:
+    """Each machine's current state (ring 0 stands for the ring machine)."""
+    return {
+        name: (session.vring_state(0) if name == "vring" else session.machine_state(name)).name
+        for name in COMPOSITION.machines
+    }
 
 
 @pytest.mark.parametrize(
@@ -126,23 +140,41 @@ SESSION_PAIRS = [(s, t) for s in SessionState for t in SESSION.triggers]
 )
 def test_session_pair(state: SessionState, trigger: str) -> None:
     session = session_in(state)
-    dests = allowed_destinations(SESSION, state.name, trigger)
+    before = machine_states(session)
+    allowed = {
+        name: allowed_destinations(load_machine_spec(name), before[name], trigger)
+        for name in COMPOSITION.declaring(trigger)
+    }
     msg = message(trigger)
-    if dests is None:
+    refusing = [name for name, dests in allowed.items() if dests is None]
+    if refusing:
         with pytest.raises(ProtocolViolation) as info:
             session.handle(msg)
-        assert info.value.rule_id == SESSION.invalid_state_rules.get(trigger, "VU-STATE-001")
-        assert session.state is state
+        rules = {
+            load_machine_spec(n).invalid_state_rules.get(trigger, "VU-STATE-001") for n in refusing
+        }
+        assert info.value.rule_id in rules | POLICY | guard_rules(trigger)
         return
     try:
         session.handle(msg)
     except ProtocolViolation as violation:
-        # Allowed by the machine, refused by policy: unsupported or feature-gated requests.
-        expected = {"VU-REQ-001", "VU-MEM-012"}  # postcopy is refused with memory slots
-        expected |= {"VU-NEG-009"} if state is SessionState.NEGOTIATING else set()
-        assert violation.rule_id in expected, violation
+        assert violation.rule_id in POLICY | guard_rules(trigger), violation
         return
-    assert session.state.name in dests
+    after = machine_states(session)
+    for name, dests in allowed.items():
+        assert dests is not None and after[name] in dests, name
+
+
+def guard_rules(trigger: str) -> set[str]:
+    """Every rule a condition of a transition of `trigger` names, in any machine."""
+    return {
+        spec.conditions[c]["rule"]
+        for spec in COMPOSITION.specs
+        for t in spec.transitions
+        if t["trigger"] == trigger
+        for c in t.get("conditions", [])
+        if "rule" in spec.conditions[c]
+    }
 
 
 # --- vring machine -----------------------------------------------------------------------
@@ -202,11 +234,78 @@ def test_vring_pair(state: VringMachineState, trigger: str, kw: dict[str, int]) 
     assert session.vring_state(0).name == expected
 
 
-def test_every_transition_row_is_exercised() -> None:
-    """Each declared (source, trigger) appears among the walked pairs."""
-    walked_session = {(s.name, t) for s, t in SESSION_PAIRS}
+#: How to bring one machine into each of its states (after protocol features are set).
+RECIPES: dict[str, dict[str, list[str]]] = {
+    "ownership": {"UNOWNED": [], "OWNED": ["set_owner"]},
+    "protocol_features": {
+        "NOT_OFFERED": [],
+        "OFFERED": ["get_protocol_features"],
+        "SET": ["get_protocol_features", "set_protocol_features"],
+    },
+    "features": {"UNSET": [], "ACKED": ["set_features"]},
+    "memory": {
+        "NO_TABLE": [],
+        "MAPPED": ["set_mem_table"],
+        "LOGGING": ["set_mem_table", "set_log_base"],
+    },
+    "backend_channel": {"ABSENT": [], "CONNECTED": ["set_backend_req_fd"]},
+    "inflight": {
+        "NONE": [],
+        "ALLOCATED": ["get_inflight_fd"],
+        "ADOPTED": ["set_inflight_fd"],
+    },
+    "status": {"RESET": [], "ACTIVE": ["set_status"]},
+    "device_state": {"IDLE": [], "TRANSFERRING": ["set_device_state_fd"]},
+    "device": {"SERVING": []},
+}
+MACHINE_CASES = [
+    (name, state, trigger)
+    for name, states in RECIPES.items()
+    for state in states
+    for trigger in load_machine_spec(name).triggers
+]
+
+
+def machine_in(name: str, state: str) -> Session:
+    session = Session(Device(features=FEATURES))
+    if name != "protocol_features":
+        session.handle(req(R.SET_PROTOCOL_FEATURES, VhostUserU64(ALL_PROTOCOL)))
+    for trigger in RECIPES[name][state]:
+        session.handle(message(trigger))
+    assert session.machine_state(name).name == state
+    return session
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "trigger"), MACHINE_CASES, ids=[f"{n}-{s}-{t}" for n, s, t in MACHINE_CASES]
+)
+def test_machine_pair(name: str, state: str, trigger: str) -> None:
+    session = machine_in(name, state)
+    spec = load_machine_spec(name)
+    dests = allowed_destinations(spec, state, trigger)
+    try:
+        session.handle(message(trigger))
+    except ProtocolViolation as violation:
+        refused = spec.invalid_state_rules.get(trigger, "VU-STATE-001")
+        expected = POLICY | guard_rules(trigger) | ({refused} if dests is None else set())
+        assert violation.rule_id in expected, violation
+        assert session.machine_state(name).name == state
+        return
+    assert dests is not None and session.machine_state(name).name in dests
+
+
+def test_every_declared_state_and_row_is_exercised() -> None:
+    """Each machine's every state has a recipe, each declared (source, trigger) is walked."""
     walked_vring = {(s.name, t) for s, t, _ in VRING_CASES}
-    for spec, walked in ((SESSION, walked_session), (VRING, walked_vring)):
+    for t in VRING.transitions:
+        for source in VRING.sources(t):
+            assert (source.name, t["trigger"]) in walked_vring
+    walked = {(n, s, t) for n, s, t in MACHINE_CASES}
+    for name in COMPOSITION.machines:
+        if name == COMPOSITION.ring_machine:
+            continue
+        spec = load_machine_spec(name)
+        assert set(RECIPES[name]) == {state.name for state in spec.states}, name
         for t in spec.transitions:
             for source in spec.sources(t):
-                assert (source.name, t["trigger"]) in walked
+                assert (name, source.name, t["trigger"]) in walked

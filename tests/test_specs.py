@@ -11,7 +11,7 @@ import pytest
 
 from vhsm.errors import VhsmError
 from vhsm.session import all_rules
-from vhsm.session.machines import load_machine_spec
+from vhsm.session.machines import composition
 from vhsm.specs import load_spec, specs_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +22,9 @@ def test_checkout_specs_are_found() -> None:
     assert {p.stem for p in specs_dir().glob("*.yaml")} == {
         "requests",
         "session",
-        "vring",
         "rules",
         "upstream",
+        *composition().machines,
     }
 
 
@@ -35,10 +35,9 @@ def test_unknown_spec_is_a_clear_error() -> None:
 
 def test_every_rule_a_machine_names_exists() -> None:
     rules = all_rules()
-    for machine in ("session", "vring"):
-        spec = load_machine_spec(machine)
+    for spec in composition().specs:
         named = [c["rule"] for c in spec.conditions.values() if "rule" in c]
-        named += list(spec.invalid_state_rules.values()) + list(spec.selector_rules.values())
+        named += list(spec.invalid_state_rules.values())
         assert set(named) <= set(rules), set(named) - set(rules)
     for entry in load_spec("requests")["frontend"]:
         for check in entry.get("checks", []):

@@ -1,8 +1,9 @@
 """Diagrams of the protocol machines and of recorded sessions.
 
 State diagrams are drawn by `transitions.extensions.GraphMachine` over the
-same YAML declaration the runtime uses (``specs/session.yaml``,
-``specs/vring.yaml``): edges are labelled with the request name and its
+same YAML declaration the runtime uses (one ``specs/<machine>.yaml`` per
+concern, ``specs/vring.yaml`` for a ring), plus an overview of the whole
+session (`vhsm.diagram_overview`): edges are labelled with the request name and its
 named conditions, states carry their spec section, and the many internal
 transitions (dest null) are listed inside their state instead of drawn as
 self-loops. Output is deterministic: no active-state styling, declaration
@@ -24,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from transitions.extensions import GraphMachine, diagrams_mermaid
 
+from vhsm.diagram_overview import overview_dot, overview_mermaid
 from vhsm.errors import VhsmError
-from vhsm.session.machines import MachineSpec, load_machine_spec, transition_table
+from vhsm.session.machines import MachineSpec, composition, load_machine_spec, transition_table
 
-#: Machines that can be drawn, in output order.
-MACHINES: tuple[str, ...] = ("session", "vring")
+#: Machines that can be drawn, in output order: "session" is the overview of the composition.
+MACHINES: tuple[str, ...] = ("session", *composition().machines)
 
 #: Output formats and the file suffix each one is written with.
 SUFFIXES: dict[str, str] = {"mermaid": "mmd", "dot": "dot", "svg": "svg", "png": "png"}
@@ -257,6 +259,10 @@ class DiagramMachine(GraphMachine):
 def machine_source(name: str, engine: str) -> str:
     """Mermaid (`engine` "mermaid") or dot ("graphviz") text of one machine."""
     check_machine(name)
+    if engine not in ENGINES:
+        raise VhsmError(f"unknown graph engine {engine!r} (choose {', '.join(ENGINES)})")
+    if name == "session":
+        return overview_mermaid() if engine == "mermaid" else overview_dot()
     return DiagramMachine(load_machine_spec(name), engine).source()
 
 

@@ -17,13 +17,24 @@ from vhsm.errors import VhsmError
 from vhsm.session import Session
 from vhsm.wire import (
     Message,
+    ProtocolFeature,
     VhostUserConfig,
     VhostUserMemory,
     VhostUserU64,
     VhostUserVringAddr,
     VhostUserVringFd,
     VhostUserVringState,
+    VirtioFeature,
+    feature_names,
 )
+
+#: Requests whose u64 (or reply u64) is a feature word, and the bits it names.
+FEATURE_WORDS: dict[str, type[VirtioFeature] | type[ProtocolFeature]] = {
+    "GET_FEATURES": VirtioFeature,
+    "SET_FEATURES": VirtioFeature,
+    "GET_PROTOCOL_FEATURES": ProtocolFeature,
+    "SET_PROTOCOL_FEATURES": ProtocolFeature,
+}
 
 
 def _text(value: str) -> str:
@@ -41,7 +52,10 @@ def describe_message(msg: Message, nfds: int) -> str:
     """A message as a sequence-diagram arrow label: name, key payload fields, fds, flags."""
     payload = msg.payload
     parts = [msg.name]
-    if isinstance(payload, VhostUserU64):
+    if isinstance(payload, VhostUserU64) and msg.name in FEATURE_WORDS:
+        names = feature_names(payload.value, FEATURE_WORDS[msg.name])
+        parts.append(" | ".join(names) if names else "0")
+    elif isinstance(payload, VhostUserU64):
         parts.append(_number(payload.value))
     elif isinstance(payload, VhostUserVringState):
         parts.append(f"ring {payload.index} num {payload.num}")
@@ -78,7 +92,7 @@ class _Replay:
     def _changed(
         self, machine: str, index: int | None, old: object, new: object, trigger: str
     ) -> None:
-        where = "session" if machine == "session" else f"ring {index}"
+        where = machine if index is None else f"ring {index}"
         self.changes.append(f"{where}: {_state_name(old)} → {_state_name(new)}")
 
     def initial(self) -> str:

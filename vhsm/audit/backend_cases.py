@@ -739,7 +739,8 @@ def _memfd(size: int) -> int:
 
 def _unoffered_bit(offered: int) -> int:
     # not one of the bits real front-ends ack anyway (tolerated as VU-NEG-013)
-    tolerated = load_machine_spec("session").conditions["features_offered"]["tolerated_unoffered"]
+    acks = load_machine_spec("features").conditions["acks_offered_bits"]
+    tolerated = acks["tolerated_unoffered"]
     for bit in (*range(24), *range(50, 64)):
         if bit in tolerated:
             continue

@@ -14,13 +14,13 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from vhsm.session.machines import composition
 from vhsm.session.rules import Rule, all_rules
 from vhsm.specs import load_spec
 from vhsm.wire.enums import BackendReq, FrontendReq
 
 _RULE_ID = re.compile(r"\bVU-[A-Z]+-\d+\b")
 _WORDS = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*(?:/[A-Z][A-Z0-9_]*)*")
-_MACHINES = ("session", "vring")
 
 #: What each severity means, in the order the page lists them.
 SEVERITIES = {
@@ -118,7 +118,7 @@ def concerned_requests() -> dict[str, list[str]]:
             for rid in _rule_ids(entry):
                 if rid in concerns and entry.get("name") in known:
                     concerns[rid].add(entry["name"])
-    for machine in _MACHINES:
+    for machine in composition().machines:
         for rid, names in _machine_concerns(load_spec(machine), known).items():
             if rid in concerns:
                 concerns[rid] |= names

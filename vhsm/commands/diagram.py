@@ -1,8 +1,14 @@
 """`vhsm diagram`: draw the protocol machines, or a recorded session as a sequence diagram.
 
-Formats: mermaid (``.mmd``, no extra program), dot (Graphviz source), svg and
-png (rendered by Graphviz's ``dot`` program); ``all`` writes mermaid, dot and
-svg, which is what ``diagrams/`` holds (``make diagrams``). ``--trace`` reads a
+Machines: ``session`` (the overview: one region per machine, the set-up order
+and how the phase is derived), each machine of ``specs/session.yaml``
+(ownership, features, protocol_features, memory, backend_channel, inflight,
+device_state, vring, status, device), or ``all``. Without ``--out`` one
+document goes to stdout (the overview by default); ``--out DIR`` writes every
+machine. Formats: mermaid (``.mmd``, no extra program), dot (Graphviz source),
+svg and png (rendered by Graphviz's ``dot`` program; png never goes to a
+terminal); ``all`` writes mermaid, dot and svg, which is what ``diagrams/``
+holds (``make diagrams``). ``--trace`` reads a
 transcript (tests/data/README.md) and writes ``<name>-sequence.mmd``.
 """
 
@@ -26,7 +32,7 @@ def register(subparsers: Any) -> None:
     """Add the `diagram` sub-command."""
     parser = subparsers.add_parser(
         "diagram",
-        help="draw the session and vring machines (or a transcript as a sequence diagram)",
+        help="draw the session's machines (or a transcript as a sequence diagram)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,7 +47,7 @@ def register(subparsers: Any) -> None:
         "--machine",
         default=None,
         metavar="MACHINE",
-        help="session, vring or all (default all)",
+        help="session (the overview, default), one machine of specs/session.yaml, or all",
     )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="write files into DIR instead of stdout"
@@ -60,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
     formats = diagram.check_format(args.format)
     if args.trace is not None:
         return _run_trace(args, formats)
-    machines = diagram.check_machine(args.machine or "all")
-    if args.out is None and len(formats) > 1:
-        raise VhsmError(f"--format {args.format} writes several files: give --out DIR")
+    # On stdout one document only (two back to back are not a valid diagram): the
+    # overview unless a machine is named; --out DIR writes every machine by default.
+    default = "session" if args.out is None else "all"
+    machines = diagram.check_machine(args.machine or default)
+    if args.out is None and len(formats) * len(machines) > 1:
+        raise VhsmError("several diagrams make several files: give --out DIR (or one --machine)")
+    if args.out is None and formats[0] == "png" and sys.stdout.isatty():
+        raise VhsmError("png is binary: give --out DIR or redirect the output to a file")
     if any(fmt in ("svg", "png") for fmt in formats):
         diagram.dot_program()  # fail before writing anything when dot is missing
     outputs = [
@@ -93,9 +104,7 @@ def _run_trace(args: argparse.Namespace, formats: list[str]) -> int:
 
 def _print(outputs: list[tuple[str, bytes]]) -> None:
     stream = sys.stdout.buffer
-    for number, (_name, data) in enumerate(outputs):
-        if number:
-            stream.write(b"\n")
+    for _name, data in outputs:
         stream.write(data)
     stream.flush()
 

@@ -1,5 +1,10 @@
 """Build `transitions` machines from the YAML declarations in ``specs/``.
 
+The session is the composition of one flat machine per concern (ownership,
+virtio features, protocol features, memory table, back-end channel, inflight
+region, device status, device-state transfer, stateless device requests) and
+one machine per vring; ``specs/session.yaml`` lists them in firing order.
+
 The YAML names conditions and callbacks; a resolver supplied by the caller
 turns each name into a callable, so the same declaration serves the runtime
 (which acts), the auditor (which observes) and the diagrams (which only draw).
@@ -8,9 +13,10 @@ turns each name into a callable, so the same declaration serves the runtime
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from transitions import Machine
@@ -23,11 +29,18 @@ logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 class SessionState(enum.Enum):
-    """States of the session machine (specs/session.yaml)."""
+    """The session's phase, derived from its machines (specs/session.yaml ``phase``)."""
 
     NEGOTIATING = "NEGOTIATING"
     SUSPENDED = "SUSPENDED"
     RUNNING = "RUNNING"
+
+
+class FeaturesState(enum.Enum):
+    """States of the virtio feature machine (specs/features.yaml)."""
+
+    UNSET = "UNSET"
+    ACKED = "ACKED"
 
 
 class VringMachineState(enum.Enum):
@@ -49,8 +62,9 @@ class VringMachineState(enum.Enum):
         return self.name.endswith("_ENABLED")
 
 
-MACHINE_STATES: dict[str, type[enum.Enum]] = {
-    "session": SessionState,
+#: Machines whose states Python code names; the others get an enum built from their YAML.
+NAMED_STATES: dict[str, type[enum.Enum]] = {
+    "features": FeaturesState,
     "vring": VringMachineState,
 }
 
@@ -60,7 +74,7 @@ Resolver = Callable[[str, str], Callable[..., Any]]
 
 @attrs.frozen
 class MachineSpec:
-    """One machine's declaration, checked against its Python state enum."""
+    """One machine's declaration, checked against its state enum."""
 
     name: str
     states: type[enum.Enum]
@@ -70,8 +84,9 @@ class MachineSpec:
     callbacks: dict[str, str]
     state_info: dict[str, dict[str, Any]]
     invalid_state_rules: dict[str, str]
-    selector_rules: dict[str, str]
     section: str
+    description: str = ""
+    broadcast: frozenset[str] = frozenset()
 
     @property
     def triggers(self) -> tuple[str, ...]:
@@ -92,13 +107,60 @@ class MachineSpec:
         return source if dest is None else self.states[dest]
 
 
+@attrs.frozen
+class Composition:
+    """``specs/session.yaml``: the machines of a session, in firing order, and its phase."""
+
+    machines: tuple[str, ...]
+    ring_machine: str
+    setup: tuple[str, ...]
+
+    @property
+    def specs(self) -> tuple[MachineSpec, ...]:
+        """Every machine's declaration, in firing order."""
+        return tuple(load_machine_spec(name) for name in self.machines)
+
+    def declaring(self, trigger: str) -> tuple[str, ...]:
+        """The machines that declare `trigger`, in firing order."""
+        return _declaring(self.machines).get(trigger, ())
+
+
+@functools.cache
+def _declaring(machines: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Trigger -> the machines declaring it, in firing order (computed once)."""
+    table: dict[str, list[str]] = {}
+    for name in machines:
+        for trigger in load_machine_spec(name).triggers:
+            table.setdefault(trigger, []).append(name)
+    return {trigger: tuple(names) for trigger, names in table.items()}
+
+
+@functools.cache
+def composition() -> Composition:
+    """Load ``specs/session.yaml`` (the composition) once."""
+    doc = load_spec("session")
+    machines = tuple(doc["machines"])
+    if doc["ring_machine"] not in machines:
+        raise VhsmError("specs/session.yaml: ring_machine must be one of the machines")
+    return Composition(machines, doc["ring_machine"], tuple(doc.get("setup") or ()))
+
+
+def _states_of(name: str, declared: list[str]) -> type[enum.Enum]:
+    named = NAMED_STATES.get(name)
+    if named is None:
+        title = "".join(part.title() for part in name.split("_")) + "State"
+        return cast(type[enum.Enum], enum.Enum(title, [(n, n) for n in declared]))
+    if declared != [s.name for s in named]:
+        raise VhsmError(f"specs/{name}.yaml states {declared} != {[s.name for s in named]}")
+    return named
+
+
+@functools.cache
 def load_machine_spec(name: str) -> MachineSpec:
-    """Load and check ``specs/<name>.yaml``: states must match the enum, names must resolve."""
+    """Load and check ``specs/<name>.yaml``: states, and every name a transition uses."""
     doc = load_spec(name)
-    states = MACHINE_STATES[name]
     declared = [s["name"] for s in doc["states"]]
-    if declared != [s.name for s in states]:
-        raise VhsmError(f"specs/{name}.yaml states {declared} != {[s.name for s in states]}")
+    states = _states_of(name, declared)
     conditions = doc.get("conditions") or {}
     callbacks = doc.get("callbacks") or {}
     for transition in doc["transitions"]:
@@ -118,9 +180,20 @@ def load_machine_spec(name: str) -> MachineSpec:
         callbacks=callbacks,
         state_info={s["name"]: s for s in doc["states"]},
         invalid_state_rules=doc.get("invalid_state_rules") or {},
-        selector_rules=doc.get("selector_rules") or {},
         section=str(doc.get("section", "")),
+        description=_first_comment_line(name),
+        broadcast=frozenset(doc.get("broadcast") or ()),
     )
+
+
+def _first_comment_line(name: str) -> str:
+    """The machine's one-line summary: the first comment line of its YAML file."""
+    from vhsm.specs import specs_dir
+
+    for line in (specs_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def transition_table(spec: MachineSpec, resolve: Resolver | None) -> list[dict[str, Any]]:

@@ -1,10 +1,13 @@
 """`Session`: one vhost-user connection's protocol state, sans-IO.
 
-`handle(message)` checks the request's gate (from the catalogue in
-``specs/requests.yaml``), fires the trigger of the same name on the session
-machine (``specs/session.yaml``) and, for ring requests, on that ring's own
-machine (``specs/vring.yaml``). The named conditions and callbacks of the
-YAML are the `_guard_*` and `_do_*` methods here and in `SessionHandlers`.
+The session is the composition declared in ``specs/session.yaml``: one flat
+machine per concern (ownership, features, protocol features, memory table,
+back-end channel, inflight region, device-state transfer, device status,
+stateless device requests) and one machine per ring. `handle(message)` checks
+the request's gate (``specs/requests.yaml``), then fires the trigger of the
+same name on every machine that declares it, in the declared order; a ring
+request fires on the machine of the ring its payload names. The phase
+(NEGOTIATING / SUSPENDED / RUNNING) is derived from the machines, never stored.
 
 Failure policy (rule VU-REQ-001): a violation of a `reject` rule
 answers a NACK (u64 1) when the request asked for an ack (NEED_REPLY) and its
@@ -17,6 +20,7 @@ becomes a finding.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 from collections.abc import Callable
@@ -27,12 +31,15 @@ from transitions import EventData, Machine, MachineError
 from vhsm.backend import VhostUserBackend
 from vhsm.errors import GuestMemoryError, ProtocolViolation
 from vhsm.session.dataplane import DataPlane, NullDataPlane
-from vhsm.session.handlers import SessionHandlers
+from vhsm.session.dispatch import DISPATCH
+from vhsm.session.gates import gate_violation
 from vhsm.session.machines import (
+    FeaturesState,
     MachineSpec,
     SessionState,
     VringMachineState,
     build_machine,
+    composition,
     load_machine_spec,
 )
 from vhsm.session.rules import Finding, rule
@@ -42,15 +49,14 @@ from vhsm.wire import (
     ProtocolFeature,
     RequestSpec,
     VhostUserU64,
-    VirtioFeature,
     make_reply,
     request_spec,
 )
 
 log = logging.getLogger(__name__)
 
-#: Called on every state change: (machine "session" | "vring", ring index or None,
-#: old state, new state, trigger).
+#: Called on every state change: (machine name, ring index or None, old state, new state,
+#: trigger). The derived phase is announced as machine "session".
 StateListener = Callable[[str, int | None, str, str, str], None]
 
 
@@ -64,8 +70,8 @@ class _Model:
         self.index = index
 
 
-class Session(SessionHandlers):
-    """The protocol state of one connection: a session machine and one machine per ring."""
+class Session:
+    """The protocol state of one connection: the composition of its machines."""
 
     def __init__(
         self,
@@ -84,8 +90,6 @@ class Session(SessionHandlers):
         self.num_queues = backend.num_queues()
         self.acked_features = 0
         self.acked_protocol_features = 0
-        self.protocol_features_set = False
-        self.owned = False
         self.mapped_regions = 0
         self.status = 0
         self.mtu: int | None = None
@@ -96,30 +100,33 @@ class Session(SessionHandlers):
         self._current: Message | None = None
         #: What a failing condition found, added to its violation's detail.
         self.guard_detail: str | None = None
-        self.session_spec = load_machine_spec("session")
-        self.vring_spec = load_machine_spec("vring")
-        tolerated = self.session_spec.conditions["features_offered"]["tolerated_unoffered"]
-        self.tolerated_unoffered_acks = sum(1 << int(bit) for bit in tolerated)
-        self._model = _Model()
+        self.composition = composition()
+        self.specs: dict[str, MachineSpec] = {
+            name: load_machine_spec(name) for name in self.composition.machines
+        }
+        ring = self.composition.ring_machine
+        self._models: dict[str, _Model] = {name: _Model() for name in self.specs if name != ring}
         self._vrings = [_Model(i) for i in range(self.num_queues)]
-        self.machine: Machine = build_machine(
-            self.session_spec,
-            [self._model],
-            self._resolver(self.session_spec),
-            after_state_change=self._announce("session"),
-        )
-        self.vring_machine: Machine = build_machine(
-            self.vring_spec,
-            self._vrings,
-            self._resolver(self.vring_spec),
-            after_state_change=self._announce("vring"),
-        )
+        self.machines: dict[str, Machine] = {}
+        for name, spec in self.specs.items():
+            models = self._vrings if name == ring else [self._models[name]]
+            self.machines[name] = build_machine(
+                spec, models, self._resolver(spec), after_state_change=self._announce(name)
+            )
 
     # --- public state ------------------------------------------------------------
     @property
     def state(self) -> SessionState:
-        """The session machine's state."""
-        state: SessionState = self._model.state
+        """The phase, derived: NEGOTIATING until features are acked, RUNNING while a ring runs."""
+        if self._models["features"].state is FeaturesState.UNSET:
+            return SessionState.NEGOTIATING
+        if any(model.state.started for model in self._vrings):
+            return SessionState.RUNNING
+        return SessionState.SUSPENDED
+
+    def machine_state(self, name: str) -> enum.Enum:
+        """The state of one concern's machine (see ``specs/session.yaml``)."""
+        state: enum.Enum = self._models[name].state
         return state
 
     def vring_state(self, index: int) -> VringMachineState:
@@ -134,8 +141,13 @@ class Session(SessionHandlers):
 
     @property
     def protocol_features_in_use(self) -> bool:
-        """VHOST_USER_F_PROTOCOL_FEATURES offered and SET_PROTOCOL_FEATURES received."""
-        return self.protocol_features_set
+        """SET_PROTOCOL_FEATURES received (the protocol-feature machine is SET)."""
+        return self.machine_state("protocol_features").name == "SET"
+
+    @property
+    def owned(self) -> bool:
+        """True once SET_OWNER was received (the ownership machine is OWNED)."""
+        return self.machine_state("ownership").name == "OWNED"
 
     def started_rings(self) -> list[int]:
         """Indices of the rings currently started."""
@@ -146,6 +158,7 @@ class Session(SessionHandlers):
         """Process one front-end request; return the reply to send, if any."""
         info = request_spec(msg.request)
         self._reply, self._pending, self._fds_taken, self._current = None, None, False, msg
+        phase = self.state
         try:
             if msg.is_reply:
                 raise self.violation("VU-FRAME-003", "a request must not carry the REPLY flag")
@@ -153,10 +166,12 @@ class Session(SessionHandlers):
                 raise msg.error
             if info is None:
                 raise self.violation("VU-FRAME-004", f"unknown request code {msg.request}")
-            self._check_gate(info)
+            gate = gate_violation(self, info)
+            if gate is not None:
+                raise self.violation(*gate)
             if msg.need_reply and not self.reply_ack and info.reply != "always":
                 self.note("VU-NEG-012", "NEED_REPLY set without REPLY_ACK negotiated")
-            self._fire(self._model, self.session_spec, info.name.lower(), msg)
+            self._fire_all(info.name.lower(), msg)
             reply = self._reply
             if reply is None and msg.need_reply and info.reply == "ack":
                 reply = make_reply(msg.request, VhostUserU64(0))
@@ -167,6 +182,7 @@ class Session(SessionHandlers):
             if not self._fds_taken:
                 _close_all(msg.fds)
             self._current = None
+            self._announce_phase(phase, msg)
 
     # --- helpers for the handlers --------------------------------------------------
     def violation(self, rule_id: str, detail: str) -> ProtocolViolation:
@@ -206,16 +222,22 @@ class Session(SessionHandlers):
             )
         return index
 
-    def fire_vring(self, index: int, trigger: str, msg: Message) -> None:
-        """Fire `trigger` on ring `index`'s machine."""
-        self._fire(self._vrings[index], self.vring_spec, trigger, msg)
-
-    def fire_all_vrings(self, trigger: str, msg: Message) -> None:
-        """Fire `trigger` on every ring's machine."""
-        for model in self._vrings:
-            self._fire(model, self.vring_spec, trigger, msg)
-
     # --- machinery -------------------------------------------------------------------
+    def _fire_all(self, trigger: str, msg: Message) -> None:
+        """Fire `trigger` on every machine that declares it, in the declared order."""
+        declaring = self.composition.declaring(trigger)
+        if not declaring:
+            raise self.violation("VU-STATE-001", f"{trigger.upper()}: no machine declares it")
+        for name in declaring:
+            spec = self.specs[name]
+            if name != self.composition.ring_machine:
+                self._fire(self._models[name], spec, trigger, msg)
+            elif trigger in spec.broadcast:
+                for model in self._vrings:
+                    self._fire(model, spec, trigger, msg)
+            else:
+                self._fire(self._vrings[self.ring_index(msg)], spec, trigger, msg)
+
     def _fire(self, model: _Model, spec: MachineSpec, trigger: str, msg: Message) -> None:
         state = model.state
         self._pending = None
@@ -225,32 +247,35 @@ class Session(SessionHandlers):
             rule_id = spec.invalid_state_rules.get(trigger, "VU-STATE-001")
             where = "" if model.index is None else f"ring {model.index} "
             raise self.violation(
-                rule_id, f"{trigger.upper()} not allowed in {where}state {state.name}"
+                rule_id, f"{trigger.upper()} not allowed in {spec.name} {where}state {state.name}"
             ) from None
         if not moved:
             pending, self._pending = self._pending, None
             if pending is not None:
                 raise pending
-            rule_id = spec.selector_rules.get(trigger, "VU-STATE-001")
-            raise self.violation(rule_id, f"{trigger.upper()}: payload selects no transition")
+            raise self.violation(
+                "VU-STATE-001", f"{trigger.upper()}: payload selects no transition"
+            )
 
     def _resolver(self, spec: MachineSpec) -> Callable[[str, str], Callable[..., Any]]:
+        handlers = DISPATCH[spec.name]
+
         def resolve(kind: str, name: str) -> Callable[..., Any]:
             if kind == "callback":
-                method: Callable[[EventData], None] = getattr(self, f"_do_{name}")
-                return lambda event: method(event)
+                callback = handlers.callbacks[name]
+                return lambda event: callback(self, event)
             return self._guard(spec, name)
 
         return resolve
 
     def _guard(self, spec: MachineSpec, name: str) -> Callable[[EventData], bool]:
-        predicate: Callable[[EventData], bool] = getattr(self, f"_guard_{name}")
+        predicate = DISPATCH[spec.name].conditions[name]
         rule_id = spec.conditions[name].get("rule")
         statement = spec.conditions[name].get("description", name)
 
         def check(event: EventData) -> bool:
             self.guard_detail = None
-            if predicate(event):
+            if predicate(self, event):
                 return True
             if rule_id is None:
                 return False
@@ -278,23 +303,13 @@ class Session(SessionHandlers):
 
         return after_change
 
-    def _check_gate(self, info: RequestSpec) -> None:
-        """Refuse a request whose gating feature was not negotiated (VU-NEG-002/003/009)."""
-        if not info.gate:
+    def _announce_phase(self, before: SessionState, msg: Message) -> None:
+        after = self.state
+        if after is before or not self.listeners:
             return
-        ((kind, feature),) = info.gate.items()
-        if kind == "protocol" and not self.acked_protocol_features & ProtocolFeature[feature]:
-            raise self.violation("VU-NEG-002", f"needs protocol feature {feature} negotiated")
-        if feature == "PROTOCOL_FEATURES" and not self.protocol_features_in_use:
-            raise self.violation("VU-NEG-003", "needs VHOST_USER_F_PROTOCOL_FEATURES in use")
-        if (
-            kind == "virtio"
-            and feature in VirtioFeature.__members__
-            and feature != "PROTOCOL_FEATURES"
-            and not self.acked_features & VirtioFeature[feature]
-        ):
-            raise self.violation("VU-NEG-009", f"needs virtio feature {feature} negotiated")
-        # PROTOCOL_FEATURES_OFFERED is the machine's protocol_features_offered condition.
+        trigger = msg.name.lower()
+        for listener in self.listeners:
+            listener("session", None, before.name, after.name, trigger)
 
     def _fail(
         self, msg: Message, info: RequestSpec | None, violation: ProtocolViolation

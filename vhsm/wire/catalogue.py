@@ -16,7 +16,7 @@ from vhsm.wire.payloads import PAYLOAD_CLASSES, Payload
 FD_RULES = frozenset({"0", "1", "n", "0-1", "nofd-bit"})
 REPLY_RULES = frozenset({"always", "ack", "never"})
 DEFAULT_FD_RULE = "VU-FRAME-008"
-VIRTIO_GATE_EXTRA = frozenset({"PROTOCOL_FEATURES_OFFERED"})
+DEFAULT_GATE_RULE = "VU-NEG-002"
 
 
 @attrs.frozen
@@ -57,6 +57,7 @@ class RequestSpec:
     gate: Mapping[str, str] | None
     section: str
     summary: str
+    gate_rule: str = DEFAULT_GATE_RULE
     fd_rule: str = DEFAULT_FD_RULE
     reply_fd_rule: str = DEFAULT_FD_RULE
     reply_payload_alt: tuple[type[Payload] | None, ...] = ()
@@ -98,13 +99,13 @@ def _entry(raw: Mapping[str, Any], channel: Channel) -> RequestSpec:
         raise VhsmError(f"requests.yaml {where}: bad reply or fds rule")
     gate = raw.get("gate")
     if gate is not None:
-        (kind, feature), *rest = gate.items()
-        known = (
-            feature in ProtocolFeature.__members__
-            if kind == "protocol"
-            else kind == "virtio"
-            and (feature in VirtioFeature.__members__ or feature in VIRTIO_GATE_EXTRA)
-        )
+        (kind, name), *rest = gate.items()
+        members = {
+            "protocol": ProtocolFeature.__members__,
+            "virtio": VirtioFeature.__members__,
+            "offered": VirtioFeature.__members__,
+        }
+        known = name.count(".") == 1 if kind == "state" else name in members.get(kind, {})
         if rest or not known:
             raise VhsmError(f"requests.yaml {where}: bad gate {gate!r}")
     return RequestSpec(
@@ -117,6 +118,7 @@ def _entry(raw: Mapping[str, Any], channel: Channel) -> RequestSpec:
         fds=raw["fds"],
         reply_fds=raw["reply_fds"],
         gate=gate,
+        gate_rule=raw.get("gate_rule", DEFAULT_GATE_RULE),
         section=str(raw["section"]),
         summary=raw["summary"],
         fd_rule=raw.get("fd_rule", DEFAULT_FD_RULE),
