@@ -11,10 +11,9 @@ import enum
 import logging
 from collections.abc import Sequence
 
-from vhsm.audit.trace import RecordedBackend
+from vhsm.audit.trace import replay_session
 from vhsm.audit.transcript import TraceEntry, with_fds
 from vhsm.errors import VhsmError
-from vhsm.session import Session
 from vhsm.wire import (
     Message,
     ProtocolFeature,
@@ -85,7 +84,7 @@ class _Replay:
     """One connection's replay: a Session in observer mode and the notes it produces."""
 
     def __init__(self, entries: Sequence[TraceEntry]) -> None:
-        self.session = Session(RecordedBackend(entries), observer=True)
+        self.session = replay_session(entries)
         self.changes: list[str] = []
         self.session.listeners.append(self._changed)
 

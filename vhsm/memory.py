@@ -23,7 +23,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from vhsm.errors import GuestMemoryError, WireError
 from vhsm.fdcheck import describe
@@ -323,11 +323,7 @@ class MappedRegion:
 
     def matches(self, region: VhostUserMemoryRegion) -> bool:
         """REM_MEM_REG identity: same guest address, user address and size (not mmap_offset)."""
-        return (
-            self.guest_phys_addr == region.guest_phys_addr
-            and self.userspace_addr == region.userspace_addr
-            and self.memory_size == region.memory_size
-        )
+        return same_region(self, region)
 
     def __repr__(self) -> str:
         return (
@@ -377,6 +373,70 @@ def _check_overlaps(request: str, regions: Sequence[MappedRegion | VhostUserMemo
                 )
 
 
+# The table's rules, on region descriptions: the runtime (`GuestMemory`) and the trace
+# auditor (`vhsm.session.shadow.ShadowDataPlane`) both check a table with these.
+
+_Region = TypeVar("_Region", "MappedRegion", "VhostUserMemoryRegion")
+
+
+def check_table(
+    request: str, regions: Sequence[VhostUserMemoryRegion], nfds: int, max_slots: int
+) -> None:
+    """A whole new table: one fd per region (VU-MEM-002), slots (VU-MEM-007), M4, M5."""
+    if nfds != len(regions):
+        raise WireError(request, "fds", nfds, f"{len(regions)} (one per region)", "VU-MEM-002")
+    if len(regions) > max_slots:
+        raise WireError(request, "nregions", len(regions), f"<= {max_slots}", rule_id="VU-MEM-007")
+    for i, region in enumerate(regions):
+        _validate_new(request, i, region)
+    _check_overlaps(request, regions)
+
+
+def check_added(
+    request: str,
+    current: Sequence[MappedRegion | VhostUserMemoryRegion],
+    region: VhostUserMemoryRegion,
+    max_slots: int,
+) -> None:
+    """One more region: a free slot (VU-MEM-007), valid (VU-MEM-004), no overlap (VU-MEM-005)."""
+    if len(current) >= max_slots:
+        raise WireError(
+            request,
+            "region",
+            len(current) + 1,
+            f"at most {max_slots} memory slots",
+            rule_id="VU-MEM-007",
+        )
+    _validate_new(request, len(current), region)
+    _check_overlaps(request, [*current, region])
+
+
+def same_region(a: MappedRegion | VhostUserMemoryRegion, b: VhostUserMemoryRegion) -> bool:
+    """REM_MEM_REG identity: same guest address, user address and size (not mmap_offset)."""
+    return (
+        a.guest_phys_addr == b.guest_phys_addr
+        and a.userspace_addr == b.userspace_addr
+        and a.memory_size == b.memory_size
+    )
+
+
+def without_region(
+    request: str, current: Sequence[_Region], region: VhostUserMemoryRegion
+) -> tuple[_Region, ...]:
+    """The table without `region` (VU-MEM-008 when no region matches)."""
+    kept = tuple(r for r in current if not same_region(r, region))
+    if len(kept) == len(current):
+        raise WireError(
+            request,
+            "region.guest_phys_addr",
+            region.guest_phys_addr,
+            f"an active region (uva={region.userspace_addr:#x}, "
+            f"size={region.memory_size:#x} not found)",
+            rule_id="VU-MEM-008",
+        )
+    return kept
+
+
 # --------------------------------------------------------------------------- snapshot
 
 
@@ -421,17 +481,7 @@ class GuestMemory:
             GuestMemoryError: a region cannot be mapped (short file, mmap failure, Xen form).
         """
         try:
-            if len(fds) != len(regions):
-                raise WireError(
-                    request, "fds", len(fds), f"{len(regions)} (one per region)", "VU-MEM-002"
-                )
-            if len(regions) > max_slots:
-                raise WireError(
-                    request, "nregions", len(regions), f"<= {max_slots}", rule_id="VU-MEM-007"
-                )
-            for i, region in enumerate(regions):
-                _validate_new(request, i, region)
-            _check_overlaps(request, regions)
+            check_table(request, regions, len(fds), max_slots)
             use = mapper if mapper is not None else _DEFAULT_MAPPER
             mapped: list[MappedRegion] = []
             try:
@@ -461,17 +511,7 @@ class GuestMemory:
             GuestMemoryError: the region cannot be mapped.
         """
         try:
-            if len(self.regions) >= self.max_slots:
-                raise WireError(
-                    request,
-                    "region",
-                    len(self.regions) + 1,
-                    f"at most {self.max_slots} memory slots",
-                    rule_id="VU-MEM-007",
-                )
-            index = len(self.regions)
-            _validate_new(request, index, region)
-            _check_overlaps(request, [*self.regions, region])
+            check_added(request, self.regions, region, self.max_slots)
             use = mapper if mapper is not None else _DEFAULT_MAPPER
             added = MappedRegion(region, use.map_region(region, fd))
         finally:
@@ -489,17 +529,7 @@ class GuestMemory:
         Raises:
             WireError: no such region (VU-MEM-008).
         """
-        kept = tuple(r for r in self.regions if not r.matches(region))
-        if len(kept) == len(self.regions):
-            raise WireError(
-                request,
-                "region.guest_phys_addr",
-                region.guest_phys_addr,
-                f"an active region (uva={region.userspace_addr:#x}, "
-                f"size={region.memory_size:#x} not found)",
-                rule_id="VU-MEM-008",
-            )
-        return GuestMemory(kept, max_slots=self.max_slots)
+        return GuestMemory(without_region(request, self.regions, region), max_slots=self.max_slots)
 
     # -- lookups (data path: bisect, no allocation beyond the returned slice)
 

@@ -14,6 +14,7 @@ from vhsm.audit.report import AuditFinding, Report
 from vhsm.audit.transcript import TraceEntry, with_fds
 from vhsm.backend import VhostUserBackend
 from vhsm.session import Session, SessionState
+from vhsm.session.shadow import ShadowDataPlane
 from vhsm.wire import (
     Channel,
     FrontendReq,
@@ -84,6 +85,18 @@ class RecordedBackend(VhostUserBackend):
         """Writes are the recorded back-end's business."""
 
 
+def replay_session(entries: Sequence[TraceEntry]) -> Session:
+    """An observing session over the recorded back-end's answers and a shadow data plane.
+
+    The shadow keeps the memory table's descriptors, so what the daemon's data plane
+    refuses (overlapping or unknown regions, ring addresses outside the table) is
+    flagged here with the same rule ids.
+    """
+    shadow = ShadowDataPlane(lambda: session.acked_protocol_features)
+    session = Session(RecordedBackend(entries), shadow, observer=True)
+    return session
+
+
 class TraceAuditor:
     """Checks one transcript; `run()` returns the report."""
 
@@ -97,7 +110,7 @@ class TraceAuditor:
         conns = sorted({e.line.get("conn", 0) for e in self.entries if e.message is not None})
         for conn in conns:
             entries = [e for e in self.entries if e.line.get("conn", 0) == conn]
-            self.session = Session(RecordedBackend(entries), observer=True)
+            self.session = replay_session(entries)
             for position, entry in enumerate(entries):
                 if entry.event == "raw" and entry.line.get("rule"):
                     side = "front-end" if entry.line.get("direction") == "F>B" else "back-end"
