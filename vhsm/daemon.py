@@ -28,10 +28,10 @@ from vhsm.backend_channel import mark_control_thread
 from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
 from vhsm.memory import GuestMemoryAtomic, RegionMapper
-from vhsm.session import Session, StateListener
+from vhsm.session import StateListener
+from vhsm.session.connection import Connection
 from vhsm.signals import stop_on_signals
 from vhsm.transport import MessageReader, PeerClosed, send_message
-from vhsm.wire import Decoder, ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.backend import VhostUserBackend
@@ -468,21 +468,21 @@ class VhostUserDaemon:
             self._conn = conn
             self.connections += 1
         mark_control_thread(True)
-        session = Session(self.backend, self.plane)
+        connection = Connection(self.backend, self.plane)
+        session = connection.session
         session.listeners.extend(self.session_listeners)
         self.plane.attach(session)
-        decoder = Decoder()
         self._greeted.clear()
-        reader = MessageReader(conn, decoder, patience=self.handshake_timeout)
+        reader = MessageReader(conn, connection, patience=self.handshake_timeout)
         _call_hook("connected", self.backend.connected)
         log.info("%s: front-end connected", self.name)
         try:
-            self._message_loop(session, reader, decoder)
+            self._message_loop(connection, reader)
         finally:
             self._closing = True
             reader.close()
             with contextlib.suppress(VhsmError):
-                decoder.close()
+                connection.close()
             with self._lock:
                 self._conn = None
             conn.close()
@@ -491,9 +491,10 @@ class VhostUserDaemon:
             mark_control_thread(False)
             log.info("%s: front-end disconnected; session reset", self.name)
 
-    def _message_loop(self, session: Session, reader: MessageReader, decoder: Decoder) -> None:
+    def _message_loop(self, connection: Connection, reader: MessageReader) -> None:
         # One message at a time, its reply sent before the next is read: main-channel
         # requests are answered strictly in arrival order (VU-STATE-010).
+        session = connection.session
         msg = None
         try:
             while True:
@@ -502,9 +503,7 @@ class VhostUserDaemon:
                 if self.plane.mapping_lost() is not None:
                     _close_fds(msg.fds)
                     break  # logged by _mapping_lost; the session ends here
-                reply = session.handle(msg)
-                if session.acked_protocol_features & ProtocolFeature.XEN_MMAP:
-                    decoder.xen_mmap = True
+                reply = connection.handle(msg)
                 if reply is not None:
                     send_message(reader.sock, reply)  # reply fds are borrowed: not closed
         except PeerClosed:

@@ -84,7 +84,8 @@ class _Replay:
     """One connection's replay: a Session in observer mode and the notes it produces."""
 
     def __init__(self, entries: Sequence[TraceEntry]) -> None:
-        self.session = replay_session(entries)
+        self.connection = replay_session(entries)
+        self.session = self.connection.session
         self.changes: list[str] = []
         self.session.listeners.append(self._changed)
 
@@ -106,7 +107,7 @@ class _Replay:
         before = len(self.session.findings)
         notes: list[str] = []
         try:
-            self.session.handle(with_fds(entry))
+            self.connection.handle(with_fds(entry))
         except VhsmError as exc:
             notes.append(f"replay stopped on this message: {exc}")
         notes.extend(f"{f.rule_id}: {f.detail}" for f in self.session.findings[before:])

@@ -13,9 +13,10 @@ import resource
 import select
 import socket
 from collections.abc import Sequence
+from typing import Protocol
 
 from vhsm.errors import FramingError, VhsmError
-from vhsm.wire import MAX_FDS, Decoder, Message, encode
+from vhsm.wire import MAX_FDS, Message, encode
 
 #: Bytes asked for per read: a whole 8-region memory table fits in one.
 READ_SIZE = 65536
@@ -80,6 +81,23 @@ def send_message(sock: socket.socket, msg: Message) -> None:
     send_with_fds(sock, encode(msg), msg.fds)
 
 
+class FrameSource(Protocol):
+    """What `MessageReader` reads through: a `Decoder`, or a `Connection` that owns one."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message held."""
+        ...
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
+        """Add received bytes and fds; return every message now complete."""
+        ...
+
+    def close(self) -> None:
+        """Close every fd still held."""
+        ...
+
+
 class MessageReader:
     """Reads whole messages from a socket through an incremental `Decoder`.
 
@@ -90,7 +108,7 @@ class MessageReader:
     """
 
     def __init__(
-        self, sock: socket.socket, decoder: Decoder, *, patience: float | None = None
+        self, sock: socket.socket, decoder: FrameSource, *, patience: float | None = None
     ) -> None:
         self.sock = sock
         self.decoder = decoder

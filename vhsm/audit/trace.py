@@ -14,6 +14,7 @@ from vhsm.audit.report import AuditFinding, Report
 from vhsm.audit.transcript import TraceEntry, with_fds
 from vhsm.backend import VhostUserBackend
 from vhsm.session import Session, SessionState
+from vhsm.session.connection import Connection
 from vhsm.session.shadow import ShadowDataPlane
 from vhsm.wire import (
     Channel,
@@ -85,16 +86,16 @@ class RecordedBackend(VhostUserBackend):
         """Writes are the recorded back-end's business."""
 
 
-def replay_session(entries: Sequence[TraceEntry]) -> Session:
+def replay_session(entries: Sequence[TraceEntry]) -> Connection:
     """An observing session over the recorded back-end's answers and a shadow data plane.
 
     The shadow keeps the memory table's descriptors, so what the daemon's data plane
     refuses (overlapping or unknown regions, ring addresses outside the table) is
     flagged here with the same rule ids.
     """
-    shadow = ShadowDataPlane(lambda: session.acked_protocol_features)
-    session = Session(RecordedBackend(entries), shadow, observer=True)
-    return session
+    shadow = ShadowDataPlane(lambda: connection.session.acked_protocol_features)
+    connection = Connection(RecordedBackend(entries), shadow, observer=True)
+    return connection
 
 
 class TraceAuditor:
@@ -110,7 +111,8 @@ class TraceAuditor:
         conns = sorted({e.line.get("conn", 0) for e in self.entries if e.message is not None})
         for conn in conns:
             entries = [e for e in self.entries if e.line.get("conn", 0) == conn]
-            self.session = replay_session(entries)
+            self.connection = replay_session(entries)
+            self.session = self.connection.session
             for position, entry in enumerate(entries):
                 if entry.event == "raw" and entry.line.get("rule"):
                     side = "front-end" if entry.line.get("direction") == "F>B" else "back-end"
@@ -137,7 +139,7 @@ class TraceAuditor:
         session, msg = self.session, entry.message
         state = session.state.name
         before = len(session.findings)
-        session.handle(with_fds(entry))
+        self.connection.handle(with_fds(entry))
         for finding in session.findings[before:]:
             self.report.findings.append(
                 AuditFinding(
