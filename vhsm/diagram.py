@@ -4,7 +4,7 @@ State diagrams are drawn by `transitions.extensions.GraphMachine` over the
 same YAML declaration the runtime uses (one ``specs/<machine>.yaml`` per
 concern, ``specs/vring.yaml`` for a ring), plus an overview of the whole
 session (`vhsm.diagram_overview`): edges are labelled with the request name and its
-named conditions, states carry their spec section, and the many internal
+named conditions, states are titled by name, and the many internal
 transitions (dest null) are listed inside their state instead of drawn as
 self-loops. Output is deterministic: no active-state styling, declaration
 order throughout.
@@ -85,9 +85,8 @@ def check_format(name: str) -> list[str]:
 
 
 def state_label(spec: MachineSpec, state: enum.Enum) -> str:
-    """The state's title: its name and spec section, e.g. "RUNNING §7.4"."""
-    section = spec.state_info[state.name].get("section")
-    return f"{state.name} §{section}" if section else state.name
+    """The state's title: its name (rule pages, not diagrams, link the upstream sections)."""
+    return state.name
 
 
 def request_label(trigger: str, conditions: Iterable[str] = ()) -> str:
@@ -146,8 +145,8 @@ def edge_table(spec: MachineSpec) -> list[dict[str, Any]]:
 
 
 def machine_title(spec: MachineSpec) -> str:
-    """The diagram title, e.g. "vhsm session machine (§7)"."""
-    return f"vhsm {spec.name} machine (§{spec.section})" if spec.section else spec.name
+    """The diagram title, e.g. "vhsm session machine"."""
+    return f"vhsm {spec.name} machine"
 
 
 class _MermaidGraph(diagrams_mermaid.Graph):

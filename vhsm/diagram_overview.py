@@ -12,7 +12,7 @@ from vhsm.session.machines import Composition, MachineSpec, composition
 from vhsm.specs import load_spec
 
 #: Title of the overview, as mermaid front-matter and graphviz label.
-TITLE = "vhsm session (§7): one machine per concern, the phase derived from them"
+TITLE = "vhsm session: one machine per concern, the phase derived from them"
 
 
 def _edges(spec: MachineSpec) -> dict[tuple[str, str], list[str]]:
@@ -40,7 +40,7 @@ def _notes(comp: Composition) -> list[str]:
 
 def _title(spec: MachineSpec) -> str:
     suffix = " (one per ring)" if spec.name == composition().ring_machine else ""
-    return f"{spec.name}{suffix} §{spec.section}"
+    return f"{spec.name}{suffix}"
 
 
 def overview_mermaid() -> str:
