@@ -79,7 +79,28 @@ class NetStats:
     rx_dropped: int = 0
 
 
-class NetBackend(VhostUserBackend):
+class QueuePairBackend(VhostUserBackend):
+    """What every virtio-net back-end here shares: rings counted in RX/TX pairs.
+
+    Subclasses set ``queue_pairs``; the control queue stays with the front-end.
+    """
+
+    queue_pairs: int
+
+    def num_queues(self) -> int:
+        """Two virtqueues per pair (the control queue stays with the front-end)."""
+        return 2 * self.queue_pairs
+
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM counts pairs for net devices."""
+        return self.queue_pairs
+
+    def max_queue_size(self) -> int:
+        """Largest ring accepted."""
+        return MAX_QUEUE_SIZE
+
+
+class NetBackend(QueuePairBackend):
     """virtio-net with ``queue_pairs`` RX/TX pairs, in ``sink`` or ``loopback`` mode."""
 
     #: Kicks on started but disabled rings reach ``handle_event``: their TX is dropped.
@@ -120,18 +141,6 @@ class NetBackend(VhostUserBackend):
         return total
 
     # --- negotiation -------------------------------------------------------------------
-    def num_queues(self) -> int:
-        """Two virtqueues per pair (the control queue stays with the front-end)."""
-        return 2 * self.queue_pairs
-
-    def queue_num(self) -> int:
-        """GET_QUEUE_NUM counts pairs for net devices."""
-        return self.queue_pairs
-
-    def max_queue_size(self) -> int:
-        """Largest ring accepted."""
-        return MAX_QUEUE_SIZE
-
     def features(self) -> int:
         """Ring features, MRG_RXBUF, and MQ (with the CTRL_VQ it requires) for several pairs."""
         bits = (

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vhsm.backend import VhostUserBackend
+from vhsm.devices.net import MAX_QUEUE_SIZE, QueuePairBackend
 from vhsm.devices.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUE_SIZE = 1024
 #: Largest frame the TAP can hand over: a 64 KiB GSO packet, its Ethernet and VLAN
 #: headers, and the virtio-net header.
 MAX_FRAME = 65536 + 18 + VNET_HDR_SIZE
@@ -89,7 +88,7 @@ class TapStats:
     rx_waits: int = 0  # times a frame waited for receive buffers
 
 
-class TapNetBackend(VhostUserBackend):
+class TapNetBackend(QueuePairBackend):
     """virtio-net on the TAP interface ``ifname``, ``queue_pairs`` queue pairs.
 
     Args:
@@ -142,18 +141,6 @@ class TapNetBackend(VhostUserBackend):
         return 2 * self.queue_pairs + pair
 
     # --- negotiation --------------------------------------------------------------------
-    def num_queues(self) -> int:
-        """Two virtqueues per pair (the control queue stays with the front-end)."""
-        return 2 * self.queue_pairs
-
-    def queue_num(self) -> int:
-        """GET_QUEUE_NUM counts pairs for net devices."""
-        return self.queue_pairs
-
-    def max_queue_size(self) -> int:
-        """Largest ring accepted."""
-        return MAX_QUEUE_SIZE
-
     def features(self) -> int:
         """Split rings, MRG_RXBUF, MAC, MTU, MQ for several pairs, the TAP's offloads."""
         bits = (
