@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -12,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from vhsm.audit.record import MessageSplitter, Relay
+from vhsm.audit.record import Relay
 from vhsm.audit.transcript import load_transcript
 from vhsm.cli import main
 from vhsm.daemon import Listener, VhostUserDaemon
@@ -220,57 +217,3 @@ def test_record_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exc:
         main(["record", "--listen", str(tmp_path / "a.sock")])
     assert exc.value.code == 2
-
-
-# --- the splitter, sans-IO ---------------------------------------------------------------
-def _stream() -> tuple[bytes, list[int]]:
-    msgs = [
-        make_request(FrontendReq.GET_FEATURES),
-        make_request(FrontendReq.SET_FEATURES, VhostUserU64(1 << 32)),
-        make_request(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 256)),
-        make_request(FrontendReq.GET_FEATURES),
-    ]
-    data = [encode(m) for m in msgs]
-    return b"".join(data), [len(d) for d in data]
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=40))
-def test_splitter_cuts_messages_whatever_the_reads(cuts: list[int]) -> None:
-    stream, sizes = _stream()
-    splitter = MessageSplitter()
-    units = []
-    pos = 0
-    for cut in cuts:
-        units += splitter.feed(stream[pos : pos + cut])
-        pos += cut
-    units += splitter.feed(stream[pos:])
-    assert [len(u.data) for u in units] == sizes
-    assert b"".join(u.data for u in units) == stream
-    assert all(u.whole for u in units)
-
-
-def test_splitter_gives_fds_to_the_message_they_came_with() -> None:
-    stream, sizes = _stream()
-    splitter = MessageSplitter()
-    fd = os.eventfd(0)
-    try:
-        first = splitter.feed(stream[: sizes[0] + 5])  # GET_FEATURES + part of SET_FEATURES
-        rest = splitter.feed(stream[sizes[0] + 5 :], [fd])  # fds arrive with the rest
-    finally:
-        os.close(fd)
-    assert [u.fds for u in first] == [()]
-    # the last header starting in the second chunk is the 4th message
-    assert [len(u.fds) for u in rest] == [0, 0, 1]
-
-
-def test_splitter_passes_oversized_streams_raw() -> None:
-    splitter = MessageSplitter(max_payload=4096)
-    good = encode(make_request(FrontendReq.GET_FEATURES))
-    bad = (99).to_bytes(4, "little") + (1).to_bytes(4, "little") + (1 << 20).to_bytes(4, "little")
-    units = splitter.feed(good + bad + b"xyz")
-    assert [u.whole for u in units] == [True, False]
-    assert units[1].data == bad + b"xyz"
-    assert splitter.oversized == (99, 1 << 20)
-    later = splitter.feed(b"more")
-    assert [(u.data, u.whole) for u in later] == [(b"more", False)]

@@ -23,6 +23,7 @@ from vhsm.wire import (
     FrontendReq,
     HeaderFlags,
     Message,
+    ProtocolFeature,
     catalogue,
     decode_message,
     encode,
@@ -371,8 +372,7 @@ def test_postcopy_and_xen(fds: list[int]) -> None:
     ack = raw(F.SET_MEM_TABLE, 1, struct.pack("<Q", 0))
     (msg,) = Decoder().feed(ack)
     assert msg.error is not None and msg.error.rule_id == "VU-MEM-001"
-    decoder = Decoder()
-    decoder.postcopy = True
+    decoder = Decoder(postcopy=True)
     (msg,) = decoder.feed(ack)
     assert msg.error is None and msg.payload == p.VhostUserU64(0)
     xen_region = p.VhostUserMemoryRegion(0, 0x1000, 0, 0, 1, 3)
@@ -380,7 +380,7 @@ def test_postcopy_and_xen(fds: list[int]) -> None:
     decoder = Decoder()
     (msg,) = decoder.feed(raw(F.SET_MEM_TABLE, 1, table.to_bytes()), new_fds(fds, 1))
     assert msg.error is not None
-    decoder.xen_mmap = True
+    decoder.follow(int(ProtocolFeature.XEN_MMAP))
     (msg,) = decoder.feed(raw(F.SET_MEM_TABLE, 1, table.to_bytes()), new_fds(fds, 1))
     assert msg.error is None and msg.payload == table
     single = p.VhostUserSingleMemoryRegion(xen_region)

@@ -29,17 +29,10 @@ import attrs
 
 from vhsm.daemon import Listener
 from vhsm.frontend.connection import Recorder
+from vhsm.session.connection import RelayedConnection, RelayedStream
 from vhsm.transport import recv_with_fds, send_with_fds
-from vhsm.wire import (
-    HEADER_SIZE,
-    Channel,
-    FrontendReq,
-    HeaderFlags,
-    ProtocolFeature,
-    decode_message,
-    message_to_record,
-)
-from vhsm.wire.framing import HEADER
+from vhsm.wire import Channel, FrontendReq, Message, message_to_record
+from vhsm.wire.framing import Unframed
 
 log = logging.getLogger(__name__)
 
@@ -47,93 +40,6 @@ log = logging.getLogger(__name__)
 RELAY_MAX_PAYLOAD = 1 << 20
 F2B = "F>B"
 B2F = "B>F"
-
-
-@attrs.frozen
-class Unit:
-    """A piece of one direction of a stream: a whole message, or raw bytes after a framing loss."""
-
-    data: bytes
-    fds: tuple[int, ...]
-    whole: bool = True
-
-
-class MessageSplitter:
-    """Cuts one direction of a stream into whole messages, each with the fds sent with it.
-
-    fds go to the last message whose header starts in the chunk they arrived
-    with (a read ends with the segment that carried fds), else to the message
-    in progress: the rule `vhsm.wire.Decoder` applies. After a size field above
-    `max_payload` the stream cannot be cut any more and passes through raw.
-    """
-
-    def __init__(self, max_payload: int = RELAY_MAX_PAYLOAD) -> None:
-        self.max_payload = max_payload
-        self.raw = False
-        self.oversized: tuple[int, int] | None = None  # (request, size) that broke framing
-        self._buf = bytearray()
-        self._base = 0
-        self._fds_at: dict[int, list[int]] = {}
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete message held."""
-        return len(self._buf)
-
-    def feed(self, data: bytes, fds: Iterable[int] = ()) -> list[Unit]:
-        """Add received bytes and fds; return the units now ready to forward."""
-        fds = list(fds)
-        if self.raw:
-            return [Unit(bytes(data), tuple(fds), whole=False)]
-        buf = self._buf
-        start = len(buf)
-        buf += data
-        if fds:
-            self._attach(start, fds)
-        out: list[Unit] = []
-        pos = 0
-        while len(buf) - pos >= HEADER_SIZE:
-            request, _flags, size = HEADER.unpack_from(buf, pos)
-            if size > self.max_payload:
-                self.raw = True
-                self.oversized = (request, size)
-                rest = [fd for held in self._fds_at.values() for fd in held]
-                self._fds_at.clear()
-                out.append(Unit(bytes(buf[pos:]), tuple(rest), whole=False))
-                buf.clear()
-                return out
-            end = pos + HEADER_SIZE + size
-            if end > len(buf):
-                break
-            held = self._fds_at.pop(self._base + pos, [])
-            out.append(Unit(bytes(buf[pos:end]), tuple(held)))
-            pos = end
-        if pos:
-            del buf[:pos]
-            self._base += pos
-        return out
-
-    def _attach(self, chunk_start: int, fds: list[int]) -> None:
-        buf = self._buf
-        target = 0
-        pos = 0
-        while pos < len(buf):
-            if pos >= chunk_start:
-                target = pos
-            if len(buf) - pos < HEADER_SIZE:
-                break
-            size = HEADER.unpack_from(buf, pos)[2]
-            if size > self.max_payload:
-                break
-            pos += HEADER_SIZE + size
-        self._fds_at.setdefault(self._base + target, []).extend(fds)
-
-    def close(self) -> None:
-        """Close every fd still held."""
-        for held in self._fds_at.values():
-            _close_fds(held)
-        self._fds_at.clear()
-        self._buf.clear()
 
 
 @attrs.define(eq=False)
@@ -145,7 +51,7 @@ class _Leg:
     direction: str
     channel: Channel
     side: str  # "F" or "B": who writes into src
-    splitter: MessageSplitter = attrs.field(factory=MessageSplitter)
+    stream: RelayedStream
     partner: _Leg | None = None
 
 
@@ -165,16 +71,21 @@ class RelayConnection:
         self.relay = relay
         self.conn = conn
         self.messages = 0
-        self.xen_mmap = False
+        self.protocol = RelayedConnection(RELAY_MAX_PAYLOAD)
         self._legs: dict[int, _Leg] = {}
         self._poll = select.poll()
-        fwd = _Leg(front, back, F2B, Channel.MAIN, "F")
-        rev = _Leg(back, front, B2F, Channel.MAIN, "B")
+        fwd = self._leg(front, back, F2B, Channel.MAIN, "F")
+        rev = self._leg(back, front, B2F, Channel.MAIN, "B")
         self._pair(fwd, rev)
         self._main = (fwd, rev)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._poll.register(self._wake_r, select.POLLIN)
         self.ended = threading.Event()
+
+    def _leg(
+        self, src: socket.socket, dst: socket.socket, direction: str, channel: Channel, side: str
+    ) -> _Leg:
+        return _Leg(src, dst, direction, channel, side, self.protocol.stream(channel))
 
     def _pair(self, a: _Leg, b: _Leg) -> None:
         a.partner, b.partner = b, a
@@ -231,7 +142,7 @@ class RelayConnection:
             if one is None or self._legs.pop(one.src.fileno(), None) is None:
                 continue
             self._poll.unregister(one.src)
-            one.splitter.close()
+            one.stream.close()
             with contextlib.suppress(OSError):
                 one.src.shutdown(socket.SHUT_RDWR)
             one.src.close()
@@ -247,30 +158,28 @@ class RelayConnection:
         if not data:
             _close_fds(fds)
             why = "eof"
-            if leg.splitter.buffered:
-                why = f"eof inside a message ({leg.splitter.buffered} bytes buffered)"
+            if leg.stream.buffered:
+                why = f"eof inside a message ({leg.stream.buffered} bytes buffered)"
             raise _Ended(leg.side, why)
-        for unit in leg.splitter.feed(data, fds):
+        for unit in leg.stream.receive_data(data, fds):
             self._forward(leg, unit, t)
 
-    def _forward(self, leg: _Leg, unit: Unit, t: float) -> None:
+    def _forward(self, leg: _Leg, unit: Message | Unframed, t: float) -> None:
         fds = unit.fds
+        data = unit.raw if isinstance(unit, Message) else unit.data
         swapped: tuple[int, ...] | None = None
-        if unit.whole and leg.channel is Channel.MAIN and leg.direction == F2B:
-            request, flags, _ = HEADER.unpack_from(unit.data)
-            if request == FrontendReq.SET_PROTOCOL_FEATURES and len(unit.data) == HEADER_SIZE + 8:
-                acked = int.from_bytes(unit.data[HEADER_SIZE:], "little")
-                self.xen_mmap = bool(acked & ProtocolFeature.XEN_MMAP)
-            if (
-                request == FrontendReq.SET_BACKEND_REQ_FD
-                and not flags & HeaderFlags.REPLY
-                and len(fds) == 1
-            ):
-                swapped = self._relay_channel(fds[0])
+        if (
+            isinstance(unit, Message)
+            and unit.req is FrontendReq.SET_BACKEND_REQ_FD
+            and leg.direction == F2B
+            and not unit.is_reply
+            and len(fds) == 1
+        ):
+            swapped = self._relay_channel(fds[0])
         other = leg.partner
         assert other is not None
         try:
-            send_with_fds(leg.dst, unit.data, fds if swapped is None else swapped)
+            send_with_fds(leg.dst, data, fds if swapped is None else swapped)
         except OSError as exc:
             self._record(leg, unit, t, undelivered=True)
             raise _Ended(other.side, f"write failed: {exc.strerror or exc}") from None
@@ -282,8 +191,8 @@ class RelayConnection:
         """Keep the front-end's channel socket; give the back-end one end of our own pair."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         original = socket.socket(fileno=frontend_end)
-        up = _Leg(ours, original, B2F, Channel.BACKEND, "B")
-        down = _Leg(original, ours, F2B, Channel.BACKEND, "F")
+        up = self._leg(ours, original, B2F, Channel.BACKEND, "B")
+        down = self._leg(original, ours, F2B, Channel.BACKEND, "F")
         self._pair(up, down)
         self.relay.recorder.event("open", self.conn, channel="backend")
         fd = os.dup(theirs.fileno())
@@ -300,28 +209,25 @@ class RelayConnection:
         except OSError:
             return True
 
-    def _record(self, leg: _Leg, unit: Unit, t: float, *, undelivered: bool = False) -> None:
+    def _record(
+        self, leg: _Leg, unit: Message | Unframed, t: float, *, undelivered: bool = False
+    ) -> None:
         rec = self.relay.recorder
         self.messages += 1
-        if not unit.whole:
+        if isinstance(unit, Unframed):
             fields: dict[str, Any] = {
                 "direction": leg.direction,
                 "size": len(unit.data),
                 "nfds": len(unit.fds),
                 "bytes": unit.data.hex(),
+                "why": f"size field {unit.size} of request {unit.request} beyond the relay's cap",
+                "rule": "VU-FRAME-005",
             }
-            if leg.splitter.oversized is not None:
-                request, size = leg.splitter.oversized
-                fields["why"] = f"size field {size} of request {request} beyond the relay's cap"
-                fields["rule"] = "VU-FRAME-005"
             if leg.channel is not Channel.MAIN:
                 fields["channel"] = leg.channel.value
             rec.add({"t": t, "conn": self.conn, "event": "raw", **fields})
             return
-        request, flags, _ = HEADER.unpack_from(unit.data)
-        msg = decode_message(
-            request, flags, unit.data, channel=leg.channel, nfds=len(unit.fds), xen=self.xen_mmap
-        )
+        msg = unit
         line = message_to_record(
             msg,
             direction=leg.direction,
@@ -515,4 +421,4 @@ def _close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-__all__ = ["RELAY_MAX_PAYLOAD", "MessageSplitter", "Relay", "RelayConnection", "Unit"]
+__all__ = ["RELAY_MAX_PAYLOAD", "Relay", "RelayConnection"]

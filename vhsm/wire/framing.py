@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, NoReturn
 
 import attrs
@@ -27,6 +27,7 @@ from vhsm.wire.enums import (
     Channel,
     FrontendReq,
     HeaderFlags,
+    ProtocolFeature,
     request_name,
 )
 from vhsm.wire.payloads import (
@@ -46,6 +47,7 @@ __all__ = [
     "Channel",
     "Decoder",
     "Message",
+    "Unframed",
     "decode_message",
     "encode",
     "make_reply",
@@ -214,64 +216,170 @@ def decode_message(
     return Message(request, flags, payload, fds, raw, channel, None)
 
 
+@attrs.frozen
+class Unframed:
+    """Bytes a relay passes on uncut: the stream lost its framing at an oversized header.
+
+    ``request`` and ``size`` are the header fields that broke framing; ``fds``
+    are every fd held when it broke (then the fds that came with ``data``).
+    """
+
+    data: bytes
+    fds: tuple[int, ...]
+    request: int
+    size: int
+
+
 class Decoder:
     """Incremental decoder: complete messages across partial reads, many per read.
 
     It owns the fds fed to it until it hands them out in a message. fds go to
     the last message whose header starts in the chunk they came with (Linux
     ends a read with the segment that carried fds), else to the message in
-    progress.
+    progress. How memory regions are read follows the protocol features its
+    owner says were acked (`follow`); nobody sets its flags one by one.
+
+    Args:
+        channel: the channel whose requests and replies it decodes.
+        max_payload: a size field above it breaks framing (VU-FRAME-005).
+        postcopy: decode the postcopy acknowledgements of SET_MEM_TABLE / ADD_MEM_REG.
     """
 
-    def __init__(self, channel: Channel = Channel.MAIN, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        channel: Channel = Channel.MAIN,
+        *,
+        max_payload: int = MAX_PAYLOAD,
+        postcopy: bool = False,
+    ) -> None:
         self.channel = channel
         self.max_payload = max_payload
-        self.xen_mmap = False
-        self.postcopy = False
+        self._acked = 0  # the protocol features regions are decoded by
+        self._postcopy = postcopy
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self._fds_at: dict[int, list[int]] = {}
         self._failed: FramingError | None = None
+        self._lost: Unframed | None = None  # what followed the header that broke framing
+        self._broken: tuple[int, int] | None = None  # (request, size) that broke framing
+
+    @property
+    def xen_mmap(self) -> bool:
+        """Whether memory regions are decoded in their Xen form."""
+        return bool(self._acked & ProtocolFeature.XEN_MMAP)
+
+    @property
+    def acked_protocol_features(self) -> int:
+        """The protocol features the decoder follows (`follow`, or what a relay passed)."""
+        return self._acked
+
+    @property
+    def postcopy(self) -> bool:
+        """Whether postcopy acknowledgements are decoded."""
+        return self._postcopy
+
+    def follow(self, acked_protocol_features: int) -> None:
+        """Decode what follows as the acked protocol features say (XEN_MMAP: Xen regions)."""
+        self._acked = acked_protocol_features
 
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> list[Message]:
-        """Add received bytes (and their fds); return every message now complete."""
+        """Add received bytes (and their fds); return every message now complete.
+
+        Raises:
+            FramingError: a size field beyond ``max_payload`` (the stream is lost).
+        """
         if self._failed is not None:
             _close_fds(fds)
             raise self._failed
+        out: list[Message] = []
+        try:
+            for request, flags, raw, held in self._cut(data, fds):
+                out.append(self._decode(request, flags, raw, held))
+        except FramingError:
+            for msg in out:
+                _close_fds(msg.fds)
+            if self._lost is not None:
+                _close_fds(self._lost.fds)
+                self._lost = None
+            raise
+        return out
+
+    def relay(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()
+    ) -> list[Message | Unframed]:
+        """Like `feed`, for a relay that passes every byte and fd on unchanged.
+
+        A malformed message keeps its fds (its ``error`` says what is wrong);
+        after a framing loss the rest of the stream comes out as `Unframed`.
+        A relay has no session deciding what was negotiated: the protocol
+        features a SET_PROTOCOL_FEATURES request acks are followed as it passes.
+        """
+        if self._broken is not None:
+            return [Unframed(bytes(data), tuple(fds), *self._broken)]
+        if self._failed is not None:
+            _close_fds(fds)
+            raise self._failed
+        out: list[Message | Unframed] = []
+        try:
+            for request, flags, raw, held in self._cut(data, fds):
+                msg = decode_message(
+                    request,
+                    flags,
+                    raw,
+                    channel=self.channel,
+                    nfds=len(held),
+                    xen=self.xen_mmap,
+                    postcopy=self._postcopy,
+                )
+                out.append(attrs.evolve(msg, fds=held))
+                if (
+                    msg.req is FrontendReq.SET_PROTOCOL_FEATURES
+                    and not msg.is_reply
+                    and isinstance(msg.payload, VhostUserU64)
+                ):
+                    self.follow(msg.payload.value)
+        except FramingError:
+            assert self._lost is not None
+            out.append(self._lost)
+            self._lost = None
+        return out
+
+    def _decode(self, request: int, flags: int, raw: bytes, held: tuple[int, ...]) -> Message:
+        return decode_message(
+            request,
+            flags,
+            raw,
+            channel=self.channel,
+            fds=held,
+            xen=self.xen_mmap,
+            postcopy=self._postcopy,
+        )
+
+    def _cut(
+        self, data: bytes | bytearray | memoryview, fds: Sequence[int]
+    ) -> Iterator[tuple[int, int, bytes, tuple[int, ...]]]:
+        """Yield (request, flags, header + payload, fds) of each whole message, in order."""
         buf = self._buf
         chunk_start = len(buf)
         buf += data
         if fds:
             self._attach(chunk_start, list(fds))
-        out: list[Message] = []
         pos = 0
-        end_of_data = len(buf)
-        while end_of_data - pos >= HEADER_SIZE:
-            request, flags, size = HEADER.unpack_from(buf, pos)
-            if size > self.max_payload:
-                for msg in out:
-                    _close_fds(msg.fds)
-                self._fail(request, size)
-            end = pos + HEADER_SIZE + size
-            if end > end_of_data:
-                break
-            held = self._fds_at.pop(self._base + pos, None)
-            out.append(
-                decode_message(
-                    request,
-                    flags,
-                    bytes(buf[pos:end]),
-                    channel=self.channel,
-                    fds=tuple(held) if held else (),
-                    xen=self.xen_mmap,
-                    postcopy=self.postcopy,
-                )
-            )
-            pos = end
-        if pos:
-            del buf[:pos]
-            self._base += pos
-        return out
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                request, flags, size = HEADER.unpack_from(buf, pos)
+                if size > self.max_payload:
+                    self._fail(request, size, pos)
+                end = pos + HEADER_SIZE + size
+                if end > len(buf):
+                    break
+                held = self._fds_at.pop(self._base + pos, None)
+                yield request, flags, bytes(buf[pos:end]), tuple(held) if held else ()
+                pos = end
+        finally:
+            if pos and self._failed is None:
+                del buf[:pos]
+                self._base += pos
 
     def _attach(self, chunk_start: int, fds: list[int]) -> None:
         """Hold ``fds`` for the last message whose header starts in the new chunk."""
@@ -289,11 +397,15 @@ class Decoder:
             pos += HEADER_SIZE + size
         self._fds_at.setdefault(self._base + target, []).extend(fds)
 
-    def _fail(self, request: int, size: int) -> NoReturn:
+    def _fail(self, request: int, size: int, pos: int) -> NoReturn:
         name = request_name(request, self.channel)
         error = FramingError(name, "size", size, f"0..{self.max_payload}", "VU-FRAME-005")
         self._failed = error
-        self._release()
+        self._broken = (request, size)
+        held = tuple(fd for fds in self._fds_at.values() for fd in fds)
+        self._lost = Unframed(bytes(self._buf[pos:]), held, request, size)
+        self._fds_at.clear()
+        self._buf.clear()
         raise error
 
     def _release(self) -> None:
