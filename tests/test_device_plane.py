@@ -1,4 +1,7 @@
-"""DevicePlane rules of §7.4 through a real daemon: a suspended device, disabled rings."""
+"""DevicePlane ring states through a real daemon: a suspended device, disabled rings.
+
+Rules VU-STATE-007 (suspended: no guest writes, no notifications) and VU-STATE-008.
+"""
 
 from __future__ import annotations
 

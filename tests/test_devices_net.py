@@ -322,7 +322,7 @@ def test_started_but_disabled_tx_drops_without_side_effects(mode: str) -> None:
     bench = Bench(NetBackend(mode), size=32)
     try:
         rx = rx_buffers(bench, [1526, 1526])
-        bench.vrings[1].enabled = False  # started, disabled (§7.4)
+        bench.vrings[1].enabled = False  # started, disabled (VU-STATE-008)
         heads = [send(bench, frame(60)), send(bench, frame(90, 1), split_header=True)]
         bad = bench.post(1, [(0x7FFF_0000_0000, 64)], [])
         bench.kick(1)

@@ -1,12 +1,12 @@
 """Faults: back-ends killed mid-write, configuration swapped under I/O, hooks that raise.
 
 * A ``vhsm serve blk`` subprocess is SIGKILLed while writes are in flight and
-  restarted; the front-end reconnects the QEMU way (§7.17: SET_INFLIGHT_FD, rings
+  restarted; the front-end reconnects the QEMU way (SET_INFLIGHT_FD, rings
   resumed at the used index found in guest memory). No acknowledged write is
   lost and every request is completed exactly once.
 * The same with a back-end that stalls on one request (so it is certainly in
   flight, recorded in the inflight buffer, when killed): it must be resubmitted
-  once (§7.15), not also popped again from the avail ring.
+  once (from the inflight region), not also popped again from the avail ring.
 * The front-end process is SIGKILLed mid-write; a new front-end holding the same
   guest memory and inflight buffer reconnects: no acknowledged write is lost,
   every posted request completes exactly once.
@@ -297,7 +297,7 @@ def run_frontend_kill(daemon: Any, sock: Path, image: Path) -> None:
         buffered += _drain(parent)
         acked |= {int(x.split()[0]) for x in buffered.split(b"\n") if x.endswith(b" 0")}
         wait_idle(daemon)
-        # The survivor: same guest memory, same inflight buffer, a new connection (§7.17).
+        # The survivor: same guest memory, same inflight buffer, a new connection.
         from vhsm.wire import VhostUserInflight
 
         fe = Frontend.connect(sock, timeout=WAIT, memory=shared_memory(mem_fd, size))

@@ -408,7 +408,7 @@ def test_random_rings_never_escape_or_hang(
 
 
 def test_avail_index_moved_too_far_is_an_error_not_a_livelock(guest: Guest) -> None:
-    """§8: avail idx - last avail > N is a guest error: signal err once, do not spin on it."""
+    """VU-RING-009: avail idx - last avail > N is a guest error: signal err once, never spin."""
     g = guest
     g.reset_ring()
     g.post(bytes(16 * N), [], N + 1)

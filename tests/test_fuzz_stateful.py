@@ -4,7 +4,7 @@ Random interleavings of negotiation, memory-table changes (SET_MEM_TABLE,
 ADD/REM_MEM_REG), ring start (SET_VRING_KICK) / stop (GET_VRING_BASE) /
 enable / disable, RESET_DEVICE, disconnect / reconnect and verified I/O.
 After every step the daemon's session and vring machines and the rings'
-``started`` / ``enabled`` flags must agree with what the driver did (§7.4);
+``started`` / ``enabled`` flags must agree with what the driver did (VU-STATE-008);
 I/O on a started and enabled ring must complete with the right data; a
 request posted while the ring is disabled must complete once it is enabled;
 the fd count must not grow, and the daemon must report no internal error.
@@ -191,7 +191,7 @@ class DaemonMachine(RuleBasedStateMachine):
     @rule()
     def reconnect(self) -> None:
         assert self.fe is not None
-        self.fe.reconnect(WAIT)  # full set-up again, rings resumed and enabled (§7.17)
+        self.fe.reconnect(WAIT)  # full set-up again, rings resumed and enabled
         self.negotiated = self.memory = self.ring = self.started = self.enabled = True
         self.extra_region = False
         if any(r.guest_phys_addr == EXTRA_GPA for r in self.fe.memory.regions):

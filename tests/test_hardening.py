@@ -162,7 +162,7 @@ class SlowMemoryBackend(EchoBackend):
 
 
 def test_reconnect_right_after_a_disconnect_is_served() -> None:
-    """§7.17: a front-end that closes and connects again must be served, not refused.
+    """A front-end that closes and connects again must be served, not refused.
 
     The daemon is still finishing the old session's last request when the new
     connection arrives; it must wait for that session to end, not treat the

@@ -1,4 +1,4 @@
-"""Inflight I/O across a reconnect (§7.15, §7.17): held requests come back exactly once."""
+"""Inflight I/O across a reconnect: held requests come back exactly once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sans-IO session: machines from specs/, gates, policy, and the §11 rejections."""
+"""The sans-IO session: machines from specs/, gates, policy, and the rule rejections (VU-*)."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_no_reply_without_need_reply(session: Session) -> None:
     assert session.handle(req(R.SET_VRING_NUM, vstate(0, 256))) is None
 
 
-# --- ring state rules of §7.4 ---------------------------------------------------------
+# --- ring state rules (VU-STATE-*) ------------------------------------------------------
 def test_ring_starts_on_kick_and_stops_on_get_vring_base(session: Session) -> None:
     negotiate(session)
     start_ring(session, 0)
@@ -323,7 +323,7 @@ def test_state_listener_sees_changes(session: Session) -> None:
     assert ("session", None, "SUSPENDED", "RUNNING", "set_vring_kick") in seen
 
 
-# --- §11.2 negotiation rejections -------------------------------------------------------
+# --- negotiation rejections (VU-NEG-*)----------------------------------------------------
 def test_n1_protocol_features_without_vf30_offered() -> None:
     session = Session(Device(features=V1))
     with pytest.raises(ProtocolViolation) as info:
@@ -497,7 +497,7 @@ def test_n10_second_set_owner_is_warned(session: Session) -> None:
     assert session.findings[-1].rule_id == "VU-NEG-010"
 
 
-# --- §11.3 ring rejections ------------------------------------------------------------
+# --- ring rejections (VU-RING-*) ----------------------------------------------------------
 @pytest.mark.parametrize(
     "code", [R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE]
 )

@@ -1,4 +1,4 @@
-"""Vrings with an inflight buffer (§7.15): track, "crash", re-attach, resubmit, complete."""
+"""Vrings with an inflight buffer: track, "crash", re-attach, resubmit, complete."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Rig:
         return vring
 
     def resume_base(self) -> int:
-        """What a front-end sends after a disconnect: the used index it has seen (§7.17)."""
+        """What a front-end sends after a disconnect: the used index it has seen."""
         drv = self.drv
         if isinstance(drv, PackedDriver):
             used = drv.last_used | drv.used_wrap << 15

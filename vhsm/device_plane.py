@@ -162,7 +162,7 @@ class DevicePlane:
 
     @property
     def suspended(self) -> bool:
-        """Whether every ring is stopped (§7.4): no back-end-channel messages then."""
+        """Whether every ring is stopped (VU-STATE-007): no back-end-channel messages then."""
         return not any(vring.started for vring in self.vrings)
 
     def ring_error(self, index: int | None, exc: BaseException) -> None:

@@ -1,4 +1,4 @@
-"""The dirty-page log of §7.12: one bit per 4 KiB guest page, shared with the front-end.
+"""The dirty-page log of live migration: one bit per 4 KiB guest page, shared with the front-end.
 
 The front-end reads and clears the bitmap concurrently, so bits are set with an atomic
 byte OR (``__atomic_fetch_or_1`` from libatomic through ctypes). Bytes whose eight pages

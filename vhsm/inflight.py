@@ -1,10 +1,11 @@
-"""Inflight I/O tracking (§7.15, PF 12 INFLIGHT_SHMFD): shared buffers that survive a crash.
+"""Inflight I/O tracking (protocol feature INFLIGHT_SHMFD): shared buffers that survive a crash.
 
 GET_INFLIGHT_FD: :func:`allocate` makes a zeroed, initialised memfd. SET_INFLIGHT_FD:
 :func:`attach` maps it and gives one tracker per queue (:class:`InflightSplit` or
 :class:`InflightPacked`). A ring records every fetched request and every completed batch in
-the order of §7.15; after a restart, ``resubmit()`` repairs a half-recorded last batch and
-returns the requests still in flight, oldest first.
+the order the upstream specification lays down (see the trackers' "Ring protocol"); after a
+restart, ``resubmit()`` repairs a half-recorded last batch and returns the requests still in
+flight, oldest first.
 
 Fields are accessed through memoryview casts of the shared buffer: every 16-bit field is
 written with one aligned 2-byte store, so a crash never leaves a torn field.
@@ -206,7 +207,7 @@ _SPLIT_DTYPE = np.dtype(
 
 
 class InflightSplit:
-    """One split queue's region (§7.15): head flags, fetch counters and the last-batch list.
+    """One split queue's region: head flags, fetch counters and the last-batch list.
 
     Ring protocol: :meth:`fetch` each head taken from the avail ring; to complete a batch,
     :meth:`prepare_batch`, publish the used entries and ``used->idx``, then
@@ -252,7 +253,7 @@ class InflightSplit:
 
     def _mark_recording(self) -> None:
         # The version is written once the region records a position: until then a
-        # back-end that restarts still sees a new region (§7.15 layout, version 1).
+        # back-end that restarts still sees a new region (layout version 1).
         self._h[4] = INFLIGHT_VERSION
         self.new = False
 
@@ -378,7 +379,7 @@ _PACKED_DTYPE = np.dtype(
 
 
 class InflightPacked:
-    """One packed queue's region (§7.15): a free list of descriptor copies and used state.
+    """One packed queue's region: a free list of descriptor copies and used state.
 
     Ring protocol: :meth:`fetch` each chain (returns its slot); to complete a batch of
     slots, :meth:`prepare_batch`, write the used descriptors' flags, then

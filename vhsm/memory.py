@@ -333,7 +333,7 @@ class MappedRegion:
 
 
 def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> None:
-    """M4: refuse a zero-sized region and any range whose end does not fit in 64 bits."""
+    """VU-MEM-004: refuse a zero-sized region and any range whose end does not fit in 64 bits."""
     field = f"region[{index}]"
     size = region.memory_size
     if size <= 0:
@@ -354,7 +354,7 @@ def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> No
 
 
 def _check_overlaps(request: str, regions: Sequence[MappedRegion | VhostUserMemoryRegion]) -> None:
-    """M5: guest-physical ranges must not overlap, nor user-address ranges."""
+    """VU-MEM-005: guest-physical ranges must not overlap, nor user-address ranges."""
     for name in ("guest_phys_addr", "userspace_addr"):
         starts = [(int(getattr(r, name)), i) for i, r in enumerate(regions)]
         starts.sort()
@@ -382,7 +382,7 @@ _Region = TypeVar("_Region", "MappedRegion", "VhostUserMemoryRegion")
 def check_table(
     request: str, regions: Sequence[VhostUserMemoryRegion], nfds: int, max_slots: int
 ) -> None:
-    """A whole new table: one fd per region (VU-MEM-002), slots (VU-MEM-007), M4, M5."""
+    """A whole new table: fds (VU-MEM-002), slots (VU-MEM-007), regions (VU-MEM-004, VU-MEM-005)."""
     if nfds != len(regions):
         raise WireError(request, "fds", nfds, f"{len(regions)} (one per region)", "VU-MEM-002")
     if len(regions) > max_slots:

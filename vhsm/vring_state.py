@@ -181,7 +181,7 @@ class VringState:
         self.set_features(self.features | _EVENT_IDX if enabled else self.features & ~_EVENT_IDX)
 
     def set_queue_size(self, num: int) -> None:
-        """SET_VRING_NUM: ValueError if the layout cannot have that size (R2)."""
+        """SET_VRING_NUM: ValueError if the layout cannot have that size (VU-RING-002)."""
         check_queue_size(num, packed=self.packed)
         if num > self.max_queue_size:
             raise ValueError(f"queue size {num} > maximum {self.max_queue_size}")
@@ -194,7 +194,7 @@ class VringState:
         """SET_VRING_ADDR (guest-physical areas; ``log_addr`` when the LOG flag is set).
 
         Raises:
-            GuestMemoryError: an area is not inside the current memory table (R4).
+            GuestMemoryError: an area is not inside the current memory table (VU-RING-004).
         """
         first = not self.addr_set or (desc, avail, used) != (
             self.desc_addr,

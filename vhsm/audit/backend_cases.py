@@ -1,4 +1,4 @@
-"""The cases of the active back-end suite: legal scenarios, and the bad inputs of §11.
+"""The cases of the active back-end suite: legal scenarios, and one bad input per rule.
 
 Each method returns an outcome and a detail (see `vhsm.audit.probe`), or
 raises `Skip` when the back-end does not offer what the case needs.
@@ -142,7 +142,7 @@ class Scenarios(SuiteCore):
         return self._round_trip(fe, "after the last restart")
 
     def s_disabled_ring(self) -> tuple[Outcome, str]:
-        """A started but disabled ring is processed without side effects (§7.4)."""
+        """A started but disabled ring is processed without side effects (VU-STATE-008)."""
         if self.device not in ("rng", "blk"):
             raise Skip("only judged for rng and blk (net drops frames instead)")
         if not self.offered & VirtioFeature.PROTOCOL_FEATURES:
@@ -311,9 +311,9 @@ def _vsock_round_trip(fe: Frontend) -> None:
 
 
 class BadInputs(SuiteCore):
-    """One bad input of §11 each, judged by `SuiteCore._judge`."""
+    """Bad inputs, each breaking one rule of specs/rules.yaml, judged by `SuiteCore._judge`."""
 
-    # --- §11.1 framing --------------------------------------------------------------------
+    # --- framing (VU-FRAME-*) -------------------------------------------------------------
     def b_flags(self, flags: int) -> tuple[Outcome, str]:
         """GET_FEATURES with bad header flags: any answer means it was taken."""
         fe = self._connect()
@@ -380,7 +380,7 @@ class BadInputs(SuiteCore):
             [os.eventfd(0, os.EFD_CLOEXEC)],
         )
 
-    # --- §11.2 negotiation ------------------------------------------------------------------
+    # --- negotiation (VU-NEG-*) -------------------------------------------------------------
     def b_no_vf30(self) -> tuple[Outcome, str]:
         """GET_PROTOCOL_FEATURES to a back-end that does not offer them."""
         if self.offered & VirtioFeature.PROTOCOL_FEATURES:
@@ -469,7 +469,7 @@ class BadInputs(SuiteCore):
             flags=HeaderFlags.VERSION_1,
         )
 
-    # --- §11.3 rings ------------------------------------------------------------------------
+    # --- rings (VU-RING-*) ------------------------------------------------------------------
     def b_index_num(self) -> tuple[Outcome, str]:
         """SET_VRING_NUM for a ring the device does not have."""
         fe = self._with_memory()
@@ -585,7 +585,7 @@ class BadInputs(SuiteCore):
             [os.eventfd(0, os.EFD_CLOEXEC)],
         )
 
-    # --- §11.4 memory -----------------------------------------------------------------------
+    # --- memory (VU-MEM-*) ------------------------------------------------------------------
     def _table(
         self, fe: Frontend, regions: Sequence[VhostUserMemoryRegion], nfds: int | None = None
     ) -> tuple[Outcome, str]:
@@ -690,7 +690,7 @@ class BadInputs(SuiteCore):
         region = VhostUserMemory((_region(0, 1 << 20, 0x10_0000_0000),))
         return self._bad(fe, FrontendReq.SET_MEM_TABLE, region, [_memfd(4096)])
 
-    # --- §11.5 payloads ---------------------------------------------------------------------
+    # --- payloads (VU-PAY-*) ----------------------------------------------------------------
     def _supported_and(self, feature: ProtocolFeature) -> int:
         return int(self.offered_protocol & (SUPPORTED_PROTOCOL_FEATURES | feature))
 

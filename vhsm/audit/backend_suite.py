@@ -118,7 +118,7 @@ class BackendSuite(Scenarios, BadInputs):
             c("reconnect and resume", "VU-STATE-011", self.s_reconnect),
             c(f"data round trip ({self.device})", "VU-STATE-011", self.s_data),
             c("acks every NEED_REPLY request", "VU-REQ-002", self.s_acks),
-            # §11.1 framing
+            # framing
             c("F1 version bits 0", "VU-FRAME-001", lambda: self.b_flags(0x0)),
             c("F1 version bits 2", "VU-FRAME-001", lambda: self.b_flags(0x2)),
             c("F2 reserved flag bits set", "VU-FRAME-002", lambda: self.b_flags(0x11)),
@@ -134,7 +134,7 @@ class BackendSuite(Scenarios, BadInputs):
             c("F7 connection cut inside a header", "VU-FRAME-007", self.b_truncated),
             c("F8 fd on GET_FEATURES", "VU-FRAME-008", self.b_fd_on_get),
             c("F8 fd on SET_VRING_NUM", "VU-FRAME-008", self.b_fd_on_num),
-            # §11.2 negotiation
+            # negotiation
             c("N1 protocol features not offered", "VU-NEG-001", self.b_no_vf30),
             c("N2 GET_QUEUE_NUM without MQ", "VU-NEG-002", self.b_gate_queue_num),
             c("N2 RESET_DEVICE without RESET_DEVICE", "VU-NEG-002", self.b_gate_reset),
@@ -143,7 +143,7 @@ class BackendSuite(Scenarios, BadInputs):
             c("N4 SET_FEATURES with an un-offered bit", "VU-NEG-004", self.b_unoffered),
             c("N5 SET_PROTOCOL_FEATURES un-offered bit", "VU-NEG-005", self.b_unoffered_pf),
             c("N6 INBAND_NOTIFICATIONS alone", "VU-NEG-006", self.b_inband),
-            # §11.3 rings
+            # rings
             c("R1 SET_VRING_NUM ring 255", "VU-RING-001", self.b_index_num),
             c("R1 SET_VRING_CALL ring 255", "VU-RING-001", self.b_index_call),
             c("R2 ring size 0", "VU-RING-002", lambda: self.b_ring_size(0)),
@@ -160,7 +160,7 @@ class BackendSuite(Scenarios, BadInputs):
             c("R8 SET_VRING_CALL fd and no-fd bit", "VU-RING-008", self.b_call_both),
             c("R8 SET_VRING_ERR with two fds", "VU-RING-008", self.b_err_two),
             c("R8 unused bits in SET_VRING_KICK", "VU-RING-005", self.b_kick_bits),
-            # §11.4 memory
+            # memory
             c("M1 SET_MEM_TABLE with 0 regions", "VU-MEM-001", self.b_zero_regions),
             c("M1 SET_MEM_TABLE with 9 regions", "VU-MEM-001", self.b_nine_regions),
             c("M2 SET_MEM_TABLE region without fd", "VU-MEM-002", self.b_region_nofd),
@@ -177,7 +177,7 @@ class BackendSuite(Scenarios, BadInputs):
             c("M11 SET_LOG_FD without fd", "VU-MEM-011", self.b_log_fd_nofd),
             c("M11 SET_BACKEND_REQ_FD without fd", "VU-MEM-011", self.b_backend_nofd),
             c("M14 region larger than its fd", "VU-MEM-014", self.b_short_fd),
-            # §11.5 other payloads
+            # other payloads
             c("P1 GET_CONFIG size 0", "VU-PAY-001", lambda: self.b_config(0)),
             c("P1 GET_CONFIG size 300", "VU-PAY-001", lambda: self.b_config(300)),
             c("P3 GET_INFLIGHT_FD 0 queues", "VU-PAY-003", self.b_inflight),

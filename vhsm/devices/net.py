@@ -18,7 +18,7 @@ Teaching notes:
   With VIRTIO_NET_F_MRG_RXBUF a frame may fill several receive chains; the header
   in the first one says how many (``num_buffers``). Without receive buffers the
   frame is dropped and counted, as a NIC with a full ring would.
-* A ring that is started but disabled is processed "without side effects" (§7.4):
+* A ring that is started but disabled is processed "without side effects" (VU-STATE-008):
   the device opts in to kicks on such rings (``process_disabled_rings``) and drops
   what a disabled TX ring carries (completed, counted in ``tx_dropped``, never sunk
   or looped back); a disabled RX ring gets no frames.
@@ -72,7 +72,7 @@ class NetStats:
     tx_packets: int = 0
     tx_bytes: int = 0
     tx_errors: int = 0
-    tx_dropped: int = 0  # packets of a started but disabled TX ring (§7.4)
+    tx_dropped: int = 0  # packets of a started but disabled TX ring (VU-STATE-008)
     tx_checksum: int = 0  # sum of the frames' Adler-32 checksums (mod 2^64), sink only
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -207,7 +207,7 @@ class NetBackend(QueuePairBackend):
 
     @staticmethod
     def _drop(tx: VringT, stats: NetStats) -> None:
-        """A started but disabled TX ring (§7.4): complete every packet, send none."""
+        """A started but disabled TX ring (VU-STATE-008): complete every packet, send none."""
         while True:
             batch = tx.pop_batch()
             if not len(batch):

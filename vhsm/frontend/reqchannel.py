@@ -1,4 +1,4 @@
-"""The front-end end of the back-end request channel (§4), served by a thread.
+"""The front-end end of the back-end request channel, served by a thread.
 
 `BackendRequestServer` makes the socket pair of SET_BACKEND_REQ_FD, keeps one
 end, and answers every back-end request in a thread: the handler's u64 is sent

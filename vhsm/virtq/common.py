@@ -16,13 +16,13 @@ from vhsm.wire.enums import MAX_QUEUE_SIZE
 VIRTQ_DESC_F_NEXT = 0x1
 VIRTQ_DESC_F_WRITE = 0x2
 VIRTQ_DESC_F_INDIRECT = 0x4
-# Packed ring descriptor ownership bits (§9).
+# Packed ring descriptor ownership bits (the driver's and the device's wrap counters).
 VIRTQ_DESC_F_AVAIL = 0x80
 VIRTQ_DESC_F_USED = 0x8000
-# Split ring notification suppression flags (§8).
+# Split ring notification suppression flags.
 VRING_AVAIL_F_NO_INTERRUPT = 0x1
 VRING_USED_F_NO_NOTIFY = 0x1
-# Packed ring event suppression flags (§9).
+# Packed ring event suppression flags.
 RING_EVENT_FLAGS_ENABLE = 0x0
 RING_EVENT_FLAGS_DISABLE = 0x1
 RING_EVENT_FLAGS_DESC = 0x2
@@ -244,7 +244,7 @@ def length_list(lens: Sequence[int] | np.ndarray | int, k: int) -> list[int]:
 
 
 def check_queue_size(size: int, *, packed: bool) -> None:
-    """Reject a queue size the ring layout cannot have (§8, §9)."""
+    """Reject a queue size the ring layout cannot have (VU-RING-002; split: a power of two)."""
     if not 1 <= size <= MAX_QUEUE_SIZE:
         raise ValueError(f"queue size {size} not in 1..{MAX_QUEUE_SIZE}")
     if not packed and size & (size - 1):

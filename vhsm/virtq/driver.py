@@ -43,7 +43,7 @@ class RingFull(Exception):
 
 
 class SplitDriver:
-    """Driver half of a split ring (§8)."""
+    """Driver half of a split ring (what a guest's virtio driver does)."""
 
     def __init__(
         self,
@@ -218,7 +218,7 @@ class SplitDriver:
 
 
 class PackedDriver:
-    """Driver half of a packed ring (§9)."""
+    """Driver half of a packed ring (what a guest's virtio driver does)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Device side of a packed virtqueue (§9): one descriptor ring with wrap counters.
+"""Device side of a packed virtqueue: one descriptor ring with wrap counters.
 
 Same error policy as the split ring: a bad chain is consumed and raises
 ``VirtqError(queue, detail, head)`` where ``head`` is the chain's buffer id (complete
@@ -222,7 +222,7 @@ class PackedQueue:
         self._indirect = enabled
 
     def get_base(self) -> int:
-        """GET_VRING_BASE ``num`` (§5.3): avail idx | wrap << 15 | used idx << 16 | wrap << 31."""
+        """GET_VRING_BASE ``num``: avail idx | wrap << 15 | used idx << 16 | wrap << 31."""
         return (
             self._next_avail
             | self._avail_wrap << 15
@@ -838,7 +838,7 @@ class PackedQueue:
         if self._log is not None and self._log_event_gpa is not None:
             self._log.mark(self._log_event_gpa, 4)
 
-    # -------------------------------------------------------- inflight (§7.15)
+    # -------------------------------------------------------- inflight tracking
     def take_in_flight(self, old: PackedQueue) -> None:
         """Take over the buffers ``old`` has in flight (a rebuild over a new memory table)."""
         self._counts_np[:] = old._counts_np

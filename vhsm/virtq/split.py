@@ -1,6 +1,6 @@
-"""Device side of a split virtqueue (§8): pop available chains, publish used elements.
+"""Device side of a split virtqueue: pop available chains, publish used elements.
 
-Error policy (§11.3 R9): everything the guest wrote is checked. A bad chain raises
+Error policy (VU-RING-009): everything the guest wrote is checked. A bad chain raises
 ``VirtqError(queue, detail, head)`` *after* it has been consumed (next avail moved
 past it), so the queue stays usable for the following chains; the caller (the vring)
 completes it with length 0 when ``head`` is a valid index and signals the err fd.
@@ -191,11 +191,11 @@ class SplitQueue:
         self._signalled_used = None
 
     def get_base(self) -> int:
-        """The GET_VRING_BASE ``num`` (§5.3): the next available index."""
+        """The GET_VRING_BASE ``num``: the next available index."""
         return self._next_avail
 
     def set_base(self, num: int) -> None:
-        """Apply a SET_VRING_BASE ``num`` (§5.3); bits 16-31 are reserved."""
+        """Apply a SET_VRING_BASE ``num``; bits 16-31 are reserved (VU-RING-005)."""
         if num >> 16:
             raise ValueError(f"split ring base {num:#x} has reserved bits 16-31 set")
         self.set_next_avail(num)
@@ -507,7 +507,7 @@ class SplitQueue:
 
     # ------------------------------------------------------------- batches
     def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
-        """Consume up to ``max_chains`` available entries at once (numpy, §8).
+        """Consume up to ``max_chains`` available entries at once (numpy).
 
         Fast path (the usual burst): every entry a single descriptor, all in one region;
         one gather, four reductions and a subtraction check the whole burst.

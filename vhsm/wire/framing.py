@@ -1,4 +1,4 @@
-"""Message framing (digest §2, §11.1): the 12-byte header and an incremental decoder.
+"""Message framing (rules VU-FRAME-*): the 12-byte header and an incremental decoder.
 
 Sans-IO: :class:`Decoder` takes the bytes and fds a transport received and
 returns :class:`Message` objects; :func:`encode` turns a message into bytes.

@@ -1,4 +1,4 @@
-"""Payload layouts of vhost-user messages (digest §5), one frozen attrs class each.
+"""Payload layouts of vhost-user messages, one frozen attrs class each.
 
 Every class has a precompiled little-endian ``STRUCT``, ``to_bytes()`` and a
 ``from_bytes(data, request, xen=False)`` class method that checks the size and
@@ -51,7 +51,7 @@ def _check_u64_sum(request: str, field: str, base: int, size: int, rule: str) ->
 
 @attrs.frozen
 class VhostUserU64:
-    """A single u64 (§5.1): feature words, acks, status, queue counts."""
+    """A single u64: feature words, acks, status, queue counts."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<Q")
     SIZE: ClassVar[int] = 8
@@ -71,7 +71,7 @@ class VhostUserU64:
 
 @attrs.frozen
 class VhostUserVringState:
-    """``struct vhost_vring_state`` (§5.2): a ring index and a number."""
+    """``struct vhost_vring_state``: a ring index and a number."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<II")
     SIZE: ClassVar[int] = 8
@@ -92,7 +92,7 @@ class VhostUserVringState:
 
 @attrs.frozen
 class VhostUserVringAddr:
-    """``struct vhost_vring_addr`` (§5.4); note the order desc, used, avail."""
+    """``struct vhost_vring_addr``; note the order desc, used, avail."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
     SIZE: ClassVar[int] = 40
@@ -112,7 +112,7 @@ class VhostUserVringAddr:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (R3: flag bits and alignment)."""
+        """Decode and check the payload (VU-RING-003: flag bits and alignment)."""
         _check_size(data, cls.SIZE, request)
         addr = cls(*cls.STRUCT.unpack_from(data))
         if addr.flags & ~VRING_F_LOG:
@@ -165,7 +165,7 @@ class VhostUserMemoryRegion:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check one descriptor (M4)."""
+        """Decode and check one descriptor (VU-MEM-004)."""
         _check_size(data, cls.size_for(xen), request)
         return cls._unpack(data, 0, request, xen, "")
 
@@ -204,7 +204,7 @@ class VhostUserMemoryRegion:
 
 @attrs.frozen
 class VhostUserMemory:
-    """The SET_MEM_TABLE payload (§5.6): nregions, padding, then the regions."""
+    """The SET_MEM_TABLE payload: nregions, padding, then the regions."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<II")
     HEADER_SIZE: ClassVar[int] = 8
@@ -214,7 +214,7 @@ class VhostUserMemory:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the table (M1, M3, M4)."""
+        """Decode and check the table (VU-MEM-001, VU-MEM-003, VU-MEM-004)."""
         if len(data) < cls.HEADER_SIZE:
             raise WireError(request, "size", len(data), "8 + 32 x nregions bytes", _FRAME_SIZE)
         nregions, padding = cls.STRUCT.unpack_from(data)
@@ -243,7 +243,7 @@ class VhostUserMemory:
 
 @attrs.frozen
 class VhostUserSingleMemoryRegion:
-    """The ADD_MEM_REG / REM_MEM_REG payload (§5.7): 8 bytes of padding and one region."""
+    """The ADD_MEM_REG / REM_MEM_REG payload: 8 bytes of padding and one region."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<Q")
     SIZE: ClassVar[int] = 40
@@ -259,7 +259,7 @@ class VhostUserSingleMemoryRegion:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (M4)."""
+        """Decode and check the payload (VU-MEM-004)."""
         _check_size(data, cls.size_for(xen), request)
         (padding,) = cls.STRUCT.unpack_from(data)
         region = VhostUserMemoryRegion._unpack(data, 8, request, xen, "region.")
@@ -272,7 +272,7 @@ class VhostUserSingleMemoryRegion:
 
 @attrs.frozen
 class VhostUserConfig:
-    """The GET_CONFIG / SET_CONFIG payload (§5.8): offset, size, flags, then config bytes."""
+    """The GET_CONFIG / SET_CONFIG payload: offset, size, flags, then config bytes."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<III")
     HEADER_SIZE: ClassVar[int] = 12
@@ -284,7 +284,7 @@ class VhostUserConfig:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (P1)."""
+        """Decode and check the payload (VU-PAY-001)."""
         if len(data) < cls.HEADER_SIZE:
             raise WireError(request, "size", len(data), "12 + config size bytes", _FRAME_SIZE)
         offset, size, flags = cls.STRUCT.unpack_from(data)
@@ -305,7 +305,7 @@ class VhostUserConfig:
 
 @attrs.frozen
 class VhostUserIotlb:
-    """``struct vhost_iotlb_msg`` (§5.9); the 6 tail padding bytes are not kept."""
+    """``struct vhost_iotlb_msg``; the 6 tail padding bytes are not kept."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQBB6x")
     SIZE: ClassVar[int] = 32
@@ -334,7 +334,7 @@ class VhostUserIotlb:
 
 @attrs.frozen
 class VhostUserLog:
-    """The SET_LOG_BASE log description (§5.10)."""
+    """The SET_LOG_BASE log description."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQ")
     SIZE: ClassVar[int] = 16
@@ -344,7 +344,7 @@ class VhostUserLog:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (M10)."""
+        """Decode and check the payload (VU-MEM-010)."""
         _check_size(data, cls.SIZE, request)
         log = cls(*cls.STRUCT.unpack_from(data))
         if log.mmap_size == 0:
@@ -359,7 +359,7 @@ class VhostUserLog:
 
 @attrs.frozen
 class VhostUserVringArea:
-    """The BACKEND_VRING_HOST_NOTIFIER_MSG payload (§5.11)."""
+    """The BACKEND_VRING_HOST_NOTIFIER_MSG payload."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQ")
     SIZE: ClassVar[int] = 24
@@ -394,7 +394,7 @@ class VhostUserVringArea:
 
 @attrs.frozen
 class VhostUserInflight:
-    """The GET/SET_INFLIGHT_FD description (§5.12), 24 bytes with tail padding."""
+    """The GET/SET_INFLIGHT_FD description, 24 bytes with tail padding."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
     SIZE: ClassVar[int] = 24
@@ -406,7 +406,7 @@ class VhostUserInflight:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (P3)."""
+        """Decode and check the payload (VU-PAY-003)."""
         if len(data) != cls.SIZE:
             raise WireError(request, "size", len(data), "exactly 24 bytes", "VU-PAY-003")
         inflight = cls(*cls.STRUCT.unpack_from(data))
@@ -423,7 +423,7 @@ class VhostUserInflight:
 
 @attrs.frozen
 class VhostUserShared:
-    """A shared-object UUID (§5.13), RFC-4122 byte order on the wire."""
+    """A shared-object UUID, RFC-4122 byte order on the wire."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("16s")
     SIZE: ClassVar[int] = 16
@@ -432,7 +432,7 @@ class VhostUserShared:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (P6: neither nil nor all-ones)."""
+        """Decode and check the payload (VU-PAY-006: neither nil nor all-ones)."""
         _check_size(data, cls.SIZE, request)
         value = UUID(bytes=bytes(data))
         if value.int in (0, (1 << 128) - 1):
@@ -446,7 +446,7 @@ class VhostUserShared:
 
 @attrs.frozen
 class VhostUserTransferDeviceState:
-    """The SET_DEVICE_STATE_FD transfer parameters (§5.14)."""
+    """The SET_DEVICE_STATE_FD transfer parameters."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<II")
     SIZE: ClassVar[int] = 8
@@ -456,7 +456,7 @@ class VhostUserTransferDeviceState:
 
     @classmethod
     def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (P5)."""
+        """Decode and check the payload (VU-PAY-005)."""
         _check_size(data, cls.SIZE, request)
         params = cls(*cls.STRUCT.unpack_from(data))
         if params.direction not in (0, 1):
@@ -474,7 +474,7 @@ class VhostUserTransferDeviceState:
 
 @attrs.frozen
 class VhostUserMMap:
-    """The BACKEND_SHMEM_MAP / UNMAP payload (§5.15); padding bytes are not kept."""
+    """The BACKEND_SHMEM_MAP / UNMAP payload; padding bytes are not kept."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<B7xQQQQ")
     SIZE: ClassVar[int] = 40
@@ -498,7 +498,7 @@ class VhostUserMMap:
 
 @attrs.frozen
 class VhostUserShMemConfig:
-    """The GET_SHMEM_CONFIG reply (§5.16): region count and 256 sizes indexed by shmid."""
+    """The GET_SHMEM_CONFIG reply: region count and 256 sizes indexed by shmid."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(f"<II{SHMEM_REGIONS}Q")
     SIZE: ClassVar[int] = 8 + 8 * SHMEM_REGIONS
@@ -521,7 +521,7 @@ class VhostUserShMemConfig:
 
 @attrs.frozen
 class VhostUserVringFd:
-    """The u64 of SET_VRING_KICK / CALL / ERR (§5.17): ring index and the no-fd bit."""
+    """The u64 of SET_VRING_KICK / CALL / ERR: ring index and the no-fd bit."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<Q")
     SIZE: ClassVar[int] = 8
