@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vhsm.errors import BackendError, VirtqError
-from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS, ProtocolFeature
+from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS, ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
     from vhsm.memory import GuestMemoryAtomic
@@ -41,6 +41,29 @@ IMPLEMENTED_PROTOCOL_FEATURES = int(
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
+
+#: The protocol features of a device with config space that needs neither the
+#: back-end channel, dirty logging nor inflight tracking (TAP net, vsock).
+CONFIG_DEVICE_PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+
+#: The split-ring features the vhsm runtime implements, and
+#: VHOST_USER_F_PROTOCOL_FEATURES: what every device offers at the least.
+SPLIT_RING_FEATURES = int(
+    VirtioFeature.VERSION_1
+    | VirtioFeature.RING_INDIRECT_DESC
+    | VirtioFeature.RING_EVENT_IDX
+    | VirtioFeature.PROTOCOL_FEATURES
+)
+
+#: `SPLIT_RING_FEATURES` and packed rings.
+RING_FEATURES = SPLIT_RING_FEATURES | int(VirtioFeature.RING_PACKED)
 
 #: EPOLLIN, as `handle_event` receives it for a kick.
 EPOLLIN = 0x001

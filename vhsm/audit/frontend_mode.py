@@ -25,7 +25,13 @@ from vhsm.audit.record import Relay
 from vhsm.audit.report import Report
 from vhsm.audit.trace import audit_trace
 from vhsm.audit.transcript import parse_lines
-from vhsm.backend import EPOLLIN, IMPLEMENTED_PROTOCOL_FEATURES, VhostUserBackend, drain
+from vhsm.backend import (
+    EPOLLIN,
+    IMPLEMENTED_PROTOCOL_FEATURES,
+    SPLIT_RING_FEATURES,
+    VhostUserBackend,
+    drain,
+)
 from vhsm.errors import BackendError
 from vhsm.wire import BlkFeature, NetFeature, VirtioFeature
 from vhsm.wire.enums import MAX_QUEUE_SIZE
@@ -61,13 +67,7 @@ class GenericBackend(VhostUserBackend):
 
     def features(self) -> int:
         """Ring features, LOG_ALL and VHOST_USER_F_PROTOCOL_FEATURES."""
-        return int(
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.PROTOCOL_FEATURES
-            | VirtioFeature.LOG_ALL
-        )
+        return SPLIT_RING_FEATURES | int(VirtioFeature.LOG_ALL)
 
     def protocol_features(self) -> int:
         """Every protocol feature the vhsm runtime implements."""

@@ -31,7 +31,13 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vhsm.backend import EPOLLIN, IMPLEMENTED_PROTOCOL_FEATURES, VhostUserBackend, drain
+from vhsm.backend import (
+    EPOLLIN,
+    IMPLEMENTED_PROTOCOL_FEATURES,
+    RING_FEATURES,
+    VhostUserBackend,
+    drain,
+)
 from vhsm.errors import BackendError
 from vhsm.wire.enums import BlkFeature, VirtioFeature
 
@@ -107,11 +113,7 @@ class BlkBackend(VhostUserBackend):
     def features(self) -> int:
         """Ring features, vhost-user's PROTOCOL_FEATURES and LOG_ALL, and the blk features."""
         bits = (
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.RING_PACKED
-            | VirtioFeature.PROTOCOL_FEATURES
+            RING_FEATURES
             | VirtioFeature.LOG_ALL
             | BlkFeature.SIZE_MAX
             | BlkFeature.SEG_MAX

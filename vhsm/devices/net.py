@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vhsm import speedups
-from vhsm.backend import EPOLLIN, VhostUserBackend
+from vhsm.backend import EPOLLIN, RING_FEATURES, VhostUserBackend
 from vhsm.errors import BackendError, VirtqError
 from vhsm.virtq.common import sum_of
-from vhsm.wire.enums import NetFeature, ProtocolFeature, VirtioFeature
+from vhsm.wire.enums import NetFeature, ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.batch import Batch
@@ -143,14 +143,7 @@ class NetBackend(QueuePairBackend):
     # --- negotiation -------------------------------------------------------------------
     def features(self) -> int:
         """Ring features, MRG_RXBUF, and MQ (with the CTRL_VQ it requires) for several pairs."""
-        bits = (
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.RING_PACKED
-            | VirtioFeature.PROTOCOL_FEATURES
-            | NetFeature.MRG_RXBUF
-        )
+        bits = RING_FEATURES | NetFeature.MRG_RXBUF
         if self.queue_pairs > 1:
             bits |= NetFeature.MQ | NetFeature.CTRL_VQ
         return int(bits)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vhsm.backend import CONFIG_DEVICE_PROTOCOL_FEATURES, SPLIT_RING_FEATURES
 from vhsm.devices.net import MAX_QUEUE_SIZE, QueuePairBackend
 from vhsm.devices.tap import (
     TUN_F_CSUM,
@@ -41,7 +42,7 @@ from vhsm.devices.tap import (
     Tap,
 )
 from vhsm.errors import BackendError, VhsmError, VirtqError
-from vhsm.wire.enums import NetFeature, ProtocolFeature, VirtioFeature
+from vhsm.wire.enums import NetFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -143,15 +144,7 @@ class TapNetBackend(QueuePairBackend):
     # --- negotiation --------------------------------------------------------------------
     def features(self) -> int:
         """Split rings, MRG_RXBUF, MAC, MTU, MQ for several pairs, the TAP's offloads."""
-        bits = (
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.PROTOCOL_FEATURES
-            | NetFeature.MRG_RXBUF
-            | NetFeature.MAC
-            | NetFeature.MTU
-        )
+        bits = SPLIT_RING_FEATURES | NetFeature.MRG_RXBUF | NetFeature.MAC | NetFeature.MTU
         for offload, offered in OFFLOAD_FEATURES.items():
             if self.tap.offloads & offload:
                 bits |= offered
@@ -175,14 +168,7 @@ class TapNetBackend(QueuePairBackend):
 
     def protocol_features(self) -> int:
         """Multiqueue, acks, config space, memory slots, device reset, the status byte."""
-        return int(
-            ProtocolFeature.MQ
-            | ProtocolFeature.REPLY_ACK
-            | ProtocolFeature.CONFIG
-            | ProtocolFeature.CONFIGURE_MEM_SLOTS
-            | ProtocolFeature.RESET_DEVICE
-            | ProtocolFeature.STATUS
-        )
+        return CONFIG_DEVICE_PROTOCOL_FEATURES
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``struct virtio_net_config``: MAC, status, max_virtqueue_pairs, MTU."""

@@ -15,9 +15,9 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vhsm.backend import EPOLLIN, VhostUserBackend, drain
+from vhsm.backend import EPOLLIN, RING_FEATURES, VhostUserBackend, drain
 from vhsm.errors import BackendError
-from vhsm.wire.enums import ProtocolFeature, VirtioFeature
+from vhsm.wire.enums import ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq import DescriptorChain
@@ -37,13 +37,7 @@ class RngBackend(VhostUserBackend):
 
     def features(self) -> int:
         """Ring features only (QEMU acks INDIRECT_DESC and EVENT_IDX anyway: offer them)."""
-        return int(
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.RING_PACKED
-            | VirtioFeature.PROTOCOL_FEATURES
-        )
+        return RING_FEATURES
 
     def protocol_features(self) -> int:
         """No config space, so no CONFIG."""

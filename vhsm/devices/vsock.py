@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vhsm.backend import VhostUserBackend
+from vhsm.backend import CONFIG_DEVICE_PROTOCOL_FEATURES, RING_FEATURES, VhostUserBackend
 from vhsm.daemon import Listener
 from vhsm.devices.vsock_conn import BUF_ALLOC, State, VsockConnection
 from vhsm.devices.vsock_packet import (
@@ -55,7 +55,7 @@ from vhsm.devices.vsock_packet import (
 )
 from vhsm.devices.vsock_state import VsockStateTransfer
 from vhsm.errors import BackendError, VhsmError, VirtqError
-from vhsm.wire.enums import ProtocolFeature, VirtioFeature
+from vhsm.wire.enums import ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -162,25 +162,11 @@ class VsockBackend(VhostUserBackend):
 
     def features(self) -> int:
         """Ring features; stream sockets need no device bit."""
-        return int(
-            VirtioFeature.VERSION_1
-            | VirtioFeature.RING_INDIRECT_DESC
-            | VirtioFeature.RING_EVENT_IDX
-            | VirtioFeature.RING_PACKED
-            | VirtioFeature.PROTOCOL_FEATURES
-        )
+        return RING_FEATURES
 
     def protocol_features(self) -> int:
         """Config space (QEMU reads the CID from it), acks, and device-state transfer."""
-        return int(
-            ProtocolFeature.MQ
-            | ProtocolFeature.REPLY_ACK
-            | ProtocolFeature.CONFIG
-            | ProtocolFeature.CONFIGURE_MEM_SLOTS
-            | ProtocolFeature.RESET_DEVICE
-            | ProtocolFeature.STATUS
-            | ProtocolFeature.DEVICE_STATE
-        )
+        return CONFIG_DEVICE_PROTOCOL_FEATURES | int(ProtocolFeature.DEVICE_STATE)
 
     def queues_per_thread(self) -> Sequence[Sequence[int]]:
         """One worker for the queues and every socket."""

@@ -24,6 +24,7 @@ from typing import Any, Self
 
 import attrs
 
+from vhsm.backend import SPLIT_RING_FEATURES
 from vhsm.errors import BackendError, VhsmError
 from vhsm.frontend.connection import Connection, Recorder
 from vhsm.frontend.memory import FrontendMemory
@@ -51,13 +52,9 @@ from vhsm.wire import (
     request_spec,
 )
 
-#: Virtio feature bits the driver side implements (device-specific bits are added as offered).
-SUPPORTED_FEATURES = (
-    VirtioFeature.VERSION_1
-    | VirtioFeature.RING_INDIRECT_DESC
-    | VirtioFeature.RING_EVENT_IDX
-    | VirtioFeature.PROTOCOL_FEATURES
-)
+#: Virtio feature bits the driver side implements (device-specific bits are added as offered):
+#: the split-ring features the runtime implements on both sides.
+SUPPORTED_FEATURES = SPLIT_RING_FEATURES
 #: Device-specific feature ranges: bits 0-23 and 50-63.
 DEVICE_FEATURE_MASK = ((1 << 24) - 1) | (((1 << 64) - 1) ^ ((1 << 50) - 1))
 #: Protocol features accepted by default (when offered).
