@@ -10,9 +10,11 @@ never validates, so tests and the auditor can build bad payloads on purpose.
 
 from __future__ import annotations
 
+import operator
 import struct
 import sys
-from typing import ClassVar, Self, TypeAlias
+from collections.abc import Callable
+from typing import Any, ClassVar, Self, TypeAlias
 from uuid import UUID
 
 import attrs
@@ -39,9 +41,9 @@ SHMEM_REGIONS = 256
 _FRAME_SIZE = "VU-FRAME-006"
 
 
-def _check_size(data: Buffer, size: int, request: str) -> None:
+def _check_size(data: Buffer, size: int, request: str, rule: str = _FRAME_SIZE) -> None:
     if len(data) != size:
-        raise WireError(request, "size", len(data), f"exactly {size} bytes", _FRAME_SIZE)
+        raise WireError(request, "size", len(data), f"exactly {size} bytes", rule)
 
 
 def _check_u64_sum(request: str, field: str, base: int, size: int, rule: str) -> None:
@@ -50,7 +52,52 @@ def _check_u64_sum(request: str, field: str, base: int, size: int, rule: str) ->
 
 
 @attrs.frozen
-class VhostUserU64:
+class _FixedPayload:
+    """A fixed-size payload whose attrs fields are the items of its ``STRUCT``, in order.
+
+    ``from_bytes`` checks the size (against ``SIZE``, breaking ``SIZE_RULE``),
+    unpacks every field and runs the class's ``_check``; ``to_bytes`` packs the
+    fields back. A payload with another layout overrides both.
+    """
+
+    STRUCT: ClassVar[struct.Struct]
+    SIZE: ClassVar[int]
+    SIZE_RULE: ClassVar[str] = _FRAME_SIZE
+
+    @classmethod
+    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
+        """Decode and check the payload (size, then the class's own rules)."""
+        _check_size(data, cls.SIZE, request, cls.SIZE_RULE)
+        payload = cls(*cls.STRUCT.unpack_from(data))
+        payload._check(request)
+        return payload
+
+    def _check(self, request: str) -> None:
+        """Raise a WireError naming the field when the payload breaks its own rules."""
+
+    def to_bytes(self) -> bytes:
+        """Encode the payload."""
+        get = _FIELD_GETTERS.get(type(self)) or _field_getter(type(self))
+        return self.STRUCT.pack(*get(self))
+
+
+_FIELD_GETTERS: dict[type[_FixedPayload], Callable[[_FixedPayload], tuple[Any, ...]]] = {}
+
+
+def _field_getter(cls: type[_FixedPayload]) -> Callable[[_FixedPayload], tuple[Any, ...]]:
+    """Build (once per class) a getter of the fields of ``cls`` in STRUCT order, as a tuple.
+
+    ``attrs.astuple`` would walk the fields on every call, several times slower.
+    """
+    names = [field.name for field in attrs.fields(cls)]
+    get = operator.attrgetter(*names)
+    getter = get if len(names) > 1 else lambda payload: (get(payload),)
+    _FIELD_GETTERS[cls] = getter
+    return getter
+
+
+@attrs.frozen
+class VhostUserU64(_FixedPayload):
     """A single u64: feature words, acks, status, queue counts."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<Q")
@@ -58,19 +105,9 @@ class VhostUserU64:
 
     value: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload."""
-        _check_size(data, cls.SIZE, request)
-        return cls(cls.STRUCT.unpack_from(data)[0])
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.value)
-
 
 @attrs.frozen
-class VhostUserVringState:
+class VhostUserVringState(_FixedPayload):
     """``struct vhost_vring_state``: a ring index and a number."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<II")
@@ -79,19 +116,9 @@ class VhostUserVringState:
     index: int
     num: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload."""
-        _check_size(data, cls.SIZE, request)
-        return cls(*cls.STRUCT.unpack_from(data))
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.index, self.num)
-
 
 @attrs.frozen
-class VhostUserVringAddr:
+class VhostUserVringAddr(_FixedPayload):
     """``struct vhost_vring_addr``; note the order desc, used, avail."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
@@ -110,31 +137,16 @@ class VhostUserVringAddr:
         """Whether used-ring writes must be logged (``VHOST_VRING_F_LOG``)."""
         return bool(self.flags & VRING_F_LOG)
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (VU-RING-003: flag bits and alignment)."""
-        _check_size(data, cls.SIZE, request)
-        addr = cls(*cls.STRUCT.unpack_from(data))
-        if addr.flags & ~VRING_F_LOG:
+    def _check(self, request: str) -> None:
+        """VU-RING-003: flag bits and alignment."""
+        if self.flags & ~VRING_F_LOG:
             raise WireError(
-                request, "flags", addr.flags, "0 or 0x1 (VHOST_VRING_F_LOG)", "VU-RING-003"
+                request, "flags", self.flags, "0 or 0x1 (VHOST_VRING_F_LOG)", "VU-RING-003"
             )
-        for name, align in cls.ALIGN:
-            value = getattr(addr, name)
+        for name, align in self.ALIGN:
+            value = getattr(self, name)
             if value % align:
                 raise WireError(request, name, value, f"a multiple of {align}", "VU-RING-003")
-        return addr
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(
-            self.index,
-            self.flags,
-            self.desc_user_addr,
-            self.used_user_addr,
-            self.avail_user_addr,
-            self.log_guest_addr,
-        )
 
 
 @attrs.frozen
@@ -304,7 +316,7 @@ class VhostUserConfig:
 
 
 @attrs.frozen
-class VhostUserIotlb:
+class VhostUserIotlb(_FixedPayload):
     """``struct vhost_iotlb_msg``; the 6 tail padding bytes are not kept."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQBB6x")
@@ -316,24 +328,16 @@ class VhostUserIotlb:
     perm: int
     type: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (perm 0..3, type 1..4)."""
-        _check_size(data, cls.SIZE, request)
-        msg = cls(*cls.STRUCT.unpack_from(data))
-        if msg.perm > 3:
-            raise WireError(request, "perm", msg.perm, "0..3", "VU-PAY-007")
-        if not 1 <= msg.type <= 4:
-            raise WireError(request, "type", msg.type, "1..4", "VU-PAY-007")
-        return msg
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
+    def _check(self, request: str) -> None:
+        """Permissions 0..3, message type 1..4."""
+        if self.perm > 3:
+            raise WireError(request, "perm", self.perm, "0..3", "VU-PAY-007")
+        if not 1 <= self.type <= 4:
+            raise WireError(request, "type", self.type, "1..4", "VU-PAY-007")
 
 
 @attrs.frozen
-class VhostUserLog:
+class VhostUserLog(_FixedPayload):
     """The SET_LOG_BASE log description."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQ")
@@ -342,23 +346,15 @@ class VhostUserLog:
     mmap_size: int
     mmap_offset: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (VU-MEM-010)."""
-        _check_size(data, cls.SIZE, request)
-        log = cls(*cls.STRUCT.unpack_from(data))
-        if log.mmap_size == 0:
+    def _check(self, request: str) -> None:
+        """VU-MEM-010: a size, and no wrap past 2**64."""
+        if self.mmap_size == 0:
             raise WireError(request, "mmap_size", 0, ">= 1", "VU-MEM-010")
-        _check_u64_sum(request, "mmap_offset", log.mmap_offset, log.mmap_size, "VU-MEM-010")
-        return log
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.mmap_size, self.mmap_offset)
+        _check_u64_sum(request, "mmap_offset", self.mmap_offset, self.mmap_size, "VU-MEM-010")
 
 
 @attrs.frozen
-class VhostUserVringArea:
+class VhostUserVringArea(_FixedPayload):
     """The BACKEND_VRING_HOST_NOTIFIER_MSG payload."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQQ")
@@ -378,47 +374,31 @@ class VhostUserVringArea:
         """True when no fd is attached (bit 8)."""
         return bool(self.u64 & VRING_NOFD_MASK)
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (bits 9-63 of the u64 are zero)."""
-        _check_size(data, cls.SIZE, request)
-        area = cls(*cls.STRUCT.unpack_from(data))
-        if area.u64 & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
-            raise WireError(request, "u64", area.u64, "bits 0-8 only", "VU-RING-005")
-        return area
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.u64, self.size, self.offset)
+    def _check(self, request: str) -> None:
+        """Bits 9-63 of the u64 are zero."""
+        if self.u64 & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise WireError(request, "u64", self.u64, "bits 0-8 only", "VU-RING-005")
 
 
 @attrs.frozen
-class VhostUserInflight:
+class VhostUserInflight(_FixedPayload):
     """The GET/SET_INFLIGHT_FD description, 24 bytes with tail padding."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
     SIZE: ClassVar[int] = 24
+    SIZE_RULE: ClassVar[str] = "VU-PAY-003"
 
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (VU-PAY-003)."""
-        if len(data) != cls.SIZE:
-            raise WireError(request, "size", len(data), "exactly 24 bytes", "VU-PAY-003")
-        inflight = cls(*cls.STRUCT.unpack_from(data))
-        if inflight.num_queues == 0:
+    def _check(self, request: str) -> None:
+        """VU-PAY-003: at least one queue of at least one entry."""
+        if self.num_queues == 0:
             raise WireError(request, "num_queues", 0, "1..65535", "VU-PAY-003")
-        if inflight.queue_size == 0:
+        if self.queue_size == 0:
             raise WireError(request, "queue_size", 0, "1..65535", "VU-PAY-003")
-        return inflight
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
 
 
 @attrs.frozen
@@ -445,7 +425,7 @@ class VhostUserShared:
 
 
 @attrs.frozen
-class VhostUserTransferDeviceState:
+class VhostUserTransferDeviceState(_FixedPayload):
     """The SET_DEVICE_STATE_FD transfer parameters."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<II")
@@ -454,26 +434,18 @@ class VhostUserTransferDeviceState:
     direction: int
     phase: int
 
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload (VU-PAY-005)."""
-        _check_size(data, cls.SIZE, request)
-        params = cls(*cls.STRUCT.unpack_from(data))
-        if params.direction not in (0, 1):
+    def _check(self, request: str) -> None:
+        """VU-PAY-005: a known direction, the stopped phase."""
+        if self.direction not in (0, 1):
             raise WireError(
-                request, "direction", params.direction, "0 (save) or 1 (load)", "VU-PAY-005"
+                request, "direction", self.direction, "0 (save) or 1 (load)", "VU-PAY-005"
             )
-        if params.phase != 0:
-            raise WireError(request, "phase", params.phase, "0 (stopped)", "VU-PAY-005")
-        return params
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.direction, self.phase)
+        if self.phase != 0:
+            raise WireError(request, "phase", self.phase, "0 (stopped)", "VU-PAY-005")
 
 
 @attrs.frozen
-class VhostUserMMap:
+class VhostUserMMap(_FixedPayload):
     """The BACKEND_SHMEM_MAP / UNMAP payload; padding bytes are not kept."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<B7xQQQQ")
@@ -484,16 +456,6 @@ class VhostUserMMap:
     shm_offset: int
     len: int
     flags: int
-
-    @classmethod
-    def from_bytes(cls, data: Buffer, request: str = "-", xen: bool = False) -> Self:
-        """Decode and check the payload."""
-        _check_size(data, cls.SIZE, request)
-        return cls(*cls.STRUCT.unpack_from(data))
-
-    def to_bytes(self) -> bytes:
-        """Encode the payload."""
-        return self.STRUCT.pack(self.shmid, self.fd_offset, self.shm_offset, self.len, self.flags)
 
 
 @attrs.frozen
