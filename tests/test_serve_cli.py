@@ -458,3 +458,59 @@ def steady_fds(pid: int) -> int:
         pause()
         seen.append(daemon_fds(pid))
     return seen[-1]
+
+
+# --- Xen: `--xen` -----------------------------------------------------------------------------
+def test_xen_without_privcmd_is_one_line_naming_the_device(capsys, workdir) -> None:
+    xen_dir = workdir / "xen"
+    err = one_line_error(
+        capsys, ["serve", "rng", "--socket", str(workdir / "s"), "--xen", "--xen-dir", str(xen_dir)]
+    )
+    assert f"--xen needs {xen_dir / 'privcmd'}: No such file or directory" in err
+    assert not (workdir / "s").exists()
+
+
+def test_xen_default_device_is_dev_xen_privcmd(capsys, workdir) -> None:
+    if Path("/dev/xen/privcmd").exists():
+        pytest.skip("a Xen domain: /dev/xen/privcmd exists")
+    err = one_line_error(capsys, ["serve", "rng", "--socket", str(workdir / "s"), "--xen"])
+    assert "--xen needs /dev/xen/privcmd" in err
+
+
+def test_xen_offers_xen_mmap_and_refuses_a_grant_region_without_gntdev(workdir) -> None:
+    from vhsm.errors import BackendError
+    from vhsm.transport import PeerClosed
+    from vhsm.wire import FrontendReq, ProtocolFeature
+    from vhsm.wire.enums import XenMmapFlag
+    from vhsm.wire.payloads import VhostUserMemory, VhostUserMemoryRegion
+
+    xen_dir = workdir / "xen"
+    xen_dir.mkdir()
+    (xen_dir / "privcmd").write_bytes(b"")  # opens: the start-up check passes; no gntdev
+    path = workdir / "rng.sock"
+    proc = serve("rng", "--socket", str(path), "--xen", "--xen-dir", str(xen_dir))
+    xen = int(ProtocolFeature.XEN_MMAP | ProtocolFeature.REPLY_ACK)
+
+    def table(fe: Frontend, flags: int) -> None:
+        regions, fds = fe.memory.table()
+        descs = tuple(
+            VhostUserMemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                  r.mmap_offset, flags, 1) for r in regions
+        )  # fmt: skip
+        fe.call(FrontendReq.SET_MEM_TABLE, VhostUserMemory(descs), fds=fds)
+
+    try:
+        with connect(path) as fe:
+            assert fe.get_protocol_features() & ProtocolFeature.XEN_MMAP
+            fe.negotiate(protocol_features=xen)
+            with pytest.raises((BackendError, PeerClosed)):  # NACKed (then closed)
+                table(fe, XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP)
+        with connect(path) as fe:  # still serving: a plain Xen-form table moves data
+            fe.negotiate(protocol_features=xen)
+            table(fe, 0)
+            fe.setup_vring(0, 64)
+            assert len(RngDevice(fe).read(64)) == 64
+    finally:
+        code, err = finish(proc)
+    assert code == 0, err
+    assert f"Xen grant mapping needs {xen_dir / 'gntdev'}: No such file or directory" in err

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,11 +24,13 @@ from vhsm.devices.rng import RngBackend
 from vhsm.errors import BackendError, GuestMemoryError
 from vhsm.frontend import Frontend, RngDevice
 from vhsm.memory import GuestMemory
+from vhsm.ondemand import OnDemandMapping
 from vhsm.transport import PeerClosed
 from vhsm.wire import FrontendReq, ProtocolFeature
 from vhsm.wire.enums import XenMmapFlag
 from vhsm.wire.payloads import VhostUserMemory, VhostUserMemoryRegion
 from vhsm.xen import (
+    GRANT_ADDR_BIT,
     IOCTL_GNTDEV_MAP_GRANT_REF,
     IOCTL_GNTDEV_UNMAP_GRANT_REF,
     IOCTL_PRIVCMD_MMAPBATCH_V2,
@@ -104,11 +107,11 @@ def header_layouts(tmp: Path) -> dict[str, list[int]]:
 
 def test_argument_layouts_match_the_kernel_headers(tmp_path: Path) -> None:
     facts = header_layouts(tmp_path)
-    for name, struct in PYTHON_LAYOUTS.items():
-        assert ctypes.sizeof(struct) == facts[name][0], name
-        for field, _ in struct._fields_:
+    for name, layout in PYTHON_LAYOUTS.items():
+        assert ctypes.sizeof(layout) == facts[name][0], name
+        for field, _ in layout._fields_:
             offset, size = facts[f"{name}.{field}"]
-            member = getattr(struct, field)
+            member = getattr(layout, field)
             assert (member.offset, member.size) == (offset, size), f"{name}.{field}"
     assert facts["IOCTL_PRIVCMD_MMAPBATCH_V2"][0] == IOCTL_PRIVCMD_MMAPBATCH_V2
     assert facts["IOCTL_GNTDEV_MAP_GRANT_REF"][0] == IOCTL_GNTDEV_MAP_GRANT_REF
@@ -204,12 +207,97 @@ def test_grant_region_maps_its_references_then_mmaps_at_the_offset(tmp_path: Pat
     assert (unmap.index, unmap.count) == (2 * PAGE, 2)
 
 
+# --- NO_ADVANCE_MAP: mapped per access ---------------------------------------------------------
+class GrantDevice(Recorder):
+    """A gntdev ioctl whose mappings sit at the reference's own page of the stand-in file."""
+
+    def __call__(self, fd: int, request: int, arg: object) -> int:
+        super().__call__(fd, request, arg)
+        if request == IOCTL_GNTDEV_MAP_GRANT_REF:
+            first = GntdevGrantRef.from_buffer(arg, GntdevMapGrantRef.refs.offset)  # type: ignore[arg-type]
+            GntdevMapGrantRef.from_buffer(arg).index = first.ref * PAGE  # type: ignore[arg-type]
+        return 0
+
+    def requests(self, request: int) -> list[bytes]:
+        return [raw for req, raw in self.calls if req == request]
+
+
+def test_no_advance_map_is_the_value_xen_front_ends_send(tmp_path: Path) -> None:
+    # xen-vhost-frontend sends GRANT | NO_ADVANCE_MAP as vm-memory spells them: 0x2 | 0x8.
+    wire = struct.pack("<QQQQII", GRANT_ADDR_BIT, 16 * PAGE, 0, 0, 0x2 | 0x8, 1)
+    decoded = VhostUserMemoryRegion.from_bytes(wire, "SET_MEM_TABLE", xen=True)
+    mapper = XenMapper(gntdev=fake_device(tmp_path, "gntdev", PAGE), ioctl=GrantDevice())
+    fd = memfd(PAGE)
+    try:
+        mapping = mapper.map_region(decoded, fd)
+    finally:
+        os.close(fd)
+    assert isinstance(mapping, OnDemandMapping)
+    mapping.close()
+
+
+def test_a_no_advance_map_grant_region_maps_each_access(tmp_path: Path) -> None:
+    ioctl = GrantDevice()
+    device = tmp_path / "gntdev"
+    device.write_bytes(b"".join(bytes([i]) * PAGE for i in range(64)))  # page i holds i
+    mapper = XenMapper(gntdev=str(device), ioctl=ioctl)
+    gpa = GRANT_ADDR_BIT | 0x10000  # references 0x10.. of domain 7
+    memory = GuestMemory.from_table(  # closes the fd
+        [region(XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP, gpa=gpa, size=32 * PAGE)],
+        [memfd(PAGE)],
+        mapper=mapper,
+    )
+    assert ioctl.calls == []  # nothing mapped with the table
+    assert bytes(memory.translate(gpa + 3 * PAGE + 7, 2)) == bytes([0x13, 0x13])
+    assert bytes(memory.translate(gpa + 5 * PAGE - 1, 2)) == bytes([0x14, 0x15])
+    maps = ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF)
+    heads = [GntdevMapGrantRef.from_buffer_copy(raw[:24]) for raw in maps]
+    assert [h.count for h in heads] == [1, 2]
+    refs = [
+        (GntdevGrantRef * h.count).from_buffer_copy(raw, 16)
+        for h, raw in zip(heads, maps, strict=True)
+    ]
+    assert [[(r.domid, r.ref) for r in rs] for rs in refs] == [[(7, 0x13)], [(7, 0x14), (7, 0x15)]]
+    with pytest.raises(GuestMemoryError):
+        memory.translate(gpa + 32 * PAGE - 1, 2)  # past the region: nothing mapped
+    assert len(ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF)) == 2
+    memory.regions[0].mapping.close()
+    unmaps = [
+        GntdevUnmapGrantRef.from_buffer_copy(r)
+        for r in ioctl.requests(IOCTL_GNTDEV_UNMAP_GRANT_REF)
+    ]
+    assert sorted((u.index, u.count) for u in unmaps) == [(0x13 * PAGE, 1), (0x14 * PAGE, 2)]
+
+
+def test_a_no_advance_map_foreign_region_batch_maps_each_access(tmp_path: Path) -> None:
+    ioctl = Recorder()
+    mapper = XenMapper(privcmd=fake_device(tmp_path, "privcmd", 4 * PAGE), ioctl=ioctl)
+    fd = memfd(PAGE)
+    try:
+        mapping = mapper.map_region(
+            region(XenMmapFlag.FOREIGN | XenMmapFlag.NO_ADVANCE_MAP, gpa=0x80000, size=64 * PAGE,
+                   domid=4),
+            fd,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert isinstance(mapping, OnDemandMapping) and ioctl.calls == []
+    mapping.window(10 * PAGE + 100, PAGE)  # pages 10 and 11
+    ((request, raw),) = ioctl.calls
+    assert request == IOCTL_PRIVCMD_MMAPBATCH_V2
+    arg = PrivcmdMmapbatchV2.from_buffer_copy(raw)
+    assert (arg.num, arg.dom) == (2, 4)
+    assert ioctl.frames == [0x80 + 10, 0x80 + 11]
+    mapping.close()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (XenMmapFlag.FOREIGN | XenMmapFlag.GRANT, "both FOREIGN and GRANT"),
-        (XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP, "NO_ADVANCE_MAP"),
+        (XenMmapFlag.NO_ADVANCE_MAP, "NO_ADVANCE_MAP needs FOREIGN or GRANT"),
         (0x40, "unknown xen_mmap_flags bits 0x40"),
+        (XenMmapFlag.GRANT | 0x100, "unknown xen_mmap_flags bits 0x100"),  # the document's bit 8
     ],
 )
 def test_bad_flag_combinations_are_refused(flags: int, message: str) -> None:
@@ -309,3 +397,63 @@ def test_daemon_without_a_xen_device_answers_with_the_device_name(
         daemon.stop()
     assert f"needs {missing}: No such file or directory" in caplog.text
     assert daemon.last_error is None  # a clear refusal, not an internal error
+
+
+def test_daemon_maps_a_no_advance_map_grant_region_per_access(sockdir: Path) -> None:
+    # The front-end's own memfd stands in for gntdev: reference r is mapped at r * 4096,
+    # which is guest address r * 4096 of its one region (guest address 0 on).
+    ioctl = GrantDevice()
+    mapper = XenMapper(ioctl=ioctl)
+    daemon = VhostUserDaemon("xen-rng", XenRng(), mapper=mapper)
+    daemon.start(Listener(sockdir / "x.sock"))
+    fe = None
+    try:
+        fe = xen_frontend(sockdir / "x.sock")
+        (guest,) = fe.memory.regions
+        mapper.gntdev = f"/proc/self/fd/{guest.fd}"
+        send_table(fe, XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP)
+        assert ioctl.calls == []  # the table maps nothing
+        fe.setup_vring(0, 64)
+        ring_maps = len(ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF))
+        assert ring_maps > 0  # the ring's areas, when its addresses were set
+        data = RngDevice(fe).read(3 * PAGE)  # beyond the ring's page
+        assert len(data) == 3 * PAGE and data != bytes(3 * PAGE)  # written through windows
+        assert len(ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF)) > ring_maps  # the buffer's
+        for raw in ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF):
+            head = GntdevMapGrantRef.from_buffer_copy(raw[: ctypes.sizeof(GntdevMapGrantRef)])
+            refs = (GntdevGrantRef * head.count).from_buffer_copy(
+                raw, GntdevMapGrantRef.refs.offset
+            )
+            assert all(r.domid == 3 and r.ref < guest.memory_size // PAGE for r in refs)
+        fe.close()
+        fe = None
+    finally:
+        if fe is not None:
+            fe.close()
+        daemon.stop()
+    maps = len(ioctl.requests(IOCTL_GNTDEV_MAP_GRANT_REF))
+    assert len(ioctl.requests(IOCTL_GNTDEV_UNMAP_GRANT_REF)) == maps  # all released at the end
+    assert daemon.last_error is None
+
+
+def test_daemon_refuses_a_grant_region_without_gntdev_and_keeps_serving(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    missing = sockdir / "gntdev"
+    daemon = VhostUserDaemon("xen-rng", XenRng(), mapper=XenMapper(gntdev=str(missing)))
+    daemon.start(Listener(sockdir / "x.sock"))
+    try:
+        fe = xen_frontend(sockdir / "x.sock")
+        with pytest.raises((BackendError, PeerClosed)):
+            send_table(fe, XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP)
+        fe.close()
+        fe = xen_frontend(sockdir / "x.sock")  # the daemon serves the next front-end
+        send_table(fe, 0)
+        fe.setup_vring(0, 64)
+        assert len(RngDevice(fe).read(8)) == 8
+        fe.close()
+    finally:
+        daemon.stop()
+    assert f"needs {missing}: No such file or directory" in caplog.text
+    assert daemon.last_error is None

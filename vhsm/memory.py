@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from vhsm.errors import GuestMemoryError, WireError
 from vhsm.fdcheck import describe
+from vhsm.ondemand import OnDemandMapping
 from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS
 
 if TYPE_CHECKING:
@@ -287,7 +288,12 @@ def _close_fds(fds: Sequence[int]) -> None:
 
 
 class MappedRegion:
-    """One mapped region of a snapshot: the table entry plus ``view`` of its bytes."""
+    """One mapped region of a snapshot: the table entry plus ``view`` of its bytes.
+
+    A region mapped on demand (`vhsm.ondemand.OnDemandMapping`, Xen NO_ADVANCE_MAP)
+    has an empty ``view`` and its mapping in ``on_demand``: `GuestMemory` lookups
+    map the bytes of each access through it.
+    """
 
     __slots__ = (
         "desc",
@@ -297,6 +303,7 @@ class MappedRegion:
         "mapping",
         "memory_size",
         "mmap_offset",
+        "on_demand",
         "userspace_addr",
         "uva_end",
         "view",
@@ -314,8 +321,13 @@ class MappedRegion:
         self.gpa_end: int = desc.guest_phys_addr + desc.memory_size
         self.uva_end: int = desc.userspace_addr + desc.memory_size
         self.mapping = mapping
+        self.on_demand = mapping if isinstance(mapping, OnDemandMapping) else None
         view = mapping.view
-        if view.nbytes != desc.memory_size or view.readonly:
+        if self.on_demand is not None:
+            if self.on_demand.size != desc.memory_size:
+                mapping.close()
+                raise GuestMemoryError(f"{_describe(desc)}: on-demand mapping of another size")
+        elif view.nbytes != desc.memory_size or view.readonly:
             detail = f"{view.nbytes:#x}-byte{' read-only' if view.readonly else ''} view"
             mapping.close()
             raise GuestMemoryError(f"{_describe(desc)}: mapper returned a {detail}")
@@ -545,6 +557,8 @@ class GuestMemory:
             off = gpa - r.guest_phys_addr
             end = off + length
             if end <= r.memory_size:
+                if r.on_demand is not None:
+                    return r.on_demand.window(off, length)
                 try:
                     return r.view[off:end]
                 except ValueError:
@@ -563,6 +577,8 @@ class GuestMemory:
             off = uva - r.userspace_addr
             end = off + length
             if end <= r.memory_size:
+                if r.on_demand is not None:
+                    return r.on_demand.window(off, length)
                 try:
                     return r.view[off:end]
                 except ValueError:
@@ -628,10 +644,13 @@ class GuestMemory:
                 )
             off = cur - r.guest_phys_addr
             n = min(left, r.memory_size - off)
-            try:
-                out.append(r.view[off : off + n])
-            except ValueError:
-                raise _unmapped(r) from None
+            if r.on_demand is not None:
+                out.append(r.on_demand.window(off, n))
+            else:
+                try:
+                    out.append(r.view[off : off + n])
+                except ValueError:
+                    raise _unmapped(r) from None
             cur += n
             left -= n
         return out

@@ -12,9 +12,12 @@ fields: ``xen_mmap_flags`` and ``domid``. The flags say how the region is mapped
   gntdev device (``/dev/xen/gntdev``): ``IOCTL_GNTDEV_MAP_GRANT_REF`` inserts the
   references (``guest_phys_addr / 4096`` on, bit 63 of the address ignored) and
   returns an offset, at which the device is then ``mmap``-ed;
-* NO_ADVANCE_MAP: the front-end forbids mapping the whole region at once. vhsm
-  maps whole regions (its rings and bursts hold views of them), so such a
-  region is refused with an error saying so; it is never mapped.
+* NO_ADVANCE_MAP (with FOREIGN or GRANT): the front-end forbids mapping the
+  region as a whole. The region is then a `vhsm.ondemand.OnDemandMapping`:
+  nothing is mapped when the table arrives; each access (a ring's areas when
+  its addresses are set, each descriptor buffer when its chain is popped) maps
+  the pages it covers through the same device, as one window, and a bounded
+  cache of windows is kept (the least recently used are unmapped first).
 
 When the front-end sends the Xen device's own fd with the region (a character
 device, as Xen's vhost-user front-ends do), that fd is used; otherwise the
@@ -42,12 +45,14 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhsm.errors import GuestMemoryError
+from vhsm.errors import GuestMemoryError, VhsmError
 from vhsm.ioctl import io
 from vhsm.memory import MmapMapping, map_fd
-from vhsm.wire.enums import XenMmapFlag
+from vhsm.ondemand import OnDemandMapping, Release
+from vhsm.wire.enums import ProtocolFeature, XenMmapFlag
 
 if TYPE_CHECKING:
+    from vhsm.backend import VhostUserBackend
     from vhsm.memory import RegionMapping
     from vhsm.wire.payloads import VhostUserMemoryRegion
 
@@ -181,32 +186,63 @@ class XenMapper:
         """Map one region; GuestMemoryError says what was wrong or missing."""
         flags = region.xen_mmap_flags or 0
         what = _describe(region)
-        unknown = flags & ~(XenMmapFlag.FOREIGN | XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP)
+        known = int(XenMmapFlag.FOREIGN | XenMmapFlag.GRANT | XenMmapFlag.NO_ADVANCE_MAP)
+        unknown = flags & ~known  # as ints: ~ of an IntFlag keeps only the declared bits
         if unknown:
             raise GuestMemoryError(f"{what}: unknown xen_mmap_flags bits {unknown:#x}")
-        if flags & XenMmapFlag.NO_ADVANCE_MAP:
-            raise GuestMemoryError(
-                f"{what}: NO_ADVANCE_MAP forbids mapping the region in advance, and vhsm maps"
-                " whole regions: not mapped"
-            )
         kind = flags & (XenMmapFlag.FOREIGN | XenMmapFlag.GRANT)
-        if kind == 0:
-            return map_fd(fd, region.mmap_offset, region.memory_size, what=what)
+        on_demand = bool(flags & XenMmapFlag.NO_ADVANCE_MAP)
         if kind == XenMmapFlag.FOREIGN | XenMmapFlag.GRANT:
             raise GuestMemoryError(f"{what}: both FOREIGN and GRANT set in xen_mmap_flags")
+        if kind == 0:
+            if on_demand:
+                raise GuestMemoryError(
+                    f"{what}: NO_ADVANCE_MAP needs FOREIGN or GRANT (a plain region is mapped"
+                    " whole)"
+                )
+            return map_fd(fd, region.mmap_offset, region.memory_size, what=what)
         if region.mmap_offset:
             raise GuestMemoryError(f"{what}: a Xen mapping starts at offset 0 of its device")
         if region.memory_size % XEN_PAGE_SIZE:
             raise GuestMemoryError(f"{what}: size is not a multiple of {XEN_PAGE_SIZE}")
         domid = region.domid or 0
+        count = region.memory_size // XEN_PAGE_SIZE
         if kind == XenMmapFlag.FOREIGN:
-            return self._foreign(region, fd, domid, what)
-        return self._grant(region, fd, domid, what)
+            dev, own = self._device_fd(fd, self.privcmd, what, "foreign", keep=on_demand)
+            first = region.guest_phys_addr // XEN_PAGE_SIZE
 
-    def _device_fd(self, fd: int, path: str, what: str, kind: str) -> tuple[int, int | None]:
-        """The front-end's fd when it is a Xen character device, else ``path`` opened."""
+            def pages(page: int, n: int) -> tuple[mmap.mmap, Release]:
+                return self._foreign_pages(dev, domid, first + page, n, what), None
+
+        else:
+            dev, own = self._device_fd(fd, self.gntdev, what, "grant", keep=on_demand)
+            first = (region.guest_phys_addr & ~GRANT_ADDR_BIT) // XEN_PAGE_SIZE
+
+            def pages(page: int, n: int) -> tuple[mmap.mmap, Release]:
+                return self._grant_pages(dev, domid, first + page, n, what)
+
+        if on_demand:
+            return OnDemandMapping(region.memory_size, pages, what=what, close=lambda: _close(own))
+        try:
+            mm, release = pages(0, count)
+        except BaseException:
+            _close(own)
+            raise
+        return XenMapping(mm, region.memory_size, release, own_fd=own)
+
+    def _device_fd(
+        self, fd: int, path: str, what: str, kind: str, *, keep: bool = False
+    ) -> tuple[int, int | None]:
+        """The front-end's fd when it is a Xen character device, else ``path`` opened.
+
+        Returns (fd to use, fd this mapping owns and closes). ``keep``: the mapping
+        outlives this call (on demand), so the front-end's fd is duplicated.
+        """
         try:
             if stat.S_ISCHR(os.fstat(fd).st_mode):
+                if keep:
+                    own = os.dup(fd)
+                    return own, own
                 return fd, None
         except OSError:
             pass
@@ -219,16 +255,13 @@ class XenMapper:
             ) from None
         return own, own
 
-    def _foreign(self, region: VhostUserMemoryRegion, fd: int, domid: int, what: str) -> XenMapping:
-        dev, own = self._device_fd(fd, self.privcmd, what, "foreign")
-        size = region.memory_size
-        count = size // XEN_PAGE_SIZE
+    def _foreign_pages(self, dev: int, domid: int, first: int, count: int, what: str) -> mmap.mmap:
+        """``count`` frames of ``domid`` from guest frame ``first``: privcmd mmap + batch ioctl."""
+        size = count * XEN_PAGE_SIZE
         try:
             mm = mmap.mmap(dev, size, flags=mmap.MAP_SHARED)
         except (OSError, ValueError) as err:
-            _close(own)
             raise GuestMemoryError(f"{what}: mmap of {self.privcmd} failed: {err}") from None
-        first = region.guest_phys_addr // XEN_PAGE_SIZE
         frames = (ctypes.c_uint64 * count)(*range(first, first + count))
         errors = (ctypes.c_int * count)()
         anchor = ctypes.c_char.from_buffer(mm)
@@ -238,25 +271,22 @@ class XenMapper:
             self.ioctl(dev, IOCTL_PRIVCMD_MMAPBATCH_V2, arg)
         except OSError as err:
             mm.close()
-            _close(own)
             bad = next((i for i in range(count) if errors[i]), None)
             detail = f" (frame {first + bad}: error {errors[bad]})" if bad is not None else ""
             raise GuestMemoryError(
                 f"{what}: IOCTL_PRIVCMD_MMAPBATCH_V2 for domain {domid} failed: "
                 f"{err.strerror or err}{detail}"
             ) from None
-        return XenMapping(mm, size, own_fd=own)
+        return mm
 
-    def _grant(self, region: VhostUserMemoryRegion, fd: int, domid: int, what: str) -> XenMapping:
-        dev, own = self._device_fd(fd, self.gntdev, what, "grant")
-        size = region.memory_size
-        count = size // XEN_PAGE_SIZE
-        first = (region.guest_phys_addr & ~GRANT_ADDR_BIT) // XEN_PAGE_SIZE
+    def _grant_pages(
+        self, dev: int, domid: int, first: int, count: int, what: str
+    ) -> tuple[mmap.mmap, Release]:
+        """``count`` grant references of ``domid`` from ``first``: gntdev ioctl, then mmap."""
         arg = map_grant_ref_arg(domid, first, count)
         try:
             self.ioctl(dev, IOCTL_GNTDEV_MAP_GRANT_REF, arg)
         except OSError as err:
-            _close(own)
             raise GuestMemoryError(
                 f"{what}: IOCTL_GNTDEV_MAP_GRANT_REF of {count} references of domain {domid} "
                 f"failed: {err.strerror or err}"
@@ -267,15 +297,45 @@ class XenMapper:
             self.ioctl(dev, IOCTL_GNTDEV_UNMAP_GRANT_REF, GntdevUnmapGrantRef(index, count, 0))
 
         try:
-            mm = mmap.mmap(dev, size, flags=mmap.MAP_SHARED, offset=index)
+            mm = mmap.mmap(dev, count * XEN_PAGE_SIZE, flags=mmap.MAP_SHARED, offset=index)
         except (OSError, ValueError, OverflowError) as err:
             with contextlib.suppress(OSError):
                 unmap()
-            _close(own)
             raise GuestMemoryError(
                 f"{what}: mmap of {self.gntdev} at {index:#x} failed: {err}"
             ) from None
-        return XenMapping(mm, size, unmap, own_fd=own)
+        return mm, unmap
+
+
+def require_privcmd(path: str = PRIVCMD_DEVICE) -> None:
+    """Check that the privcmd device opens read/write (``vhsm serve --xen`` at start-up).
+
+    Every Xen back-end needs privcmd (foreign mappings; Xen's front-ends map guests
+    that way by default), so its absence stops the daemon before it listens. gntdev
+    is needed only when a grant region arrives: that region is refused then.
+
+    Raises:
+        VhsmError: one line naming the device and why it cannot be used.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise VhsmError(
+            f"--xen needs {path}: {err.strerror} (not a Xen domain, or its privcmd driver"
+            " is not loaded)"
+        ) from None
+    os.close(fd)
+
+
+def offer_xen_mmap(backend: VhostUserBackend) -> VhostUserBackend:
+    """Make ``backend`` offer the XEN_MMAP protocol feature besides its own (``--xen``)."""
+    offered = backend.protocol_features
+
+    def protocol_features() -> int:
+        return offered() | ProtocolFeature.XEN_MMAP
+
+    backend.protocol_features = protocol_features  # type: ignore[method-assign]
+    return backend
 
 
 def _close(fd: int | None) -> None:
@@ -303,4 +363,6 @@ __all__ = [
     "XenMapper",
     "XenMapping",
     "map_grant_ref_arg",
+    "offer_xen_mmap",
+    "require_privcmd",
 ]

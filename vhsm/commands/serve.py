@@ -23,6 +23,7 @@ from vhsm.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from vhsm.backend import VhostUserBackend
+    from vhsm.memory import RegionMapper
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
         " in the middle of a message (default 5; 0 = wait forever)",
     )
     parser.add_argument(
+        "--xen",
+        action="store_true",
+        help="the guest is a Xen domain: map its memory through Xen's privcmd and gntdev"
+        " devices (offers the XEN_MMAP protocol feature; needs /dev/xen/privcmd)",
+    )
+    parser.add_argument(
+        "--xen-dir",
+        default="/dev/xen",
+        metavar="DIR",
+        help="with --xen: where the privcmd and gntdev devices are (default /dev/xen)",
+    )
+    parser.add_argument(
         "--busy-poll-us",
         type=busy_poll_micros,
         default=None,
@@ -298,14 +311,20 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.socket)
     if not args.client and not path.parent.is_dir():
         raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
+    mapper = _xen_mapper(args)
     backend = make_backend(args)
     name = type(backend).__name__ if args.device == OWN else f"vhsm-{args.device}"
     timeout = getattr(args, "handshake_timeout", None)
     try:
+        if mapper is not None:
+            from vhsm.xen import offer_xen_mmap
+
+            offer_xen_mmap(backend)
         daemon = VhostUserDaemon(
             name,
             backend,
             handshake_timeout=HANDSHAKE_TIMEOUT if timeout is None else (timeout or None),
+            mapper=mapper,
         )
     except BaseException:
         _close(backend)
@@ -332,6 +351,17 @@ def run(args: argparse.Namespace) -> int:
     if daemon.last_error is not None:
         log.warning("a session had ended on an internal error: %s", daemon.last_error)
     return 0
+
+
+def _xen_mapper(args: argparse.Namespace) -> RegionMapper | None:
+    """With ``--xen``: the Xen mapper over ``--xen-dir``, once privcmd is known to open."""
+    if not getattr(args, "xen", False):
+        return None
+    from vhsm.xen import XenMapper, require_privcmd
+
+    privcmd = str(Path(args.xen_dir) / "privcmd")
+    require_privcmd(privcmd)
+    return XenMapper(privcmd=privcmd, gntdev=str(Path(args.xen_dir) / "gntdev"))
 
 
 def _close(backend: VhostUserBackend) -> None:

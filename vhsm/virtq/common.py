@@ -105,17 +105,27 @@ class AddressSpace:
 
     Built once per memory snapshot; a buffer spanning regions is split into pieces
     (memory ``gather`` when available), anything unmapped raises VirtqError.
+
+    A region with an empty view is mapped on demand (Xen NO_ADVANCE_MAP): it is in
+    none of the fast paths' tables (``primary``, ``bounds``, ``views``), so its
+    buffers take the general path, which maps each access through ``memory.translate``.
     """
 
-    __slots__ = ("bounds", "memory", "primary", "regions", "views")
+    __slots__ = ("bounds", "memory", "on_demand", "primary", "regions", "views")
 
     def __init__(self, memory: GuestMemoryLike) -> None:
         self.memory = memory
         regs: list[tuple[int, int, memoryview]] = []
+        on_demand: list[tuple[int, int]] = []
         for r in memory.regions:
             view = r.view
             start = r.guest_phys_addr
+            if not len(view):
+                on_demand.append((start, start + r.memory_size))
+                continue
             regs.append((start, start + min(r.memory_size, len(view)), view))
+        #: (start, end) of the regions mapped per access.
+        self.on_demand: tuple[tuple[int, int], ...] = tuple(on_demand)
         regs.sort(key=lambda t: t[0])
         self.regions: tuple[tuple[int, int, memoryview], ...] = tuple(regs)
         self.primary: tuple[int, int, memoryview] = (
@@ -143,10 +153,26 @@ class AddressSpace:
                     length -= n
                     break
             else:
-                part = "" if addr == first else f"from {addr:#x} "
-                msg = f"buffer {first:#x}+{total:#x}: {part}outside guest memory"
-                raise VirtqError(queue, msg, head)
+                piece = self._on_demand_piece(queue, head, addr, length) if self.on_demand else None
+                if piece is None:
+                    part = "" if addr == first else f"from {addr:#x} "
+                    msg = f"buffer {first:#x}+{total:#x}: {part}outside guest memory"
+                    raise VirtqError(queue, msg, head)
+                out.append(piece)
+                addr += len(piece)
+                length -= len(piece)
         return out
+
+    def _on_demand_piece(self, queue: int, head: int, addr: int, length: int) -> memoryview | None:
+        """The view of ``[addr, ...)`` up to the end of its on-demand region (None: no such)."""
+        for start, end in self.on_demand:
+            if start <= addr < end:
+                n = min(length, end - addr)
+                try:
+                    return self.memory.translate(addr, n)
+                except GuestMemoryError as exc:
+                    raise VirtqError(queue, f"buffer at {addr:#x}+{n:#x}: {exc}", head) from None
+        return None
 
     def view(self, queue: int, head: int, addr: int, length: int) -> memoryview:
         """One view of ``[addr, addr+length)`` (descriptor tables must not straddle regions)."""

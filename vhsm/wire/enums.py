@@ -294,7 +294,10 @@ class XenMmapFlag(IntFlag):
 
     FOREIGN = 1 << 0  # map the domain's frames through privcmd
     GRANT = 1 << 1  # map the domain's grant references through gntdev
-    NO_ADVANCE_MAP = 1 << 8  # the whole region must not be mapped at once
+    # Mapped per access, never whole: 0x8 is what xen-vhost-frontend sends (through
+    # rust-vmm vm-memory's MmapXenFlags); QEMU's vhost-user document says bit 8 (0x100),
+    # which no front-end sends (docs/xen.md).
+    NO_ADVANCE_MAP = 1 << 3
 
 
 class TransferPhase(IntEnum):
