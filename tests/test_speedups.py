@@ -196,23 +196,45 @@ def split_rounds(draw: st.DrawFn) -> tuple[int, list[Any]]:
             (draw(ADDRS), draw(LENS), draw(FLAGS), draw(st.integers(0, size + 2)))
             for _ in range(size)
         ]
-        # most rounds are well formed: simple buffers in the first region
-        if draw(st.booleans()):
+        shape = draw(st.sampled_from(["simple", "simple", "linked", "noise"]))
+        if shape == "simple":  # well formed: one buffer each, in the first region
             table = [
                 (BUFS + 0x100 * i, 64 + i, draw(st.sampled_from([0, 2])), 0) for i in range(size)
             ]
+        elif shape == "linked":  # chains and indirect tables, mostly well formed
+            table = [linked(draw, i, size) for i in range(size)]
         indirect = [
             (draw(ADDRS), draw(LENS), draw(FLAGS), draw(st.integers(0, 4))) for _ in range(4)
         ]
+        if shape == "linked" and draw(st.booleans()):
+            indirect = [linked(draw, i, 4) for i in range(4)]
         heads = draw(st.lists(st.integers(0, size + 3), min_size=size, max_size=size))
         count = draw(st.one_of(st.integers(0, size), st.just(size + 1)))
         pop = draw(st.sampled_from(["batch", "iter", "pop"]))
         max_chains = draw(st.sampled_from([1 << 16, 1, 3]))
-        used = draw(st.sampled_from(["heads", "random", "none"]))
+        used = draw(st.sampled_from(["heads", "random", "none", "each"]))
+        each = (
+            draw(st.lists(SINGLE_LENS, min_size=size + 1, max_size=size + 1)),
+            draw(st.lists(st.tuples(SINGLE_IDS, SINGLE_LENS), max_size=3)),
+            draw(st.booleans()),  # indirect descriptors allowed this round
+        )
         rounds.append(
-            (table, indirect, heads, count, pop, max_chains, used, completion(draw, size))
+            (table, indirect, heads, count, pop, max_chains, used, completion(draw, size), each)
         )
     return size, rounds
+
+
+def linked(draw: st.DrawFn, i: int, size: int) -> tuple[int, int, int, int]:
+    """A descriptor of a chain: buffers in either region (some across its end), links
+    within the table or just past it, now and then an indirect table or a loop."""
+    addr = draw(
+        st.sampled_from(
+            [BUFS + 0x100 * i, SECOND + 0x100 * i, REGION - 8, SECOND + REGION - 16, TABLES]
+        )
+    )
+    ln = draw(st.sampled_from([0, 16, 32, 64, 48]))
+    flags = draw(st.sampled_from([0, 1, 2, 3, 1, 3, 4, 5]))
+    return addr, ln, flags, draw(st.integers(0, size))
 
 
 def split_queue(size: int) -> Callable[[GuestMemory], SplitQueue]:
@@ -237,15 +259,48 @@ def drain_iter(q: Any) -> list[Any]:
     out: list[Any] = []
     for _ in range(64):
         try:
-            out.extend(summary_chain(c) for c in q)
+            out.extend(summary_chain(c, q) for c in q)
             return out
         except Exception as exc:
             out.append(("raised", str(exc), getattr(exc, "head", None)))
     return out
 
 
-def summary_chain(c: Any) -> Any:
-    return (c.head, [bytes(v) for v in c.readable], [len(v) for v in c.writable])
+def summary_chain(c: Any, q: Any = None) -> Any:
+    """Everything a chain says: head, lengths, the views' bytes, places and containers."""
+    return (
+        type(c).__name__,
+        c.head,
+        c.readable_len,
+        c.writable_len,
+        type(c.readable).__name__,
+        type(c.writable).__name__,
+        [(bytes(v), place(q, v), v.readonly) for v in c.readable],
+        [(len(v), place(q, v), v.readonly) for v in c.writable],
+    )
+
+
+def place(q: Any, view: memoryview) -> tuple[int, int] | None:
+    """(region, offset) of a view's first byte: the twins' memories are at other addresses."""
+    if q is None:
+        return None
+    at = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data)
+    for i, (start, end, region) in enumerate(q._space.regions):
+        base = int(np.frombuffer(region, dtype=np.uint8, count=1).ctypes.data)
+        if base <= at < base + end - start:
+            return i, at - base
+    return -1, 0
+
+
+# ids and lengths of single completions: good ones, out of range, not 32-bit, not ints
+SINGLE_IDS = st.one_of(st.integers(0, 8), st.sampled_from([-1, 65535, 65536, 2**40, True]))
+SINGLE_LENS = st.sampled_from([0, 7, 64, 0xFFFFFFFF, 2**32, -1, 2**70])
+
+
+def complete_each(q: Any, chains: list[Any], lens: list[int], extra: list[tuple[Any, int]]) -> Any:
+    """``add_used`` chain by chain (the popped heads, then ``extra`` pairs), each outcome."""
+    pairs = [(c[1], ln) for c, ln in zip(chains, lens, strict=False) if c[0] != "raised"]
+    return [outcome(lambda h=h, n=n: q.add_used(h, n)) for h, n in pairs + extra]
 
 
 @needs_accel
@@ -261,22 +316,30 @@ def test_split_rings_same_on_both_paths(plan: tuple[int, list[Any]], monkeypatch
     twins = Twins(build, monkeypatch)
     try:
         twins.start()
-        for table, indirect, heads, count, pop, max_chains, used, (ids, lens) in rounds:
+        for table, indirect, heads, count, pop, max_chains, used, (ids, lens), each in rounds:
+            single_lens, extra, indirect_ok = each
+            for q in twins.queues:
+                q.set_indirect(indirect_ok)
             twins.write(RING, b"".join(DESC.pack(*d) for d in table))
             twins.write(TABLES, b"".join(DESC.pack(*d) for d in indirect))
             ring = b"".join(struct.pack("<H", h) for h in heads)
             next_idx = (twins.queues[1].next_avail + count) & 0xFFFF
             twins.write(build.avail, struct.pack("<HH", 0, next_idx) + ring)  # type: ignore[attr-defined]
+            chains: list[Any] = []
             if pop == "batch":
                 got = twins.same(lambda q: q.pop_batch(max_chains))
             elif pop == "iter":
-                twins.same(drain_iter)
+                chains = twins.same(drain_iter)[1]
                 got = None
             else:
-                twins.same(lambda q: summary_chain(c) if (c := q.pop()) is not None else None)
+                one = twins.same(lambda q: summary_chain(c, q) if (c := q.pop()) else ())
+                chains = [one[1]] if one[0] == "ok" else []
                 got = None
             twins.check_state()
-            if used == "heads" and got is not None and got[0] == "ok":
+            if used == "each":
+                chains = [c for c in chains if c]
+                twins.same(lambda q: complete_each(q, chains, single_lens, extra))
+            elif used == "heads" and got is not None and got[0] == "ok":
                 # the batch's own (trusted) heads array, on each side
                 twins.same(
                     lambda q: (
@@ -365,9 +428,13 @@ def test_packed_rings_same_on_both_paths(
             elif pop == "iter":
                 got = twins.same(drain_iter)
             else:
-                got = twins.same(lambda q: summary_chain(c) if (c := q.pop()) is not None else None)
+                got = twins.same(
+                    lambda q: summary_chain(c, q) if (c := q.pop()) is not None else None
+                )
             twins.check_state()
-            used = data.draw(st.sampled_from(["heads", "heads", "flight", "random", "single"]))
+            used = data.draw(
+                st.sampled_from(["heads", "heads", "flight", "random", "single", "each"])
+            )
             lens = data.draw(st.one_of(st.sampled_from([0, 0, 1, 64]), st.just("array")))
             if used == "heads":
                 twins.same(
@@ -385,6 +452,11 @@ def test_packed_rings_same_on_both_paths(
             elif used == "random":
                 ida, lns = completion(data.draw, size)
                 twins.same(lambda q: q.add_used_batch(ida, lns))
+            elif used == "each" and got[0] == "ok" and pop != "batch":
+                chains = got[1] if pop == "iter" else [got[1]] if got[1] else []
+                single_lens = data.draw(st.lists(SINGLE_LENS, min_size=len(chains)))
+                extra = data.draw(st.lists(st.tuples(SINGLE_IDS, SINGLE_LENS), max_size=3))
+                twins.same(lambda q: complete_each(q, chains, single_lens, extra))
             elif used == "single" and got[0] == "ok" and pop == "batch" and got[1][0]:
                 bid = got[1][0][0]
                 twins.same(lambda q: q.add_used(bid, 0))

@@ -803,6 +803,695 @@ done:
     return result;
 }
 
+/* ========================================================= the per-chain API
+ *
+ * SplitQueue/PackedQueue.pop, `for chain in queue` and add_used, one chain at a
+ * time. The queue's state (next avail, wrap counters, ...) stays in its own
+ * Python slots, shared with the pure path: a ChainRing records where each slot
+ * lives (the member descriptors' offsets) and reads and writes them in place.
+ * It holds what does not change while the queue lives: its ring areas (buffer
+ * exports, given back by release()), the regions' (start, span, view) and the
+ * DescriptorChain class with its slots.
+ *
+ * Any step that is not the plain case (a broken avail index, a bad head or id,
+ * a chain that must raise, a buffer across two regions, a dirty log) is handed
+ * to the queue's own Python method for that step (_avail_count, _walk, _single),
+ * which does it or raises exactly as the pure path does; nothing is written
+ * before that hand-over that the pure path would not have written too.
+ */
+
+#if PY_VERSION_HEX >= 0x030C0000
+#define CHAIN_T_OBJECT_EX Py_T_OBJECT_EX
+#define CHAIN_READONLY Py_READONLY
+#else
+#include <structmember.h>
+#define CHAIN_T_OBJECT_EX T_OBJECT_EX
+#define CHAIN_READONLY READONLY
+#endif
+
+#define WSINGLE (1u << 16)  /* packed _counts: one writable descriptor, in _waddr/_wlen */
+#define MAX_QSLOTS 9
+
+/* Slots of the queue classes, in the order the Python side names them. */
+enum { S_NEXT_AVAIL, S_AVAIL_SHADOW, S_NEXT_USED, S_INDIRECT, S_LOG, S_NSLOTS };
+enum { P_NEXT_AVAIL, P_AVAIL_WRAP, P_NEXT_USED, P_USED_WRAP, P_SINCE_SIGNAL, P_LOG, P_WLOG,
+       P_FRESH_HEADS, P_NSLOTS };
+/* Slots of DescriptorChain, in the order of its constructor. */
+enum { C_HEAD, C_READABLE, C_WRITABLE, C_RLEN, C_WLEN, C_NSLOTS };
+
+typedef struct {
+    PyObject_HEAD
+    int packed;
+    int busy;              /* calls running: release() waits for the last one */
+    int release_pending;
+    int released;
+    Py_ssize_t size;
+    PyTypeObject *qtype;   /* the queue class whose slots qoff names */
+    Py_ssize_t qoff[MAX_QSLOTS];
+    PyTypeObject *ctype;   /* DescriptorChain */
+    Py_ssize_t coff[C_NSLOTS];
+    buf_t desc, avail, used;          /* split rings (avail, used unused when packed) */
+    buf_t counts, waddr, wlen;        /* packed in-flight tables (the queue's own arrays) */
+    Py_ssize_t nreg, primary;
+    uint64_t *start, *span;           /* per region: first address, bytes (span < 2^63) */
+    PyObject *views;                  /* tuple: per region, a 1-D byte memoryview */
+} ring_t;
+
+#define QSLOT(r, q, i) (*(PyObject **)((char *)(q) + (r)->qoff[i]))
+
+static PyObject *str_walk, *str_avail_count;
+
+/* The offsets of the T_OBJECT_EX member descriptors ``names`` of ``cls`` into off. */
+static int slot_offsets(PyTypeObject *cls, PyObject *names, Py_ssize_t *off, Py_ssize_t n) {
+    if (!PyTuple_Check(names) || PyTuple_GET_SIZE(names) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a tuple of %zd slot names", cls->tp_name, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *d = PyObject_GetAttr((PyObject *)cls, PyTuple_GET_ITEM(names, i));
+        if (!d)
+            return -1;
+        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)d)->d_member->type == CHAIN_T_OBJECT_EX &&
+                 !(((PyMemberDescrObject *)d)->d_member->flags & CHAIN_READONLY) &&
+                 PyType_IsSubtype(cls, PyDescr_TYPE(d));
+        if (ok)
+            off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s.%U is not a writable object slot", cls->tp_name,
+                         PyTuple_GET_ITEM(names, i));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A small non-negative int slot (a ring index, a flag); -1 if it is not one. */
+static inline long slot_index(ring_t *r, PyObject *q, int i) {
+    PyObject *v = QSLOT(r, q, i);
+    if (!v || !PyLong_CheckExact(v))
+        return -1;
+    long x = PyLong_AsLong(v);
+    if (x < 0 || x > 0xFFFF) {
+        PyErr_Clear();
+        return -1;
+    }
+    return x;
+}
+
+static inline int slot_set(ring_t *r, PyObject *q, int i, long long v) {
+    PyObject *o = PyLong_FromLongLong(v);
+    if (!o)
+        return -1;
+    Py_XSETREF(QSLOT(r, q, i), o);
+    return 0;
+}
+
+/* An int argument in [0, bound]; -1 if it is anything else (the pure path decides). */
+static inline long long arg_in(PyObject *v, long long bound) {
+    if (!PyLong_CheckExact(v))
+        return -1;
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || x < 0 || x > bound) {
+        PyErr_Clear();
+        return -1;
+    }
+    return x;
+}
+
+/* Whether [addr, addr+len) lies inside [start, start+span) (no arithmetic can wrap). */
+static inline int fits(uint64_t start, uint64_t span, uint64_t addr, uint64_t len) {
+    return addr >= start && addr - start <= span && len <= span - (addr - start);
+}
+
+/* The region holding the whole of [addr, addr+len): the largest region first (the
+ * pure path's inline check), then the first region holding addr, in address order
+ * (AddressSpace.pieces); -1 when the buffer is not inside one region. */
+static Py_ssize_t locate_one(const ring_t *r, uint64_t addr, uint64_t len, uint64_t *off) {
+    Py_ssize_t p = r->primary;
+    if (p >= 0 && fits(r->start[p], r->span[p], addr, len)) {
+        *off = addr - r->start[p];
+        return p;
+    }
+    for (Py_ssize_t i = 0; i < r->nreg; i++) {
+        if (addr >= r->start[i] && addr - r->start[i] < r->span[i]) {
+            if (len > r->span[i] - (addr - r->start[i]))
+                return -1;
+            *off = addr - r->start[i];
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* The first region, in address order, holding the whole of [addr, addr+len)
+ * (AddressSpace.view, where indirect tables are looked up); -1 if none. */
+static Py_ssize_t locate_table(const ring_t *r, uint64_t addr, uint64_t len, uint64_t *off) {
+    for (Py_ssize_t i = 0; i < r->nreg; i++) {
+        if (fits(r->start[i], r->span[i], addr, len)) {
+            *off = addr - r->start[i];
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* view[off:off+len] of region reg: a new memoryview sharing the region's buffer, as
+ * slicing makes it (ValueError, like slicing, if the region's view was released). */
+static PyObject *region_slice(const ring_t *r, Py_ssize_t reg, uint64_t off, uint64_t len) {
+    PyObject *mv = PyMemoryView_FromObject(PyTuple_GET_ITEM(r->views, reg));
+    if (!mv)
+        return NULL;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(mv);
+    /* the span never exceeds the view (checked when the ring was built) */
+    b->buf = (char *)b->buf + off;
+    b->len = (Py_ssize_t)len;
+    b->shape[0] = (Py_ssize_t)len;
+    return mv;
+}
+
+/* A DescriptorChain with its slots filled (steals every reference, NULL ones too). */
+static PyObject *new_chain(const ring_t *r, PyObject *head, PyObject *readable,
+                           PyObject *writable, PyObject *rlen, PyObject *wlen) {
+    PyObject *parts[C_NSLOTS] = {head, readable, writable, rlen, wlen};
+    PyObject *c = NULL;
+    int ok = head && readable && writable && rlen && wlen;
+    if (ok)
+        c = r->ctype->tp_alloc(r->ctype, 0);
+    for (int i = 0; i < C_NSLOTS; i++) {
+        if (c)
+            *(PyObject **)((char *)c + r->coff[i]) = parts[i];
+        else
+            Py_XDECREF(parts[i]);
+    }
+    return c;
+}
+
+/* One direct descriptor as a chain of one buffer: (view,) on its side, () on the other. */
+static PyObject *single_chain(const ring_t *r, unsigned long id, int writable, Py_ssize_t reg,
+                              uint64_t off, uint32_t len) {
+    PyObject *mv = region_slice(r, reg, off, len);
+    if (!mv)
+        return NULL;
+    PyObject *one = PyTuple_Pack(1, mv);
+    Py_DECREF(mv);
+    if (!one)
+        return NULL;
+    PyObject *empty = PyTuple_New(0);
+    PyObject *zero = PyLong_FromLong(0), *n = PyLong_FromUnsignedLong(len);
+    return writable ? new_chain(r, PyLong_FromUnsignedLong(id), empty, one, zero, n)
+                    : new_chain(r, PyLong_FromUnsignedLong(id), one, empty, n, zero);
+}
+
+/* The buffers of a chain being walked: device-readable views, then writable ones. */
+typedef struct {
+    PyObject *readable, *writable;
+    uint64_t rlen, wlen;
+    int seen_write;
+} walk_t;
+
+/* Add one direct descriptor to w: 1 done, 0 hand over to the pure walk, -1 error. */
+static int walk_add(const ring_t *r, walk_t *w, uint16_t fl, uint64_t addr, uint32_t len) {
+    PyObject **list;
+    if (fl & F_WRITE) {
+        w->seen_write = 1;
+        list = &w->writable;
+        w->wlen += len;
+    } else {
+        if (w->seen_write)
+            return 0; /* device-readable after writable */
+        list = &w->readable;
+        w->rlen += len;
+    }
+    if (!len)
+        return 1;
+    uint64_t off = 0;
+    Py_ssize_t reg = locate_one(r, addr, len, &off);
+    if (reg < 0)
+        return 0; /* across regions (pieces) or outside memory */
+    PyObject *mv = region_slice(r, reg, off, len);
+    if (!mv)
+        return -1;
+    int rc = PyList_Append(*list, mv);
+    Py_DECREF(mv);
+    return rc < 0 ? -1 : 1;
+}
+
+/* The chain of w, or NULL (error set) / Py_None (hand over) when it is not plain. */
+static PyObject *walk_done(const ring_t *r, walk_t *w, unsigned long id) {
+    if (w->rlen + w->wlen > 0xFFFFFFFFu) {
+        Py_CLEAR(w->readable);
+        Py_CLEAR(w->writable);
+        return Py_NewRef(Py_None);
+    }
+    PyObject *c = new_chain(r, PyLong_FromUnsignedLong(id), w->readable, w->writable,
+                            PyLong_FromUnsignedLongLong(w->rlen),
+                            PyLong_FromUnsignedLongLong(w->wlen));
+    w->readable = w->writable = NULL;
+    return c;
+}
+
+/* SplitQueue._walk(head) for a chain that is valid and inside memory: the chain,
+ * Py_None to hand over to the pure walk (it raises or splits buffers), NULL on error.
+ * Every loop is bounded by the queue size or the indirect table's entries. */
+static PyObject *split_walk(const ring_t *r, PyObject *q, uint16_t head) {
+    const uint8_t *table = r->desc.view.buf;
+    PyObject *table_mv = NULL, *result = NULL;
+    Py_ssize_t limit = r->size, idx = head, count = 0;
+    int indirect = 0, indirect_ok = -1;
+    walk_t w = {PyList_New(0), PyList_New(0), 0, 0, 0};
+    if (!w.readable || !w.writable)
+        goto done;
+    for (;;) {
+        if (++count > limit)
+            goto hand_over; /* a loop */
+        uint64_t addr = ld64(table + 16 * idx), word = ld64(table + 16 * idx + 8);
+        uint32_t len = (uint32_t)word;
+        uint16_t fl = (uint16_t)(word >> 32);
+        if (fl & F_INDIRECT) {
+            if (indirect_ok < 0 && (indirect_ok = PyObject_IsTrue(QSLOT(r, q, S_INDIRECT))) < 0)
+                goto done;
+            if (indirect || !indirect_ok || (fl & F_NEXT) || len == 0 || len % 16 ||
+                len / 16 > (uint32_t)r->size)
+                goto hand_over;
+            uint64_t off = 0;
+            Py_ssize_t reg = locate_table(r, addr, len, &off);
+            if (reg < 0)
+                goto hand_over;
+            /* a view of its own keeps the table mapped while it is read */
+            if (!(table_mv = region_slice(r, reg, off, len)))
+                goto done;
+            table = PyMemoryView_GET_BUFFER(table_mv)->buf;
+            indirect = 1;
+            limit = len / 16;
+            idx = count = 0;
+            continue;
+        }
+        int rc = walk_add(r, &w, fl, addr, len);
+        if (rc < 0)
+            goto done;
+        if (rc == 0)
+            goto hand_over;
+        if (!(fl & F_NEXT))
+            break;
+        idx = (Py_ssize_t)(word >> 48);
+        if (idx >= limit)
+            goto hand_over;
+    }
+    result = walk_done(r, &w, head);
+    goto done;
+hand_over:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(w.readable);
+    Py_XDECREF(w.writable);
+    Py_XDECREF(table_mv);
+    return result;
+}
+
+/* SplitQueue.pop: the next chain, NULL with no error set when the ring is empty. */
+static PyObject *split_next(ring_t *r, PyObject *q) {
+    long na = slot_index(r, q, S_NEXT_AVAIL), shadow = slot_index(r, q, S_AVAIL_SHADOW);
+    long nu = slot_index(r, q, S_NEXT_USED);
+    if (na < 0 || shadow < 0 || nu < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "split queue state is not a ring index");
+        return NULL;
+    }
+    const uint8_t *av = r->avail.view.buf;
+    Py_ssize_t size = r->size;
+    if (na == shadow) {
+        uint16_t ai = __atomic_load_n((const uint16_t *)(av + 2), __ATOMIC_ACQUIRE);
+        long n = (ai - na) & 0xFFFF;
+        if (n > size || ((na - nu) & 0xFFFF) > size) {
+            /* a broken ring: the pure check raises (or finds it fixed meanwhile) */
+            PyObject *got = PyObject_CallMethodNoArgs(q, str_avail_count);
+            if (!got)
+                return NULL;
+            int empty = !PyObject_IsTrue(got);
+            Py_DECREF(got);
+            if (empty)
+                return NULL;
+        } else {
+            if (slot_set(r, q, S_AVAIL_SHADOW, ai) < 0)
+                return NULL;
+            if (!n)
+                return NULL;
+        }
+    }
+    uint16_t head = ld16(av + 4 + 2 * (na & (size - 1)));
+    if (slot_set(r, q, S_NEXT_AVAIL, (na + 1) & 0xFFFF) < 0)
+        return NULL;
+    PyObject *c = Py_NewRef(Py_None); /* a head out of range: the pure walk raises */
+    if (head < size) {
+        const uint8_t *d = (const uint8_t *)r->desc.view.buf + 16 * head;
+        uint64_t addr = ld64(d), word = ld64(d + 8);
+        uint32_t len = (uint32_t)word;
+        Py_ssize_t p = r->primary;
+        if (!((word >> 32) & (F_NEXT | F_INDIRECT)) && len && p >= 0 &&
+            fits(r->start[p], r->span[p], addr, len))
+            return single_chain(r, head, (word >> 32) & F_WRITE, p, addr - r->start[p], len);
+        Py_DECREF(c);
+        c = split_walk(r, q, head);
+    }
+    if (c != Py_None)
+        return c;
+    Py_DECREF(c);
+    PyObject *h = PyLong_FromLong(head);
+    if (!h)
+        return NULL;
+    c = PyObject_CallMethodOneArg(q, str_walk, h); /* raises, or splits buffers */
+    Py_DECREF(h);
+    return c;
+}
+
+/* PackedQueue.pop: the next chain, NULL with no error set when none is available. */
+static PyObject *packed_next(ring_t *r, PyObject *q) {
+    long p = slot_index(r, q, P_NEXT_AVAIL), w = slot_index(r, q, P_AVAIL_WRAP);
+    if (p < 0 || p >= r->size || w < 0 || w > 1) {
+        PyErr_SetString(PyExc_RuntimeError, "packed queue state is not a ring position");
+        return NULL;
+    }
+    uint8_t *d = (uint8_t *)r->desc.view.buf + 16 * p;
+    uint16_t fl = __atomic_load_n((uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+    if (((fl >> 7) & 1) != w || ((fl >> 15) & 1) == w)
+        return NULL;
+    if (fl & (F_NEXT | F_INDIRECT)) /* a longer chain: the pure walk */
+        return PyObject_CallMethodNoArgs(q, str_walk);
+    uint64_t x = ld64(d + 8), addr = ld64(d);
+    if (++p == r->size) {
+        p = 0;
+        if (slot_set(r, q, P_AVAIL_WRAP, w ^ 1) < 0)
+            return NULL;
+    }
+    if (slot_set(r, q, P_NEXT_AVAIL, p) < 0)
+        return NULL;
+    uint32_t len = (uint32_t)x;
+    uint16_t bid = (uint16_t)(x >> 32);
+    uint32_t *cn = r->counts.view.buf;
+    Py_ssize_t reg = r->primary;
+    if (cn[bid] || !len || reg < 0 || !fits(r->start[reg], r->span[reg], addr, len))
+        /* in flight, empty or not in the largest region: the pure step decides */
+        return PyObject_CallMethod(q, "_single", "iKkk", (int)fl, (unsigned long long)addr,
+                                   (unsigned long)len, (unsigned long)bid);
+    PyObject *c = single_chain(r, bid, fl & F_WRITE, reg, addr - r->start[reg], len);
+    if (c) {
+        if (fl & F_WRITE) {
+            cn[bid] = 1 | WSINGLE;
+            ((uint64_t *)r->waddr.view.buf)[bid] = addr;
+            ((uint32_t *)r->wlen.view.buf)[bid] = len;
+        } else {
+            cn[bid] = 1;
+        }
+    }
+    return c;
+}
+
+static void ring_release_buffers(ring_t *r) {
+    rel(&r->desc); rel(&r->avail); rel(&r->used);
+    rel(&r->counts); rel(&r->waddr); rel(&r->wlen);
+    r->released = 1;
+}
+
+/* Start a call on queue q: 0, or -1 with an error set (q not ours, ring released). */
+static int ring_enter(ring_t *r, PyObject *q) {
+    if (!PyObject_TypeCheck(q, r->qtype)) {
+        PyErr_Format(PyExc_TypeError, "expected a %s", r->qtype->tp_name);
+        return -1;
+    }
+    if (r->released) {
+        PyErr_SetString(PyExc_ValueError, "the queue's rings were released");
+        return -1;
+    }
+    r->busy++;
+    return 0;
+}
+
+static void ring_leave(ring_t *r) {
+    if (--r->busy == 0 && r->release_pending)
+        ring_release_buffers(r);
+}
+
+static PyObject *ring_next(ring_t *r, PyObject *q) {
+    if (ring_enter(r, q) < 0)
+        return NULL;
+    PyObject *c = r->packed ? packed_next(r, q) : split_next(r, q);
+    ring_leave(r);
+    return c;
+}
+
+PyDoc_STRVAR(ring_pop_doc,
+"pop(queue) -> DescriptorChain | None\n"
+"\n"
+"queue.pop(): the next available chain or None (VirtqError for a bad one, consumed).");
+
+static PyObject *ring_pop(PyObject *self, PyObject *q) {
+    PyObject *c = ring_next((ring_t *)self, q);
+    if (!c && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return c;
+}
+
+PyDoc_STRVAR(ring_add_used_doc,
+"add_used(queue, id, length) -> bool\n"
+"\n"
+"queue.add_used(id, length) for the plain case: an int id in range (split) or in\n"
+"flight (packed), a 32-bit int length, no dirty log. False, nothing written, when\n"
+"the pure path must decide.");
+
+static PyObject *ring_add_used(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ring_t *r = (ring_t *)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "add_used(queue, id, length)");
+        return NULL;
+    }
+    PyObject *q = args[0];
+    if (ring_enter(r, q) < 0)
+        return NULL;
+    PyObject *result = Py_False;
+    long long id = arg_in(args[1], r->packed ? 0xFFFF : r->size - 1);
+    long long len = arg_in(args[2], 0xFFFFFFFFLL);
+    if (id < 0 || len < 0 || QSLOT(r, q, r->packed ? P_LOG : S_LOG) != Py_None)
+        goto done;
+    if (!r->packed) {
+        long nu = slot_index(r, q, S_NEXT_USED);
+        if (nu < 0)
+            goto done;
+        uint8_t *u = r->used.view.buf;
+        st64(u + 4 + 8 * (nu & (r->size - 1)), (uint64_t)id | (uint64_t)len << 32);
+        __atomic_store_n((uint16_t *)(u + 2), (uint16_t)(nu + 1), __ATOMIC_RELEASE);
+        result = slot_set(r, q, S_NEXT_USED, (nu + 1) & 0xFFFF) < 0 ? NULL : Py_True;
+        goto done;
+    }
+    PyObject *wlog = QSLOT(r, q, P_WLOG);
+    long nu = slot_index(r, q, P_NEXT_USED), uw = slot_index(r, q, P_USED_WRAP);
+    PyObject *since = QSLOT(r, q, P_SINCE_SIGNAL);
+    uint32_t *cn = r->counts.view.buf;
+    uint32_t c = cn[id] & 0xFFFF;
+    if (!wlog || !PyDict_CheckExact(wlog) || PyDict_GET_SIZE(wlog) || nu < 0 || nu >= r->size ||
+        uw < 0 || uw > 1 || !since || !PyLong_CheckExact(since) || !c)
+        goto done;
+    long long signalled = PyLong_AsLongLong(since);
+    if (signalled == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto done;
+    }
+    cn[id] = 0;
+    uint64_t word = (uint64_t)len | (uint64_t)id << 32 |
+                    (uint64_t)((uw ? (F_AVAIL | F_USED) : 0) | (len ? F_WRITE : 0)) << 48;
+    /* len, id and flags in one store: the flags word publishes the rest */
+    __atomic_store_n((uint64_t *)((uint8_t *)r->desc.view.buf + 16 * nu + 8), word,
+                     __ATOMIC_RELEASE);
+    long p = nu + (long)c;
+    if (p >= r->size) {
+        p -= r->size;
+        uw ^= 1;
+    }
+    result = Py_True;
+    Py_INCREF(Py_None);
+    Py_XSETREF(QSLOT(r, q, P_FRESH_HEADS), Py_None); /* the last burst is no longer whole */
+    if (slot_set(r, q, P_NEXT_USED, p) < 0 || slot_set(r, q, P_USED_WRAP, uw) < 0 ||
+        slot_set(r, q, P_SINCE_SIGNAL, signalled + c) < 0)
+        result = NULL;
+done:
+    ring_leave(r);
+    return Py_XNewRef(result);
+}
+
+PyDoc_STRVAR(ring_release_doc,
+"release()\n"
+"\n"
+"Give back the ring areas (queue.release()); the ring answers nothing afterwards.");
+
+static PyObject *ring_release(PyObject *self, PyObject *unused) {
+    ring_t *r = (ring_t *)self;
+    if (r->busy)
+        r->release_pending = 1; /* a call is running (a finalizer released the queue) */
+    else
+        ring_release_buffers(r);
+    Py_RETURN_NONE;
+}
+
+/* `for chain in queue`: pops until the ring is empty; done after an error, as a
+ * generator is. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *ring;
+    PyObject *queue;
+} chain_iter_t;
+
+static PyTypeObject ChainIterType;
+
+PyDoc_STRVAR(ring_iter_doc, "iter(queue) -> iterator of DescriptorChain (queue.__iter__).");
+
+static PyObject *ring_iter(PyObject *self, PyObject *q) {
+    ring_t *r = (ring_t *)self;
+    if (!PyObject_TypeCheck(q, r->qtype)) {
+        PyErr_Format(PyExc_TypeError, "expected a %s", r->qtype->tp_name);
+        return NULL;
+    }
+    chain_iter_t *it = PyObject_New(chain_iter_t, &ChainIterType);
+    if (!it)
+        return NULL;
+    it->ring = Py_NewRef(self);
+    it->queue = Py_NewRef(q);
+    return (PyObject *)it;
+}
+
+static PyObject *chain_iter_next(PyObject *self) {
+    chain_iter_t *it = (chain_iter_t *)self;
+    if (!it->queue)
+        return NULL;
+    PyObject *c = ring_next((ring_t *)it->ring, it->queue);
+    if (!c)
+        Py_CLEAR(it->queue); /* empty or raised: finished */
+    return c;
+}
+
+static void chain_iter_dealloc(PyObject *self) {
+    chain_iter_t *it = (chain_iter_t *)self;
+    Py_XDECREF(it->ring);
+    Py_XDECREF(it->queue);
+    PyObject_Free(self);
+}
+
+static PyTypeObject ChainIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vhsm._speedups.ChainIter",
+    .tp_basicsize = sizeof(chain_iter_t),
+    .tp_dealloc = chain_iter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Chains popped from a queue until it is empty.",
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = chain_iter_next,
+};
+
+static void ring_dealloc(PyObject *self) {
+    ring_t *r = (ring_t *)self;
+    ring_release_buffers(r);
+    PyMem_Free(r->start);
+    Py_XDECREF(r->views);
+    Py_XDECREF(r->qtype);
+    Py_XDECREF(r->ctype);
+    PyObject_Free(self);
+}
+
+static PyMethodDef ring_methods[] = {
+    {"pop", ring_pop, METH_O, ring_pop_doc},
+    {"iter", ring_iter, METH_O, ring_iter_doc},
+    {"add_used", (PyCFunction)(void (*)(void))ring_add_used, METH_FASTCALL, ring_add_used_doc},
+    {"release", ring_release, METH_NOARGS, ring_release_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ChainRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vhsm._speedups.ChainRing",
+    .tp_basicsize = sizeof(ring_t),
+    .tp_dealloc = ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The per-chain API of one split or packed queue (see chain_ring).",
+    .tp_methods = ring_methods,
+};
+
+PyDoc_STRVAR(chain_ring_doc,
+"chain_ring(queue, slots, chain_cls, chain_slots, size, desc, areas, regions, primary)\n"
+"    -> ChainRing | None\n"
+"\n"
+"The per-chain API of queue (a SplitQueue or PackedQueue: slots names its state\n"
+"slots, in the order this module expects). chain_cls is DescriptorChain and\n"
+"chain_slots its slots in constructor order; desc the descriptor area; areas\n"
+"(avail, used) for a split ring, (counts, waddr, wlen) for a packed one; regions\n"
+"(start, span, view) per memory region in address order, primary the index of\n"
+"the largest (-1: none). None when a region's view is not a plain byte view.");
+
+static PyObject *chain_ring(PyObject *self, PyObject *args) {
+    PyObject *q, *slots, *ccls, *cslots, *o_desc, *areas, *regions;
+    Py_ssize_t size, primary;
+    if (!PyArg_ParseTuple(args, "OO!O!O!nOO!O!n", &q, &PyTuple_Type, &slots, &PyType_Type, &ccls,
+                          &PyTuple_Type, &cslots, &size, &o_desc, &PyTuple_Type, &areas,
+                          &PyTuple_Type, &regions, &primary))
+        return NULL;
+    Py_ssize_t nslots = PyTuple_GET_SIZE(slots), nreg = PyTuple_GET_SIZE(regions);
+    int packed = nslots == P_NSLOTS;
+    if ((nslots != S_NSLOTS && !packed) || PyTuple_GET_SIZE(areas) != (packed ? 3 : 2) ||
+        size < 1 || size > 32768 || (!packed && (size & (size - 1))) || primary < -1 ||
+        primary >= nreg) {
+        PyErr_SetString(PyExc_ValueError, "chain_ring: bad slots, areas, size or primary");
+        return NULL;
+    }
+    ring_t *r = PyObject_New(ring_t, &ChainRingType);
+    if (!r)
+        return NULL;
+    memset((char *)r + sizeof(PyObject), 0, sizeof(ring_t) - sizeof(PyObject));
+    r->packed = packed;
+    r->size = size;
+    r->nreg = nreg;
+    r->primary = primary;
+    r->qtype = (PyTypeObject *)Py_NewRef(Py_TYPE(q));
+    r->ctype = (PyTypeObject *)Py_NewRef(ccls);
+    PyObject *views = PyTuple_New(nreg);
+    r->views = views;
+    r->start = PyMem_Calloc(2 * (nreg ? nreg : 1), sizeof(uint64_t));
+    if (!views || !r->start) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    r->span = r->start + nreg;
+    if (slot_offsets(r->qtype, slots, r->qoff, nslots) < 0 ||
+        slot_offsets(r->ctype, cslots, r->coff, C_NSLOTS) < 0 ||
+        get_buf(o_desc, &r->desc, 1, 16 * size, "desc") < 0)
+        goto fail;
+    if (packed ? (get_buf(PyTuple_GET_ITEM(areas, 0), &r->counts, 1, 4 * IDS, "counts") < 0 ||
+                  get_buf(PyTuple_GET_ITEM(areas, 1), &r->waddr, 1, 8 * IDS, "waddr") < 0 ||
+                  get_buf(PyTuple_GET_ITEM(areas, 2), &r->wlen, 1, 4 * IDS, "wlen") < 0)
+               : (get_buf(PyTuple_GET_ITEM(areas, 0), &r->avail, 1, 4 + 2 * size, "avail") < 0 ||
+                  get_buf(PyTuple_GET_ITEM(areas, 1), &r->used, 1, 4 + 8 * size, "used") < 0))
+        goto fail;
+    for (Py_ssize_t i = 0; i < nreg; i++) {
+        PyObject *t = PyTuple_GET_ITEM(regions, i), *v;
+        unsigned long long start, span;
+        if (!PyArg_ParseTuple(t, "KKO!", &start, &span, &PyMemoryView_Type, &v))
+            goto fail;
+        Py_buffer *b = PyMemoryView_GET_BUFFER(v);
+        const char *f = b->format ? b->format : "B";
+        if (((PyMemoryViewObject *)v)->flags & _Py_MEMORYVIEW_RELEASED || b->ndim != 1 ||
+            b->itemsize != 1 || strcmp(f, "B") || !b->strides || b->strides[0] != 1 ||
+            b->suboffsets || span > (unsigned long long)b->len) {
+            Py_DECREF(r);
+            Py_RETURN_NONE; /* not a plain byte view: the pure path only */
+        }
+        r->start[i] = start;
+        r->span[i] = span;
+        PyTuple_SET_ITEM(views, i, Py_NewRef(v));
+    }
+    return (PyObject *)r;
+fail:
+    Py_DECREF(r);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -814,6 +1503,7 @@ static PyMethodDef methods[] = {
     {"gather_rows", gather_rows, METH_VARARGS, gather_rows_doc},
     {"adler32_rows", adler32_rows, METH_VARARGS, adler32_rows_doc},
     {"read_frames", read_frames, METH_VARARGS, read_frames_doc},
+    {"chain_ring", chain_ring, METH_VARARGS, chain_ring_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -824,6 +1514,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    if (PyType_Ready(&ChainRingType) < 0 || PyType_Ready(&ChainIterType) < 0 ||
+        !(str_walk = PyUnicode_InternFromString("_walk")) ||
+        !(str_avail_count = PyUnicode_InternFromString("_avail_count")))
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddStringConstant(m, "source_sha256", VHSM_SOURCE_SHA256) < 0) {
         Py_DECREF(m);

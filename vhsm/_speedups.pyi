@@ -1,5 +1,6 @@
 """Types of the optional C accelerator (vhsm/_speedups.c); see vhsm.speedups."""
 
+from collections.abc import Iterator
 from typing import Any
 
 source_sha256: str
@@ -38,3 +39,21 @@ def packed_used(
 def gather_rows(region: Any, offsets: Any, n: int, skip: int, out: Any) -> bool: ...
 def adler32_rows(rows: Any, k: int, width: int) -> int: ...
 def read_frames(region: Any, offsets: Any, lens: Any, skip: int, checksum: bool) -> int | None: ...
+
+class ChainRing:
+    def pop(self, queue: Any, /) -> Any: ...
+    def iter(self, queue: Any, /) -> Iterator[Any]: ...
+    def add_used(self, queue: Any, id: int, length: int, /) -> bool: ...
+    def release(self) -> None: ...
+
+def chain_ring(
+    queue: Any,
+    slots: tuple[str, ...],
+    chain_cls: type,
+    chain_slots: tuple[str, ...],
+    size: int,
+    desc: Any,
+    areas: tuple[Any, ...],
+    regions: tuple[tuple[int, int, memoryview], ...],
+    primary: int,
+) -> ChainRing | None: ...

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+#: DescriptorChain's slots in constructor order (the compiled path fills them in place).
+CHAIN_SLOTS = ("head", "readable", "writable", "readable_len", "writable_len")
+
 
 class DescriptorChain:
     """One available buffer: head id, device-readable then device-writable memoryviews.

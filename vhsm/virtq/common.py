@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol, TypeGuard
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import numpy as np
 
 from vhsm.errors import GuestMemoryError, VirtqError
+from vhsm.virtq.chain import CHAIN_SLOTS, DescriptorChain
 from vhsm.wire.enums import MAX_QUEUE_SIZE
+
+if TYPE_CHECKING:
+    from vhsm._speedups import ChainRing
 
 # Descriptor flags (the same bits in split and packed descriptors).
 VIRTQ_DESC_F_NEXT = 0x1
@@ -308,3 +313,29 @@ def check_area(name: str, view: memoryview, size: int, align: int) -> None:
     address = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data) if size else 0
     if address % align:
         raise ValueError(f"{name} area at host address {address:#x} not {align}-byte aligned")
+
+
+def chain_ring(
+    accel: ModuleType | None,
+    queue: object,
+    slots: tuple[str, ...],
+    size: int,
+    desc: memoryview,
+    areas: tuple[object, ...],
+    space: AddressSpace,
+) -> ChainRing | None:
+    """The compiled ``pop``/iteration/``add_used`` of ``queue``, or None for the pure path.
+
+    ``slots`` names the queue's state slots (the C code reads and writes them in
+    place, so both paths share one state); ``areas`` are the split ring's avail and
+    used areas or the packed ring's in-flight tables. None also when a region's
+    view is not a plain byte view (the pure path handles any).
+    """
+    if accel is None:
+        return None
+    primary = next((i for i, r in enumerate(space.regions) if r is space.primary), -1)
+    regions = tuple((start, end - start, view) for start, end, view in space.regions)
+    ring: ChainRing | None = accel.chain_ring(
+        queue, slots, DescriptorChain, CHAIN_SLOTS, size, desc, areas, regions, primary
+    )
+    return ring

@@ -33,6 +33,7 @@ from vhsm.virtq.common import (
     GuestMemoryLike,
     all_of,
     any_of,
+    chain_ring,
     check_area,
     check_queue_size,
     length_list,
@@ -62,6 +63,17 @@ _WRITE_WORD = _WRITE << 48
 #: ``_waddr``/``_wlen`` (no dict entry per buffer). The low 16 bits count descriptors.
 _WSINGLE = 1 << 16
 _new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
+#: The state slots the compiled per-chain API reads and writes (the order _speedups.c names).
+_CHAIN_SLOTS = (
+    "_next_avail",
+    "_avail_wrap",
+    "_next_used",
+    "_used_wrap",
+    "_since_signal",
+    "_log",
+    "_wlog",
+    "_fresh_heads",
+)
 _IDS = 65536
 _STAMPS = np.arange(1, MAX_QUEUE_SIZE + 1, dtype=np.uint32)  # a burst's positions, from 1
 _ONES = np.ones(MAX_QUEUE_SIZE, dtype=np.uint32)  # in-flight counts of a plain burst
@@ -94,6 +106,7 @@ class PackedQueue:
     __slots__ = (
         "_accel",
         "_avail_wrap",
+        "_chains",
         "_counts",
         "_counts_np",
         "_desc",
@@ -181,6 +194,16 @@ class PackedQueue:
         self._used_wrap = 1
         self._accel = speedups.accel  # the compiled data path, or None for pure Python
         self.set_base(base)
+        # pop, iteration and add_used in C (None: the pure methods below)
+        self._chains = chain_ring(
+            self._accel,
+            self,
+            _CHAIN_SLOTS,
+            size,
+            self._desc,
+            (self._counts_np, self._waddr_np, self._wlen_np),
+            self._space,
+        )
 
     # ----------------------------------------------------------------- state
     @property
@@ -276,6 +299,9 @@ class PackedQueue:
 
     def release(self) -> None:
         """Drop every view of guest memory."""
+        if self._chains is not None:
+            self._chains.release()
+            self._chains = None
         for name in ("_desc_q", "_desc_i", "_desc_h", "_driver_h", "_device_h"):
             getattr(self, name).release()
         self._desc_np = np.zeros(0, dtype=PACKED_DESC_DTYPE)
@@ -285,6 +311,9 @@ class PackedQueue:
     # ------------------------------------------------------------------ pop
     def pop(self) -> DescriptorChain | None:
         """Next available chain, or None; VirtqError for a bad chain (consumed)."""
+        if self._chains is not None:
+            chain: DescriptorChain | None = self._chains.pop(self)
+            return chain
         p = self._next_avail
         fl: int = self._desc_h[(p << 3) + 7]
         w = self._avail_wrap
@@ -329,6 +358,13 @@ class PackedQueue:
 
     def __iter__(self) -> Iterator[DescriptorChain]:
         """Yield available chains until none is available (a bad chain raises, consumed)."""
+        if self._chains is not None:
+            chains: Iterator[DescriptorChain] = self._chains.iter(self)
+            return chains
+        return self._iter_pure()
+
+    def _iter_pure(self) -> Iterator[DescriptorChain]:
+        """``__iter__`` on the pure path: a generator over the descriptor ring."""
         dh, dq = self._desc_h, self._desc_q
         size = self._size
         counts, waddr, wlen = self._counts, self._waddr, self._wlen
@@ -480,6 +516,8 @@ class PackedQueue:
     # ----------------------------------------------------------------- used
     def add_used(self, bid: int, length: int) -> None:
         """Write one used descriptor (len, id and flags in one store) and skip its chain."""
+        if self._chains is not None and self._chains.add_used(self, bid, length):
+            return
         counts = self._counts
         c = counts[bid] if 0 <= bid <= 0xFFFF else 0
         if not c or length >> 32:

@@ -33,6 +33,7 @@ from vhsm.virtq.common import (
     AddressSpace,
     DirtyLogLike,
     GuestMemoryLike,
+    chain_ring,
     check_area,
     check_queue_size,
     length_list,
@@ -53,6 +54,8 @@ _EMPTY: tuple[()] = ()
 _SIMPLE_MASK = (_NEXT | _INDIRECT) << 32
 _WRITE_BIT = _WRITE << 32
 _new = object.__new__  # a chain with its slots filled inline: no __init__ frame per chain
+#: The state slots the compiled per-chain API reads and writes (the order _speedups.c names).
+_CHAIN_SLOTS = ("_next_avail", "_avail_shadow", "_next_used", "_indirect", "_log")
 
 
 def split_area_sizes(size: int) -> tuple[int, int, int]:
@@ -69,6 +72,7 @@ class SplitQueue:
         "_avail_h",
         "_avail_np",
         "_avail_shadow",
+        "_chains",
         "_desc",
         "_desc_h",
         "_desc_i",
@@ -149,6 +153,16 @@ class SplitQueue:
         self._log = log
         self._log_used_gpa = log_used_gpa
         self._accel = speedups.accel  # the compiled data path, or None for pure Python
+        # pop, iteration and add_used in C (None: the pure methods below)
+        self._chains = chain_ring(
+            self._accel,
+            self,
+            _CHAIN_SLOTS,
+            size,
+            self._desc,
+            (self._avail, self._used),
+            self._space,
+        )
 
     # ----------------------------------------------------------------- state
     @property
@@ -229,6 +243,9 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop every view of guest memory (before the mapping is closed)."""
+        if self._chains is not None:
+            self._chains.release()
+            self._chains = None
         for name in ("_desc_q", "_desc_i", "_desc_h", "_avail_h", "_used_h", "_used_q"):
             getattr(self, name).release()
         self._desc_np = np.zeros(0, dtype=SPLIT_DESC_DTYPE)
@@ -264,6 +281,9 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """Next available chain, or None; VirtqError for a bad chain (consumed)."""
+        if self._chains is not None:
+            chain: DescriptorChain | None = self._chains.pop(self)
+            return chain
         na = self._next_avail
         if na == self._avail_shadow and not self._avail_count():
             return None
@@ -296,6 +316,13 @@ class SplitQueue:
         A bad chain raises VirtqError out of the loop, already consumed: iterate again to
         continue with the following chains.
         """
+        if self._chains is not None:
+            chains: Iterator[DescriptorChain] = self._chains.iter(self)
+            return chains
+        return self._iter_pure()
+
+    def _iter_pure(self) -> Iterator[DescriptorChain]:
+        """``__iter__`` on the pure path: a generator over the avail ring."""
         avail_h, dq = self._avail_h, self._desc_q
         mask, size = self._mask, self._size
         rs, re_, rv = self._space.primary
@@ -427,6 +454,8 @@ class SplitQueue:
     # ----------------------------------------------------------------- used
     def add_used(self, head: int, length: int) -> None:
         """Publish one used element (element first, then the used index)."""
+        if self._chains is not None and self._chains.add_used(self, head, length):
+            return
         if not 0 <= head < self._size:
             raise VirtqError(self.index, f"used id {head} >= queue size {self._size}", head)
         nu = self._next_used
