@@ -206,12 +206,50 @@ def test_two_queue_pairs_use_two_tap_queues(sockdir: Path) -> None:
     try:
         assert env.backend.features() & NetFeature.MQ
         assert len(env.backend.tap.fds) == 2
+        # QEMU sends the memory table once per pair as ADD_MEM_REG: SET_MEM_TABLE instead
+        assert not env.fe.offered_protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS
         second = NetDevice(env.fe, 2, 3)
         second.send(frame(80, 1, outgoing=True))
         env.net.send(frame(81, 2, outgoing=True))
         got = sorted(env.capture(2))
         assert got == sorted([frame(80, 1, outgoing=True), frame(81, 2, outgoing=True)])
         assert [s.tx_packets for s in env.backend.pair_stats] == [1, 1]
+    finally:
+        stop(env)
+
+
+def udp_frame(sport: int, dport: int) -> bytes:
+    """An IPv4/UDP frame to the guest: the TAP hashes its flow to pick a queue."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 36, 0, 0, 64, 17, 0,
+                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+    udp = struct.pack("!HHHH", sport, dport, 16, 0) + bytes(8)
+    return GUEST_MAC + HOST_MAC + b"\x08\x00" + ip + udp
+
+
+def test_a_pair_not_enabled_leaves_its_flows_to_the_others(sockdir: Path) -> None:
+    env = start(sockdir, pairs=2)
+    try:
+        for ring in (2, 3):  # what a one-CPU Linux guest does with its second pair
+            env.fe.enable_vring(ring, False)
+        flows = [udp_frame(40000 + i, 50000 + 7 * i) for i in range(24)]
+        env.net.post_rx(len(flows))
+        for f in flows:
+            env.inject(f)
+        got = sorted(env.net.receive() for _ in flows)  # every flow reaches pair 0
+        assert got == sorted(flows)
+        assert [s.rx_packets for s in env.backend.pair_stats] == [24, 0]
+        for ring in (2, 3):  # enabled again: the TAP shares the flows between both queues
+            env.fe.enable_vring(ring, True)
+        second = NetDevice(env.fe, 2, 3)
+        second.post_rx(len(flows))
+        env.net.post_rx(len(flows))
+        for f in flows:
+            env.inject(f)
+        deadline = time.monotonic() + 30
+        while sum(s.rx_packets for s in env.backend.pair_stats) < 48:
+            assert time.monotonic() < deadline, env.backend.pair_stats
+            time.sleep(0.01)
+        assert env.backend.pair_stats[1].rx_packets > 0
     finally:
         stop(env)
 
@@ -241,6 +279,43 @@ def test_cli_without_permission_to_create_is_one_line(sockdir: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "cannot create or attach TAP" in lines[0] and "CAP_NET_ADMIN" in lines[0]
+
+
+def serve_in(ns: NetNs, sockdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ns.argv([sys.executable, "-m", "vhsm", "serve", "net", "--socket",
+                 str(sockdir / "n.sock"), *args]),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_cli_bad_tap_mac_and_mtu_are_one_line_errors(sockdir: Path) -> None:
+    ns = NetNs()
+    try:
+        single = tap_name()
+        ns.ip("tuntap", "add", "dev", single, "mode", "tap", "vnet_hdr")  # no multi_queue
+        busy = ns.call(lambda: Tap(tap_name()))  # held open by this process, one queue
+        try:
+            cases = {
+                (f"cannot attach 2 queues to TAP {single}", "not a multiqueue TAP"):
+                    ("--tap", single, "--queues", "2"),
+                (f"TAP {busy.name} is busy", "another process"): ("--tap", busy.name),
+                ("bad MAC address 'zz:00'",): ("--tap", tap_name(), "--mac", "zz:00"),
+                ("MAC 01:00:00:00:00:01 is not", "unicast"):
+                    ("--tap", tap_name(), "--mac", "01:00:00:00:00:01"),
+                ("MTU 20 not in 68..65535",): ("--tap", tap_name(), "--mtu", "20"),
+                ("MTU 70000 not in 68..65535",): ("--tap", tap_name(), "--mtu", "70000"),
+            }  # fmt: skip
+            for wanted, args in cases.items():
+                proc = serve_in(ns, sockdir, *args)
+                lines = proc.stderr.strip().splitlines()
+                assert proc.returncode != 0 and len(lines) == 1, (args, proc.stderr)
+                for text in wanted:
+                    assert text in lines[0], (args, lines[0])
+        finally:
+            busy.close()
+    finally:
+        ns.close()
 
 
 def test_cli_refuses_mode_with_tap(sockdir: Path) -> None:

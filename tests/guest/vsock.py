@@ -7,13 +7,13 @@ echo server that a host program reaches through ``CONNECT <port>`` on ``<uds>``.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .static_tool import build_static
 
 SOURCE = Path(__file__).with_name("vsock_tool.c")
 #: Guest path of the tool inside the initramfs.
@@ -22,16 +22,7 @@ TOOL = "bin/vsock_tool"
 
 def build_tool(workdir: Path) -> bytes | str:
     """The static tool's bytes, or a sentence saying why it cannot be built."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return "gcc not found (run .ci/install-deps)"
-    out = workdir / "vsock_tool"
-    proc = subprocess.run(
-        [gcc, "-static", "-O2", "-o", str(out), str(SOURCE)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        return f"cannot build the static vsock tool (libc6-dev?): {proc.stderr.strip()[-400:]}"
-    return out.read_bytes()
+    return build_static(SOURCE, workdir)
 
 
 def pattern(n: int, seed: int) -> bytes:

@@ -16,6 +16,12 @@ Teaching notes:
   room, the chains taken are put back (the ring's next index rewound: nothing
   was completed) and the frame waits in the device; the TAP is not read again
   until the guest posts buffers. Nothing is dropped for a full ring.
+* Multiqueue: the TAP steers each flow to one of its attached queues. The queue
+  of a pair the guest has not enabled (a Linux guest with fewer CPUs than
+  pairs starts with one, ``ethtool -L`` adds the others) is detached so that
+  its flows go to the pairs in use; enabling the pair attaches it again.
+  Queue 0 stays attached: every front-end uses pair 0.
+* Counters per pair (`TapStats`) are logged at INFO when the device closes.
 * Split rings only (no RING_PACKED): putting chains back needs the split ring's
   free-running index.
 """
@@ -42,7 +48,7 @@ from vhsm.devices.tap import (
     Tap,
 )
 from vhsm.errors import BackendError, VhsmError, VirtqError
-from vhsm.wire.enums import NetFeature
+from vhsm.wire.enums import NetFeature, ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -122,7 +128,12 @@ class TapNetBackend(QueuePairBackend):
             if mtu is not None:
                 self.tap.set_mtu(mtu)
             self.mtu = self.tap.mtu()
-        except (OSError, VhsmError):
+            for queue in range(1, queue_pairs):  # attached when the guest enables the pair
+                self.tap.set_attached(queue, False)
+        except OSError as err:
+            self.tap.close()
+            raise VhsmError(f"cannot set up TAP {ifname}: {err.strerror or err}") from None
+        except VhsmError:
             self.tap.close()
             raise
         self.mac = mac if mac is not None else bytes([0x02]) + os.urandom(5)
@@ -131,6 +142,8 @@ class TapNetBackend(QueuePairBackend):
         self._workers: Sequence[VringEpollHandler] = ()
         self._held: list[bytes | None] = [None] * queue_pairs
         self._watched = [False] * queue_pairs
+        self._attached = [pair == 0 for pair in range(queue_pairs)]
+        self._enabled: set[int] = set()
         self._buffer = bytearray(MAX_FRAME)
 
     # --- wiring -------------------------------------------------------------------------
@@ -167,8 +180,19 @@ class TapNetBackend(QueuePairBackend):
             raise BackendError(f"TUNSETOFFLOAD {flags:#x} on {self.tap.name}: {err}") from None
 
     def protocol_features(self) -> int:
-        """Multiqueue, acks, config space, memory slots, device reset, the status byte."""
-        return CONFIG_DEVICE_PROTOCOL_FEATURES
+        """Multiqueue, acks, config space, memory slots (one pair only), reset, status.
+
+        CONFIG carries ``--mac`` and ``--mtu`` to front-ends that read the device's
+        config space (vhsm's own, generic ones). QEMU's virtio-net keeps its own
+        config (``-device virtio-net-pci,mac=...,host_mtu=...``): QEMU 7.2 warns once
+        per pair that it does not use CONFIG and goes on without it. No
+        CONFIGURE_MEM_SLOTS with several pairs: QEMU 7.2 runs one vhost device per pair
+        on the one connection and each sends the whole memory table as ADD_MEM_REG,
+        overlapping the regions the first added; SET_MEM_TABLE it sends once.
+        """
+        if self.queue_pairs == 1:
+            return CONFIG_DEVICE_PROTOCOL_FEATURES
+        return int(CONFIG_DEVICE_PROTOCOL_FEATURES & ~ProtocolFeature.CONFIGURE_MEM_SLOTS)
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``struct virtio_net_config``: MAC, status, max_virtqueue_pairs, MTU."""
@@ -189,6 +213,28 @@ class TapNetBackend(QueuePairBackend):
         """The TAP is no longer read; a waiting frame is dropped with the session."""
         self._forget()
 
+    def ring_enabled(self, index: int) -> None:
+        """The pair's TAP queue is attached once either of its rings is enabled."""
+        self._enabled.add(index)
+        self._attach(index // 2)
+
+    def ring_disabled(self, index: int) -> None:
+        """The pair's TAP queue is detached once both of its rings are disabled."""
+        self._enabled.discard(index)
+        self._attach(index // 2)
+
+    def _attach(self, pair: int) -> None:
+        wanted = pair == 0 or bool({2 * pair, 2 * pair + 1} & self._enabled)
+        if wanted == self._attached[pair] or pair >= len(self.tap.fds):
+            return
+        try:
+            self.tap.set_attached(pair, wanted)
+        except OSError as err:  # the pair still works; only the TAP's steering is off
+            verb = "attach" if wanted else "detach"
+            log.warning("net-tap: cannot %s queue %d of %s: %s", verb, pair, self.tap.name, err)
+            return
+        self._attached[pair] = wanted
+
     def _forget(self) -> None:
         for pair in range(self.queue_pairs):
             with self._paused(pair):
@@ -203,8 +249,10 @@ class TapNetBackend(QueuePairBackend):
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop watching and close the TAP queues."""
+        """Stop watching, log each pair's counters and close the TAP queues."""
         self._forget()
+        for pair, stats in enumerate(self.pair_stats):
+            log.info("net-tap %s pair %d: %s", self.tap.name, pair, stats)
         self.tap.close()
 
     # --- events -------------------------------------------------------------------------

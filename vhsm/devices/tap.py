@@ -7,7 +7,9 @@ queue pair of the device gets its own. ``IFF_VNET_HDR`` puts a virtio-net
 header before every frame, in both directions, so checksum and segmentation
 offloads pass through unchanged; ``TUNSETVNETHDRSZ`` makes it the 12-byte
 VERSION_1 header the guest uses. ``TUNSETOFFLOAD`` tells the TAP which
-offloads the reader (here: the guest) accepts.
+offloads the reader (here: the guest) accepts. ``TUNSETQUEUE`` detaches a queue
+(the TAP stops steering frames to it) and attaches it again: a queue pair the
+guest has not enabled must not swallow the frames of the flows hashed to it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TUNSETIFF = iow("T", 202, 4)
 TUNGETFEATURES = ior("T", 207, 4)
 TUNSETOFFLOAD = iow("T", 208, 4)
 TUNSETVNETHDRSZ = iow("T", 216, 4)
+TUNSETQUEUE = iow("T", 217, 4)
 SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
 SIOCGIFHWADDR = 0x8927
 
@@ -37,6 +40,8 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
@@ -101,6 +106,18 @@ class Tap:
         for fd in self.fds:
             fcntl.ioctl(fd, TUNSETOFFLOAD, flags & self.offloads)
 
+    def set_attached(self, queue: int, attached: bool) -> None:
+        """Attach or detach queue ``queue`` of a multiqueue TAP (TUNSETQUEUE).
+
+        A detached queue gets no frames from the TAP and cannot send; the others
+        share its flows. Only multiqueue TAPs have queues to detach.
+
+        Raises:
+            OSError: the TAP refused (already in that state, or not multiqueue).
+        """
+        flag = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        fcntl.ioctl(self.fds[queue], TUNSETQUEUE, IFREQ.pack(b"", struct.pack("<H", flag)))
+
     def mtu(self) -> int:
         """The interface's MTU."""
         return int(struct.unpack_from("<i", self._ifreq(SIOCGIFMTU, b""), IFNAMSIZ)[0])
@@ -131,6 +148,8 @@ def _open_error(name: str, queues: int, err: OSError) -> str:
             f"cannot create or attach TAP {name}: {reason} (creating one needs CAP_NET_ADMIN;"
             " an existing one must belong to this user)"
         )
+    if err.errno == errno.EBUSY:
+        return f"TAP {name} is busy: {reason} (another process holds it open)"
     if err.errno == errno.EINVAL and queues > 1:
         return f"cannot attach {queues} queues to TAP {name}: {reason} (not a multiqueue TAP?)"
     if err.errno == errno.ENOENT:
