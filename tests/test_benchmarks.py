@@ -7,6 +7,7 @@ the package to install.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,30 @@ def test_net_dpdk_refuses_an_unknown_ring_layout(
         bench["net"].main(["--rings", "split,rings"])
     assert exc.value.code == 2
     assert "ring layouts are split and packed, not 'split,rings'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason=NO_TESTPMD)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the TAP benchmark needs root (a netns)")
+def test_tap_bench_counts_frames_on_the_tap(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mod = bench["tap"]
+    args = ["--seconds", "1", "--runs", "1", "--sizes", "64", "--workdir", str(tmp_path)]
+    assert mod.main(args) == 0
+    out = capsys.readouterr().out
+    assert "placement: front-end testpmd on CPU" in out
+    (row,) = [line.split() for line in out.splitlines() if line.lstrip().startswith("64B")]
+    assert float(row[3].replace(",", "")) > 0  # frames reached the TAP (max; no rate asserted)
+    assert float(row[4]) > 0  # the back-end's CPU per frame was read
+    assert "failed" not in out
+
+
+def test_tap_bench_says_what_is_missing(
+    bench: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert bench["tap"].main(["--runs", "1"]) == 2
+    assert "apt-get install dpdk-dev" in capsys.readouterr().err
 
 
 def test_blk_vhsm_runs(

@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "blk": ("blk.py", "4 KiB random I/O: vhsm blk vs qemu-storage-daemon (req/s, CPU)"),
     "latency": ("latency.py", "one request's round trip at queue depth 1 (rng, blk)"),
     "virtq": ("virtq_bench.py", "device-side chains per second, split and packed rings"),
+    "tap": ("net_tap.py", "DPDK virtio-user txonly through vhsm net --tap: frames/s on the TAP"),
     "burst": ("net_burst.py", "the net sink's cost per burst and per packet (no front-end)"),
 }
 
