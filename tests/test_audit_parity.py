@@ -155,6 +155,17 @@ SCENARIOS: dict[str, tuple[list[Step], str]] = {
         ],
         "VU-MEM-005",
     ),
+    "a table larger than the slots": (
+        [
+            *NEGOTIATE,
+            req(
+                R.SET_MEM_TABLE,
+                VhostUserMemory(tuple(region(i * SIZE, UVA + i * SIZE) for i in range(3))),
+                lambda: (memfd(), memfd(), memfd()),
+            ),
+        ],
+        "VU-MEM-007",
+    ),
     "more regions than slots": (
         [
             *TABLE,

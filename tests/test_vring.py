@@ -158,7 +158,7 @@ def test_memory_update_retranslates_and_keeps_indices() -> None:
     vring.add_used(chain.head, 1)
     # the "new table" maps the same memfd: re-translate and carry on from the same indices
     snap = atomic.memory()
-    atomic.replace(GuestMemory(snap.regions, max_slots=snap.max_slots))
+    atomic.replace(GuestMemory(snap.regions))
     assert vring.update_memory() is True
     assert vring.queue_next_avail() == 1
     drv.add_chain([(BUF_GPA, 8)])

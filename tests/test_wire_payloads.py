@@ -123,6 +123,22 @@ REJECTIONS: list[tuple[type[Any], bytes, str, object, str]] = [
     ),
     (p.VhostUserMemoryRegion, _region(userspace_addr=M64), "userspace_addr", M64, "VU-MEM-004"),
     (p.VhostUserMemoryRegion, _region(mmap_offset=M64), "mmap_offset", M64, "VU-MEM-004"),
+    # ending exactly at 2**64: the end address does not fit in 64 bits (ring set-up
+    # used to fail on it with an OverflowError, an internal error)
+    (
+        p.VhostUserMemoryRegion,
+        _region(guest_phys_addr=(1 << 64) - 0x1000, memory_size=0x1000),
+        "guest_phys_addr",
+        (1 << 64) - 0x1000,
+        "VU-MEM-004",
+    ),
+    (
+        p.VhostUserMemoryRegion,
+        _region(userspace_addr=(1 << 64) - 0x1000, memory_size=0x1000),
+        "userspace_addr",
+        (1 << 64) - 0x1000,
+        "VU-MEM-004",
+    ),
     (p.VhostUserMemory, b"\x01\x00\x00", "size", 3, "VU-FRAME-006"),
     (p.VhostUserMemory, struct.pack("<II", 0, 0), "nregions", 0, "VU-MEM-001"),
     (p.VhostUserMemory, struct.pack("<II", 9, 0) + _region() * 9, "nregions", 9, "VU-MEM-001"),

@@ -18,7 +18,7 @@ U64 = st.integers(0, (1 << 64) - 1)
 @st.composite
 def regions(draw: Any, xen: bool = False) -> p.VhostUserMemoryRegion:
     size = draw(st.integers(1, 1 << 40))
-    limit = (1 << 64) - size
+    limit = (1 << 64) - size - 1  # the end address (start + size) fits in 64 bits
     gpa, uaddr, off = (draw(st.integers(0, limit)) for _ in range(3))
     if xen:
         return p.VhostUserMemoryRegion(gpa, size, uaddr, off, draw(U32), draw(U32))

@@ -190,7 +190,7 @@ class DevicePlane:
             _hook(self.backend.set_backend_req_fd, None)
         self._close_inflight()
         with self._all_paused():
-            self.memory.replace(GuestMemory.empty(max_slots=self.memory.memory().max_slots))
+            self.memory.replace(GuestMemory.empty())
         self._session = None
         self._lost = None  # the shrunk mappings are closed with the memory
 
@@ -203,16 +203,12 @@ class DevicePlane:
     # --- DataPlane: memory -----------------------------------------------------------
     def set_mem_table(self, regions: Sequence[VhostUserMemoryRegion], fds: Sequence[int]) -> None:
         """Map a whole new table and switch to it."""
-        new = GuestMemory.from_table(
-            regions, fds, mapper=self.memory.mapper, max_slots=self.backend.max_mem_slots()
-        )
+        new = GuestMemory.from_table(regions, fds, mapper=self.memory.mapper)
         self._switch_memory(new)
 
-    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int, max_slots: int) -> None:
+    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int) -> None:
         """Map one more region."""
         current = self.memory.memory()
-        if current.max_slots != max_slots and not current.regions:
-            current = GuestMemory.empty(max_slots=max_slots)
         self._switch_memory(current.with_region_added(region, fd, mapper=self.memory.mapper))
 
     def remove_mem_region(self, region: VhostUserMemoryRegion) -> None:

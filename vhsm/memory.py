@@ -28,13 +28,11 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from vhsm.errors import GuestMemoryError, WireError
 from vhsm.fdcheck import describe
 from vhsm.ondemand import OnDemandMapping
-from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS
 
 if TYPE_CHECKING:
     from vhsm.wire.payloads import VhostUserMemoryRegion
 
 __all__ = [
-    "DEFAULT_MAX_SLOTS",
     "GuestMemory",
     "GuestMemoryAtomic",
     "MappedRegion",
@@ -48,9 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_SLOTS = DEFAULT_MAX_MEM_SLOTS
-"""Memory slots advertised by GET_MAX_MEM_SLOTS (declared in specs/requests.yaml)."""
 
 _U64_END = 1 << 64
 
@@ -344,27 +339,6 @@ class MappedRegion:
         )
 
 
-def _validate_new(request: str, index: int, region: VhostUserMemoryRegion) -> None:
-    """VU-MEM-004: refuse a zero-sized region and any range whose end does not fit in 64 bits."""
-    field = f"region[{index}]"
-    size = region.memory_size
-    if size <= 0:
-        raise WireError(request, f"{field}.memory_size", size, "> 0", rule_id="VU-MEM-004")
-    for name, start in (
-        ("guest_phys_addr", region.guest_phys_addr),
-        ("userspace_addr", region.userspace_addr),
-        ("mmap_offset", region.mmap_offset),
-    ):
-        if start < 0 or start + size >= _U64_END:  # the end address must fit in 64 bits
-            raise WireError(
-                request,
-                f"{field}.{name}",
-                start,
-                f"{name} + memory_size ({size:#x}) < 2**64",
-                rule_id="VU-MEM-004",
-            )
-
-
 def _check_overlaps(request: str, regions: Sequence[MappedRegion | VhostUserMemoryRegion]) -> None:
     """VU-MEM-005: guest-physical ranges must not overlap, nor user-address ranges."""
     for name in ("guest_phys_addr", "userspace_addr"):
@@ -391,16 +365,14 @@ def _check_overlaps(request: str, regions: Sequence[MappedRegion | VhostUserMemo
 _Region = TypeVar("_Region", "MappedRegion", "VhostUserMemoryRegion")
 
 
-def check_table(
-    request: str, regions: Sequence[VhostUserMemoryRegion], nfds: int, max_slots: int
-) -> None:
-    """A whole new table: fds (VU-MEM-002), slots (VU-MEM-007), regions (VU-MEM-004, VU-MEM-005)."""
+# A region's own validity (VU-MEM-004) is the payload decoder's check and the slot limit
+# (VU-MEM-007) the memory machine's condition `slots_suffice`: neither is repeated here.
+
+
+def check_table(request: str, regions: Sequence[VhostUserMemoryRegion], nfds: int) -> None:
+    """A whole new table: one fd per region (VU-MEM-002), no overlap (VU-MEM-005)."""
     if nfds != len(regions):
         raise WireError(request, "fds", nfds, f"{len(regions)} (one per region)", "VU-MEM-002")
-    if len(regions) > max_slots:
-        raise WireError(request, "nregions", len(regions), f"<= {max_slots}", rule_id="VU-MEM-007")
-    for i, region in enumerate(regions):
-        _validate_new(request, i, region)
     _check_overlaps(request, regions)
 
 
@@ -408,18 +380,8 @@ def check_added(
     request: str,
     current: Sequence[MappedRegion | VhostUserMemoryRegion],
     region: VhostUserMemoryRegion,
-    max_slots: int,
 ) -> None:
-    """One more region: a free slot (VU-MEM-007), valid (VU-MEM-004), no overlap (VU-MEM-005)."""
-    if len(current) >= max_slots:
-        raise WireError(
-            request,
-            "region",
-            len(current) + 1,
-            f"at most {max_slots} memory slots",
-            rule_id="VU-MEM-007",
-        )
-    _validate_new(request, len(current), region)
+    """One more region: no overlap with an active one (VU-MEM-005)."""
     _check_overlaps(request, [*current, region])
 
 
@@ -455,14 +417,13 @@ def without_region(
 class GuestMemory:
     """An immutable snapshot of the mapped regions, translating GPAs and UVAs to memoryviews."""
 
-    __slots__ = ("_by_gpa", "_by_uva", "_gpa_starts", "_uva_starts", "max_slots", "regions")
+    __slots__ = ("_by_gpa", "_by_uva", "_gpa_starts", "_uva_starts", "regions")
 
     regions: tuple[MappedRegion, ...]
     """The regions in table order (SET_MEM_TABLE order, then ADD_MEM_REG order)."""
 
-    def __init__(self, regions: Sequence[MappedRegion] = (), *, max_slots: int) -> None:
+    def __init__(self, regions: Sequence[MappedRegion] = ()) -> None:
         self.regions = tuple(regions)
-        self.max_slots = max_slots
         self._by_gpa = tuple(sorted(self.regions, key=lambda r: r.guest_phys_addr))
         self._gpa_starts = [r.guest_phys_addr for r in self._by_gpa]
         self._by_uva = tuple(sorted(self.regions, key=lambda r: r.userspace_addr))
@@ -471,9 +432,9 @@ class GuestMemory:
     # -- construction
 
     @classmethod
-    def empty(cls, *, max_slots: int = DEFAULT_MAX_SLOTS) -> GuestMemory:
+    def empty(cls) -> GuestMemory:
         """A snapshot with no regions (before the first SET_MEM_TABLE)."""
-        return cls((), max_slots=max_slots)
+        return cls(())
 
     @classmethod
     def from_table(
@@ -482,18 +443,19 @@ class GuestMemory:
         fds: Sequence[int],
         *,
         mapper: RegionMapper | None = None,
-        max_slots: int = DEFAULT_MAX_SLOTS,
         request: str = "SET_MEM_TABLE",
     ) -> GuestMemory:
         """Map a whole memory table (one fd per region, in order); always closes ``fds``.
 
+        The regions are decoded ones (the decoder checked each, VU-MEM-004); the
+        slot limit is the session's (VU-MEM-007).
+
         Raises:
-            WireError: fd count mismatch (VU-MEM-002), zero size or overflow (VU-MEM-004),
-                overlapping ranges (VU-MEM-005), more regions than ``max_slots`` (VU-MEM-007).
+            WireError: fd count mismatch (VU-MEM-002), overlapping ranges (VU-MEM-005).
             GuestMemoryError: a region cannot be mapped (short file, mmap failure, Xen form).
         """
         try:
-            check_table(request, regions, len(fds), max_slots)
+            check_table(request, regions, len(fds))
             use = mapper if mapper is not None else _DEFAULT_MAPPER
             mapped: list[MappedRegion] = []
             try:
@@ -505,7 +467,7 @@ class GuestMemory:
                 raise
         finally:
             _close_fds(fds)
-        return cls(mapped, max_slots=max_slots)
+        return cls(mapped)
 
     def with_region_added(
         self,
@@ -518,17 +480,16 @@ class GuestMemory:
         """A new snapshot with ``region`` mapped from ``fd`` (always closed) added.
 
         Raises:
-            WireError: slots exhausted (VU-MEM-007), zero size/overflow (VU-MEM-004),
-                overlap with an active region (VU-MEM-005).
+            WireError: overlap with an active region (VU-MEM-005).
             GuestMemoryError: the region cannot be mapped.
         """
         try:
-            check_added(request, self.regions, region, self.max_slots)
+            check_added(request, self.regions, region)
             use = mapper if mapper is not None else _DEFAULT_MAPPER
             added = MappedRegion(region, use.map_region(region, fd))
         finally:
             _close_fds((fd,))
-        return GuestMemory((*self.regions, added), max_slots=self.max_slots)
+        return GuestMemory((*self.regions, added))
 
     def with_region_removed(
         self, region: VhostUserMemoryRegion, *, request: str = "REM_MEM_REG"
@@ -541,7 +502,7 @@ class GuestMemory:
         Raises:
             WireError: no such region (VU-MEM-008).
         """
-        return GuestMemory(without_region(request, self.regions, region), max_slots=self.max_slots)
+        return GuestMemory(without_region(request, self.regions, region))
 
     # -- lookups (data path: bisect, no allocation beyond the returned slice)
 
@@ -689,7 +650,7 @@ class GuestMemory:
         return iter(self.regions)
 
     def __repr__(self) -> str:
-        return f"<GuestMemory {len(self.regions)} regions, max_slots={self.max_slots}>"
+        return f"<GuestMemory {len(self.regions)} regions>"
 
     @staticmethod
     def _miss(
@@ -759,7 +720,7 @@ class GuestMemoryAtomic:
 
     def close(self) -> None:
         """Replace the current snapshot with an empty one (mappings close when unleased)."""
-        self.replace(GuestMemory.empty(max_slots=self._current.max_slots))
+        self.replace(GuestMemory.empty())
 
     def _acquire(self) -> GuestMemory:
         with self._lock:

@@ -182,9 +182,7 @@ class VringState:
 
     def set_queue_size(self, num: int) -> None:
         """SET_VRING_NUM: ValueError if the layout cannot have that size (VU-RING-002)."""
-        check_queue_size(num, packed=self.packed)
-        if num > self.max_queue_size:
-            raise ValueError(f"queue size {num} > maximum {self.max_queue_size}")
+        check_queue_size(num, packed=self.packed, limit=self.max_queue_size)
         self.size = num
         if self.addr_set:
             self._rebuild_or_idle()

@@ -28,8 +28,8 @@ class DataPlane(Protocol):
     def set_mem_table(self, regions: Sequence[VhostUserMemoryRegion], fds: Sequence[int]) -> None:
         """Replace the whole memory table (raises GuestMemoryError/WireError on bad regions)."""
 
-    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int, max_slots: int) -> None:
-        """Map one more region (ADD_MEM_REG)."""
+    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int) -> None:
+        """Map one more region (ADD_MEM_REG; the session checked the slot limit)."""
 
     def remove_mem_region(self, region: VhostUserMemoryRegion) -> None:
         """Unmap the region matching GPA, user address and size (REM_MEM_REG)."""
@@ -100,7 +100,7 @@ class NullDataPlane:
         for fd in fds:
             os.close(fd)
 
-    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int, max_slots: int) -> None:
+    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int) -> None:
         """Close the region fd."""
         os.close(fd)
 

@@ -11,6 +11,7 @@ from vhsm.session.events import Handlers, checks, msg_of, named, payload_of
 from vhsm.wire import (
     ProtocolFeature,
     VhostUserLog,
+    VhostUserMemory,
     VhostUserSingleMemoryRegion,
     VhostUserU64,
 )
@@ -19,13 +20,19 @@ if TYPE_CHECKING:
     from vhsm.session.session import Session
 
 
-def slot_free(s: Session, event: EventData) -> bool:
-    """One more region fits in GET_MAX_MEM_SLOTS."""
+def slots_suffice(s: Session, event: EventData) -> bool:
+    """The table the request leaves fits in GET_MAX_MEM_SLOTS (the only slot check)."""
     limit = s.backend.max_mem_slots()
-    if s.mapped_regions >= limit:
+    payload = msg_of(event).payload
+    if isinstance(payload, VhostUserMemory):
+        if len(payload.regions) > limit:
+            s.guard_detail = f"a table of {len(payload.regions)} regions; {limit} slots"
+            return False
+        return True
+    if isinstance(payload, VhostUserSingleMemoryRegion) and s.mapped_regions >= limit:
         s.guard_detail = f"{s.mapped_regions} of {limit} slots in use"
         return False
-    return True
+    return True  # SET_MEM_TABLE's postcopy acknowledgement carries no region
 
 
 def removes_last_region(s: Session, event: EventData) -> bool:
@@ -60,7 +67,7 @@ def add_region(s: Session, event: EventData) -> None:
     region = payload_of(event, VhostUserSingleMemoryRegion).region
     (fd,) = s.take_fds(msg)
     try:
-        s.dataplane.add_mem_region(region, fd, s.backend.max_mem_slots())
+        s.dataplane.add_mem_region(region, fd)
     except GuestMemoryError as err:
         raise s.memory_violation(err, "VU-MEM-004") from err
     s.mapped_regions += 1
@@ -98,7 +105,7 @@ def apply_log_fd(s: Session, event: EventData) -> None:
 
 HANDLERS: dict[str, Handlers] = {
     "memory": Handlers(
-        conditions=checks(slot_free, removes_last_region, keeps_other_regions),
+        conditions=checks(slots_suffice, removes_last_region, keeps_other_regions),
         callbacks=named(
             reply_max_mem_slots,
             apply_mem_table,

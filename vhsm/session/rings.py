@@ -19,7 +19,8 @@ from vhsm.session.events import (
     value_of,
 )
 from vhsm.session.machines import FeaturesState
-from vhsm.wire import MAX_QUEUE_SIZE, VhostUserVringAddr, VhostUserVringState, VirtioFeature
+from vhsm.virtq.common import check_queue_size
+from vhsm.wire import VhostUserVringAddr, VhostUserVringState, VirtioFeature
 
 if TYPE_CHECKING:
     from vhsm.session.session import Session
@@ -38,11 +39,14 @@ def features_acked_first(s: Session, event: EventData) -> bool:
 
 
 def queue_size_valid(s: Session, event: EventData) -> bool:
-    """1..32768 (and the device's maximum), a power of two unless the ring is packed."""
-    num = num_of(event)
+    """A size the ring layout and the device can have (`check_queue_size` states the rule)."""
     packed = bool(s.acked_features & VirtioFeature.RING_PACKED)
-    limit = min(MAX_QUEUE_SIZE, s.backend.max_queue_size())
-    return 1 <= num <= limit and (packed or num & (num - 1) == 0)
+    try:
+        check_queue_size(num_of(event), packed=packed, limit=s.backend.max_queue_size())
+    except ValueError as exc:
+        s.guard_detail = str(exc)
+        return False
+    return True
 
 
 def packed_driver_area_aligned(s: Session, event: EventData) -> bool:

@@ -33,17 +33,17 @@ class ShadowDataPlane(NullDataPlane):
     def set_mem_table(self, regions: Sequence[VhostUserMemoryRegion], fds: Sequence[int]) -> None:
         """Check the new table as `GuestMemory.from_table` does, then keep it."""
         try:
-            check_table("SET_MEM_TABLE", regions, len(fds), len(regions))
+            check_table("SET_MEM_TABLE", regions, len(fds))
         finally:
             super().set_mem_table(regions, fds)
         self.regions = tuple(regions)
 
-    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int, max_slots: int) -> None:
+    def add_mem_region(self, region: VhostUserMemoryRegion, fd: int) -> None:
         """Check the region as `GuestMemory.with_region_added` does, then keep it."""
         try:
-            check_added("ADD_MEM_REG", self.regions, region, max_slots)
+            check_added("ADD_MEM_REG", self.regions, region)
         finally:
-            super().add_mem_region(region, fd, max_slots)
+            super().add_mem_region(region, fd)
         self.regions = (*self.regions, region)
 
     def remove_mem_region(self, region: VhostUserMemoryRegion) -> None:

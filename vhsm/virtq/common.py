@@ -274,10 +274,19 @@ def length_list(lens: Sequence[int] | np.ndarray | int, k: int) -> list[int]:
     return [int(n) for n in lens]
 
 
-def check_queue_size(size: int, *, packed: bool) -> None:
-    """Reject a queue size the ring layout cannot have (VU-RING-002; split: a power of two)."""
-    if not 1 <= size <= MAX_QUEUE_SIZE:
-        raise ValueError(f"queue size {size} not in 1..{MAX_QUEUE_SIZE}")
+def check_queue_size(size: int, *, packed: bool, limit: int = MAX_QUEUE_SIZE) -> None:
+    """Reject a queue size the ring layout (or the device, ``limit``) cannot have.
+
+    The one statement of the queue-size rule (VU-RING-002): the vring machine's
+    condition `queue_size_valid` asks it, and the ring layouts guard themselves
+    with it. 1..32768 (capped by ``limit``), a power of two for split rings.
+
+    Raises:
+        ValueError: why the size is refused.
+    """
+    top = min(MAX_QUEUE_SIZE, limit)
+    if not 1 <= size <= top:
+        raise ValueError(f"queue size {size} not in 1..{top}")
     if not packed and size & (size - 1):
         raise ValueError(f"split queue size {size} is not a power of two")
 

@@ -191,12 +191,19 @@ class VhostUserMemoryRegion:
         return region
 
     def _check(self, request: str, where: str) -> None:
-        if self.memory_size == 0:
+        """VU-MEM-004, the one place it is checked: a size, and ends that fit in 64 bits.
+
+        The end address (start + size) of each range must itself be a u64, so a
+        region cannot end exactly at 2**64 either (ring set-up computes ends).
+        """
+        size = self.memory_size
+        if size == 0:
             raise WireError(request, f"{where}memory_size", 0, ">= 1", "VU-MEM-004")
         for name in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
-            _check_u64_sum(
-                request, where + name, getattr(self, name), self.memory_size, "VU-MEM-004"
-            )
+            start = getattr(self, name)
+            if start + size >= U64_LIMIT:
+                expected = f"{name} + memory_size ({size:#x}) < 2**64"
+                raise WireError(request, where + name, start, expected, "VU-MEM-004")
 
     def to_bytes(self) -> bytes:
         """Encode the descriptor (40-byte form when a Xen field is set)."""
