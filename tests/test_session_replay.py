@@ -17,7 +17,7 @@ import pytest
 
 from vhsm.backend import VhostUserBackend
 from vhsm.session import Session, SessionState
-from vhsm.wire import Decoder, FrontendReq, Message, encode
+from vhsm.wire import DEFAULT_MAX_MEM_SLOTS, MAX_QUEUE_SIZE, Decoder, FrontendReq, Message, encode
 
 DATA = Path(__file__).parent / "data"
 #: Replies whose value the offered features (or the stub's recorded state) determine.
@@ -76,10 +76,11 @@ class RecordedBackend(VhostUserBackend):
         return recorded_u64(self.lines, "GET_QUEUE_NUM") if replies else self._queues
 
     def max_mem_slots(self) -> int:
-        return recorded_u64(self.lines, "GET_MAX_MEM_SLOTS")
+        replies = [x for x in self.lines if x["dir"] == "B>F" and x["name"] == "GET_MAX_MEM_SLOTS"]
+        return recorded_u64(self.lines, "GET_MAX_MEM_SLOTS") if replies else DEFAULT_MAX_MEM_SLOTS
 
     def max_queue_size(self) -> int:
-        return 32768
+        return MAX_QUEUE_SIZE
 
     def features(self) -> int:
         return self._features
