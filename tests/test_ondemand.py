@@ -211,7 +211,6 @@ def test_gather_spans_an_on_demand_region_and_a_plain_one(fd: int) -> None:
     mem = GuestMemory(
         [MappedRegion(VhostUserMemoryRegion(GPA, SIZE, 0x1000_0000, 0), on_demand),
          plain.regions[0]],
-        max_slots=8,
     )  # fmt: skip
     assert mem.read(GPA + SIZE - 2, 4, gather=True) == b"abcd"
     mem.write(GPA + SIZE - 1, b"XY", gather=True)
