@@ -470,6 +470,13 @@ def test_xen_without_privcmd_is_one_line_naming_the_device(capsys, workdir) -> N
     assert not (workdir / "s").exists()
 
 
+def test_xen_dir_needs_xen(capsys, workdir) -> None:
+    err = one_line_error(
+        capsys, ["serve", "rng", "--socket", str(workdir / "s"), "--xen-dir", str(workdir)]
+    )
+    assert "--xen-dir needs --xen" in err
+
+
 def test_xen_default_device_is_dev_xen_privcmd(capsys, workdir) -> None:
     if Path("/dev/xen/privcmd").exists():
         pytest.skip("a Xen domain: /dev/xen/privcmd exists")

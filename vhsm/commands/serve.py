@@ -200,7 +200,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--xen-dir",
-        default="/dev/xen",
+        default=None,
         metavar="DIR",
         help="with --xen: where the privcmd and gntdev devices are (default /dev/xen)",
     )
@@ -356,12 +356,14 @@ def run(args: argparse.Namespace) -> int:
 def _xen_mapper(args: argparse.Namespace) -> RegionMapper | None:
     """With ``--xen``: the Xen mapper over ``--xen-dir``, once privcmd is known to open."""
     if not getattr(args, "xen", False):
+        if getattr(args, "xen_dir", None) is not None:
+            raise VhsmError("--xen-dir needs --xen")
         return None
     from vhsm.xen import XenMapper, require_privcmd
 
-    privcmd = str(Path(args.xen_dir) / "privcmd")
-    require_privcmd(privcmd)
-    return XenMapper(privcmd=privcmd, gntdev=str(Path(args.xen_dir) / "gntdev"))
+    devices = Path(args.xen_dir or "/dev/xen")
+    require_privcmd(str(devices / "privcmd"))
+    return XenMapper(privcmd=str(devices / "privcmd"), gntdev=str(devices / "gntdev"))
 
 
 def _close(backend: VhostUserBackend) -> None:
