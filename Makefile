@@ -76,7 +76,7 @@ lint: venv
 # The conformance matrix (docs/reference/conformance.md): vhsm audit against every
 # vhost-user implementation this machine can start (QEMU, DPDK, virtiofsd: .ci/install-deps).
 conformance: venv
-	$(BIN)/python conformance/run.py
+	$(BIN)/python conformance/run.py --json conformance/reports.json
 
 # The long attack (not part of `make test`): 10^6 fuzzed messages and 10^6 hostile rings,
 # at low priority; each script prints what it tried, what did not end cleanly, fds and RSS.

@@ -14,7 +14,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from vhsm.audit.backend_suite import BackendSuite, run_suite
+from vhsm.audit.backend_suite import BackendSuite, run_suite, selects
 from vhsm.audit.probe import Case
 from vhsm.audit.report import AuditFinding, CaseResult, Report, plural
 from vhsm.cli import main
@@ -22,6 +22,7 @@ from vhsm.daemon import Listener, VhostUserDaemon
 from vhsm.devices.blk import BlkBackend
 from vhsm.devices.rng import RngBackend
 from vhsm.devices.vsock import VsockBackend
+from vhsm.session.rules import rule
 from vhsm.wire import FrontendReq, VhostUserU64, VirtioFeature, encode, make_reply
 from vhsm.wire.framing import HEADER
 
@@ -73,7 +74,8 @@ def test_vhsm_vsock_is_clean(sock_dir: Path) -> None:
 
 
 def outcomes(report: Report) -> dict[str, str]:
-    return {case.name: case.outcome for case in report.cases}
+    """Each case's outcome by title."""
+    return {case.title: case.outcome for case in report.cases}
 
 
 # The clean-suite tests give each case 5 s: a clean back-end answers at once, so this
@@ -90,9 +92,9 @@ def test_vhsm_rng_is_clean(sock_dir: Path) -> None:
     got = outcomes(report)
     assert got["data round trip (rng)"] == "pass"
     assert got["reconnect and resume"] == "pass"
-    assert got["F5 payload size field 4 GiB-16"] == "rejected-cleanly"
-    assert got["R2 ring size 3 (split)"] == "rejected-cleanly"
-    assert got["M5 overlapping guest addresses"] == "rejected-cleanly"
+    assert got["payload size field 4 GiB-16"] == "rejected-cleanly"
+    assert got["ring size 3 (split)"] == "rejected-cleanly"
+    assert got["overlapping guest addresses"] == "rejected-cleanly"
     assert got["RESET_DEVICE and re-initialisation"] == "skipped"  # rng does not offer it
     by_rule = {case.rule_id: case.outcome for case in report.cases}
     for rule_id in ("VU-STATE-008", "VU-STATE-009", "VU-STATE-011", "VU-REQ-002"):
@@ -122,7 +124,7 @@ def test_vhsm_blk_is_clean(sock_dir: Path, tmp_path: Path) -> None:
         "config space read",
     ):
         assert got[name] == "pass", name
-    assert got["M6 ADD_MEM_REG without fd"] == "rejected-cleanly"
+    assert got["ADD_MEM_REG without fd"] == "rejected-cleanly"
     assert image.read_bytes() == before  # the audit never changes the disk
 
 
@@ -180,7 +182,7 @@ def test_a_backend_that_never_answers_is_wedged(sock_dir: Path) -> None:
         report = run_suite(sock_dir / "silent.sock", "rng", timeout=0.3)
     finally:
         broken.close()
-    assert [(c.name, c.outcome) for c in report.cases] == [("GET_FEATURES is answered", "wedged")]
+    assert [(c.title, c.outcome) for c in report.cases] == [("GET_FEATURES is answered", "wedged")]
     assert report.exit_status() == 1  # VU-FRAME-010 is a MUST
 
 
@@ -200,22 +202,54 @@ def test_a_backend_that_dies_is_crashed(sock_dir: Path) -> None:
 def test_command_json_and_exit_status(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
         argv = ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--device", "rng"]
-        status = main([*argv, "--format", "json", "--only", "F1"])
+        status = main([*argv, "--format", "json", "--only", "VU-FRAME-001"])
     out = capsys.readouterr()
     assert status == 0
     doc = json.loads(out.out)
     assert doc["verdict"] == "pass"
     assert [c["outcome"] for c in doc["cases"]] == ["pass", "rejected-cleanly", "rejected-cleanly"]
+    assert [c["name"] for c in doc["cases"]][1:] == [
+        "VU-FRAME-001 header version bits 0",
+        "VU-FRAME-001 header version bits 2",
+    ]
+    assert doc["cases"][1]["rule_id"] == "VU-FRAME-001"
+    assert doc["cases"][1]["title"] == "header version bits 0"
     assert out.err == ""  # progress only in text format
 
 
 def test_command_text_progress(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
-        status = main(["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--only", "R2"])
+        status = main(
+            ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--only", "vu-ring-002"]
+        )
     out = capsys.readouterr()
     assert status == 0
-    assert "[  4/4]" in out.err
+    assert "[  4/4] rejected-cleanly VU-RING-002 ring size 65536" in out.err
     assert "verdict: PASS" in out.out
+
+
+def test_only_selects_by_rule_id_prefix_alias_or_title() -> None:
+    suite = BackendSuite("/nonexistent", "rng")
+
+    def chosen(only: str) -> list[str]:
+        return [case.name for case in suite.cases() if selects(case, only)]
+
+    ring_size = [
+        "VU-RING-002 ring size 0",
+        "VU-RING-002 ring size 3 (split)",
+        "VU-RING-002 ring size 65536",
+    ]
+    assert chosen("VU-RING-002") == ring_size
+    assert chosen("vu-ring-002 ") == ring_size
+    # An alias is looked up in specs/rules.yaml, the one place aliases are written.
+    alias = rule("VU-RING-002").alias
+    assert alias is not None
+    assert chosen(alias) == chosen(alias.lower()) == ring_size
+    assert {name.split()[0] for name in chosen("VU-MEM")} == {
+        f"VU-MEM-{n:03}" for n in (1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 14)
+    }
+    assert chosen("ring size 3") == ["VU-RING-002 ring size 3 (split)"]
+    assert chosen("VU-NOPE") == chosen("zzz") == []
 
 
 def test_command_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,33 +276,39 @@ def test_only_matching_nothing_is_a_usage_error(
 def test_failed_cases_are_findings_and_counts_agree_with_the_verdict() -> None:
     report = Report("t")
     report.cases += [
-        CaseResult("GET_FEATURES is answered", "VU-FRAME-010", "pass"),
-        CaseResult("F1 version bits 0", "VU-FRAME-001", "fail", "accepted"),
-        CaseResult("F2 reserved flag bits set", "VU-FRAME-002", "wedged", "no answer"),
-        CaseResult("F6 GET_FEATURES with a payload", "VU-FRAME-006", "rejected-cleanly"),
-        CaseResult("N1 x", "VU-NEG-001", "skipped", "not offered"),
+        CaseResult("VU-FRAME-010", "GET_FEATURES is answered", "pass"),
+        CaseResult("VU-FRAME-001", "header version bits 0", "fail", "accepted"),
+        CaseResult("VU-FRAME-002", "reserved header flag bits set", "wedged", "no answer"),
+        CaseResult("VU-FRAME-006", "GET_FEATURES with a payload", "rejected-cleanly"),
+        CaseResult("VU-NEG-001", "x", "skipped", "not offered"),
     ]
     report.findings.append(
         AuditFinding(
-            "VU-REQ-002", "acked then closed", "back-end", case="F6 GET_FEATURES with a payload"
+            "VU-REQ-002",
+            "acked then closed",
+            "back-end",
+            case="VU-FRAME-006 GET_FEATURES with a payload",
         )
     )
     findings = report.all_findings()
     assert [(f.rule_id, f.case) for f in findings] == [
-        ("VU-REQ-002", "F6 GET_FEATURES with a payload"),
-        ("VU-FRAME-001", "F1 version bits 0"),
-        ("VU-FRAME-002", "F2 reserved flag bits set"),
+        ("VU-REQ-002", "VU-FRAME-006 GET_FEATURES with a payload"),
+        ("VU-FRAME-001", "VU-FRAME-001 header version bits 0"),
+        ("VU-FRAME-002", "VU-FRAME-002 reserved header flag bits set"),
     ]
     text = report.text()
     assert "3 findings (2 MUST, 1 SHOULD, 0 INTEROP); 5 cases, 2 failed; verdict: FAIL" in text
-    assert "in case 'F1 version bits 0': fail: accepted (see https://" in text
-    assert json.loads(report.json())["findings"][1]["case"] == "F1 version bits 0"
+    assert "  FAIL             VU-FRAME-001 header version bits 0: accepted\n" in text
+    assert "in case 'VU-FRAME-001 header version bits 0': fail: accepted (see https://" in text
+    assert json.loads(report.json())["findings"][1]["case"] == "VU-FRAME-001 header version bits 0"
     suite = ElementTree.fromstring(report.junit())
     names = [case.get("name") for case in suite]
     assert names == [c.name for c in report.cases]  # one test case per case, no rule rows
     assert suite.get("failures") == "3" and suite.get("skipped") == "1"
     failed = {c.get("name") for c in suite if c.find("failure") is not None}
-    assert "F6 GET_FEATURES with a payload" in failed  # rejected cleanly, but a MUST finding
+    assert (
+        "VU-FRAME-006 GET_FEATURES with a payload" in failed
+    )  # rejected cleanly, but a MUST finding
 
 
 def test_findings_of_a_live_run_name_their_case(sock_dir: Path) -> None:
@@ -279,9 +319,11 @@ def test_findings_of_a_live_run_name_their_case(sock_dir: Path) -> None:
             suite.findings.append(AuditFinding("VU-REQ-002", "acked then closed", "back-end"))
             return "rejected-cleanly", "closed"
 
-        suite.cases = lambda: [Case("my case", "VU-FRAME-006", lying_case)]  # type: ignore[method-assign]
+        suite.cases = lambda: [Case("VU-FRAME-006", "my case", lying_case)]  # type: ignore[method-assign]
         report = suite.run()
-    assert [(f.rule_id, f.case) for f in report.findings] == [("VU-REQ-002", "my case")]
+    assert [(f.rule_id, f.case) for f in report.findings] == [
+        ("VU-REQ-002", "VU-FRAME-006 my case")
+    ]
     assert report.exit_status() == 1
 
 

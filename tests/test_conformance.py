@@ -29,13 +29,15 @@ def test_table_marks_broken_held_skipped_and_unseen_rules() -> None:
     backend.report = {
         "verdict": "fail",
         "cases": [
-            {"name": "F1 version bits 0", "rule_id": "VU-FRAME-001", "outcome": "fail"},
-            {"name": "F2 reserved flag bits set", "rule_id": "VU-FRAME-002", "outcome": "pass"},
-            {"name": "N2 x", "rule_id": "VU-NEG-002", "outcome": "skipped"},
+            {"name": "VU-FRAME-001 header version bits 0", "rule_id": "VU-FRAME-001",
+             "outcome": "fail"},
+            {"name": "VU-FRAME-002 reserved header flag bits set", "rule_id": "VU-FRAME-002",
+             "outcome": "pass"},
+            {"name": "VU-NEG-002 x", "rule_id": "VU-NEG-002", "outcome": "skipped"},
         ],
         "findings": [
             {"rule_id": "VU-FRAME-001", "severity": "MUST", "detail": "fail: accepted",
-             "case": "F1 version bits 0", "request": "-", "state": "-"},
+             "case": "VU-FRAME-001 header version bits 0", "request": "-", "state": "-"},
         ],
     }  # fmt: skip
     frontend = run.Result("peer B", "front-end", "peer-b", report={"verdict": "pass"})
@@ -49,7 +51,9 @@ def test_table_marks_broken_held_skipped_and_unseen_rules() -> None:
         assert f"| {rule_id} | {all_rules()[rule_id].severity} |" in page
     assert "| peer A | back-end | A 1.0 | FAIL | 1 / 0 / 0 | 3 run, 1 failed, 1 skipped |" in page
     assert "- peer C: peer-c not found" in page
-    assert "**MUST** VU-FRAME-001 (case *F1 version bits 0*): fail: accepted" in page
+    assert (
+        "**MUST** VU-FRAME-001 (case *VU-FRAME-001 header version bits 0*): fail: accepted" in page
+    )
 
 
 def test_the_committed_matrix_is_in_the_docs() -> None:

@@ -365,7 +365,7 @@ def test_audit_backend_passes_every_case(sockdir: Path) -> None:
         ns.close()
     assert [(c.name, c.outcome, c.detail) for c in report.cases if c.failed] == []
     assert report.findings == [] and report.exit_status() == 0
-    got = {c.name: c.outcome for c in report.cases}
+    got = {c.title: c.outcome for c in report.cases}
     for case in ("data round trip (net)", "ring stop/start cycles", "reconnect and resume",
                  "RESET_DEVICE and re-initialisation", "config space read"):  # fmt: skip
         assert got[case] == "pass", case

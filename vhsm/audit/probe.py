@@ -60,11 +60,16 @@ class Skip(Exception):
 
 @attrs.frozen
 class Case:
-    """One scenario or bad input: name, rule judged, and the code that runs it."""
+    """One scenario or bad input: the rule it judges, a readable title, and its code."""
 
-    name: str
     rule_id: str
+    title: str
     run: Callable[[], tuple[Outcome, str]]
+
+    @property
+    def name(self) -> str:
+        """The case's name in reports: its rule id, then its title."""
+        return f"{self.rule_id} {self.title}"
 
 
 class SuiteCore:

@@ -66,11 +66,16 @@ class AuditFinding:
 class CaseResult:
     """One scenario or bad input of an active suite and how the peer answered it."""
 
-    name: str
     rule_id: str
+    title: str
     outcome: Outcome
     detail: str = ""
     seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The case's name in reports (and in its findings): its rule id, then its title."""
+        return f"{self.rule_id} {self.title}"
 
     @property
     def failed(self) -> bool:
@@ -127,7 +132,7 @@ class Report:
         for case in self.cases:
             mark = "FAIL" if case.failed else case.outcome
             out.append(
-                f"  {mark:16} {case.rule_id:12} {case.name}"
+                f"  {mark:16} {case.rule_id:12} {case.title}"
                 + (f": {case.detail}" if case.detail else "")
             )
         findings = self.all_findings()
@@ -162,7 +167,7 @@ class Report:
                 }
                 for f in self.all_findings()
             ],
-            "cases": [attrs.asdict(c) for c in self.cases],
+            "cases": [{"name": c.name, **attrs.asdict(c)} for c in self.cases],
         }
         return json.dumps(doc, indent=2) + "\n"
 

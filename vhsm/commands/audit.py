@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Connect to a back-end listening at --socket again and again with vhsm's "
             "front-end driver: legal scenarios (negotiation orders, renegotiation, memory "
-            "replacement, ring cycles, reset, reconnect, a data round trip) and the bad "
-            "inputs of spec section 11. Exit status 1 when a MUST rule is broken."
+            "replacement, ring cycles, reset, reconnect, a data round trip) and bad "
+            "inputs, each breaking one rule of specs/rules.yaml. Every case is named by the rule "
+            "it judges (VU-*) and a title. Exit status 1 when a MUST rule is broken."
         ),
     )
     backend.add_argument("--socket", required=True, type=Path, metavar="PATH")
@@ -48,7 +49,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="seconds without an answer before the back-end counts as wedged (default 2)",
     )
     backend.add_argument(
-        "--only", metavar="TEXT", help="run only the cases whose name contains TEXT"
+        "--only",
+        metavar="RULE",
+        help=(
+            "run only the cases of rule RULE (VU-RING-002), or of the rules starting with it "
+            "(VU-MEM); an alias specs/rules.yaml declares for a rule is resolved to it; other "
+            "text selects the cases whose title contains it"
+        ),
     )
     add_report_options(backend)
     backend.set_defaults(func=run_backend)

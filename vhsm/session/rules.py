@@ -15,14 +15,18 @@ Severity = Literal["MUST", "SHOULD", "INTEROP"]
 
 @attrs.frozen
 class Rule:
-    """One rule: stable id, severity, section key, statement, runtime action."""
+    """One rule: stable id, severity, section key, statement, runtime action.
+
+    ``alias`` is the rule's short label in an earlier checklist: it is written in
+    ``specs/rules.yaml`` only, and `rule_for_alias` maps it back for ``--only`` filters.
+    """
 
     id: str
     severity: Severity
     section: str
     statement: str
     action: Literal["reject", "warn"]
-    item: str | None = None
+    alias: str | None = None
 
     @property
     def upstream(self) -> Upstream:
@@ -93,7 +97,7 @@ def all_rules() -> dict[str, Rule]:
             section=str(entry["section"]),
             statement=entry["statement"],
             action=entry["action"],
-            item=entry.get("item"),
+            alias=entry.get("alias"),
         )
     return rules
 
@@ -104,3 +108,9 @@ def rule(rule_id: str) -> Rule:
         return all_rules()[rule_id]
     except KeyError:
         raise VhsmError(f"unknown rule id {rule_id!r} (not in specs/rules.yaml)") from None
+
+
+def rule_for_alias(alias: str) -> Rule | None:
+    """The rule whose ``alias`` in ``specs/rules.yaml`` is `alias` (any case), or None."""
+    wanted = alias.strip().upper()
+    return next((r for r in all_rules().values() if r.alias == wanted), None)
