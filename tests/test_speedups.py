@@ -377,12 +377,16 @@ def packed_round(draw: st.DrawFn, size: int, pos: int, wrap: int, free: int) -> 
             good = clean or draw(st.integers(0, 5)) > 0
             addr = BUFS + 0x100 * p if good else draw(ADDRS)
             ln = 32 + i if good else draw(LENS)
+            if extra == 4 and good and draw(st.booleans()):  # a table of 1-4 descriptors
+                addr, ln = TABLES, 16 * draw(st.integers(1, 4))
             if id_mode == "distinct":
                 bid = 100 + draw(st.integers(0, 1000)) * 32 + i
             else:
                 bid = draw(st.integers(0, 2) if id_mode == "few" else ids)
             descs[p] = (addr, ln, bid, own | extra)
     indirect = [(draw(ADDRS), draw(LENS), draw(FLAGS), draw(st.integers(0, 4))) for _ in range(4)]
+    if draw(st.booleans()):  # mostly well formed tables
+        indirect = [linked(draw, i, 4) for i in range(4)]
     pop = draw(st.sampled_from(["batch", "batch", "iter", "pop"]))
     max_chains = draw(st.sampled_from([1 << 16, 1 << 16, 1, 2]))
     return descs, indirect, pop, max_chains

@@ -830,12 +830,12 @@ done:
 #endif
 
 #define WSINGLE (1u << 16)  /* packed _counts: one writable descriptor, in _waddr/_wlen */
-#define MAX_QSLOTS 9
+#define MAX_QSLOTS 10
 
 /* Slots of the queue classes, in the order the Python side names them. */
 enum { S_NEXT_AVAIL, S_AVAIL_SHADOW, S_NEXT_USED, S_INDIRECT, S_LOG, S_NSLOTS };
-enum { P_NEXT_AVAIL, P_AVAIL_WRAP, P_NEXT_USED, P_USED_WRAP, P_SINCE_SIGNAL, P_LOG, P_WLOG,
-       P_FRESH_HEADS, P_NSLOTS };
+enum { P_NEXT_AVAIL, P_AVAIL_WRAP, P_NEXT_USED, P_USED_WRAP, P_SINCE_SIGNAL, P_INDIRECT, P_LOG,
+       P_WLOG, P_FRESH_HEADS, P_NSLOTS };
 /* Slots of DescriptorChain, in the order of its constructor. */
 enum { C_HEAD, C_READABLE, C_WRITABLE, C_RLEN, C_WLEN, C_NSLOTS };
 
@@ -859,7 +859,7 @@ typedef struct {
 
 #define QSLOT(r, q, i) (*(PyObject **)((char *)(q) + (r)->qoff[i]))
 
-static PyObject *str_walk, *str_avail_count;
+static PyObject *str_walk, *str_buffers, *str_avail_count;
 
 /* The offsets of the T_OBJECT_EX member descriptors ``names`` of ``cls`` into off. */
 static int slot_offsets(PyTypeObject *cls, PyObject *names, Py_ssize_t *off, Py_ssize_t n) {
@@ -1005,9 +1005,10 @@ static PyObject *single_chain(const ring_t *r, unsigned long id, int writable, P
                     : new_chain(r, PyLong_FromUnsignedLong(id), one, empty, n, zero);
 }
 
-/* The buffers of a chain being walked: device-readable views, then writable ones. */
+/* The buffers of a chain being walked: device-readable views, then writable ones
+ * (and, for a packed ring, the (gpa, len) of each writable one, for the dirty log). */
 typedef struct {
-    PyObject *readable, *writable;
+    PyObject *readable, *writable, *wgpas;
     uint64_t rlen, wlen;
     int seen_write;
 } walk_t;
@@ -1036,6 +1037,11 @@ static int walk_add(const ring_t *r, walk_t *w, uint16_t fl, uint64_t addr, uint
         return -1;
     int rc = PyList_Append(*list, mv);
     Py_DECREF(mv);
+    if (rc == 0 && w->wgpas && (fl & F_WRITE)) {
+        PyObject *gpa = Py_BuildValue("(Kk)", (unsigned long long)addr, (unsigned long)len);
+        rc = gpa ? PyList_Append(w->wgpas, gpa) : -1;
+        Py_XDECREF(gpa);
+    }
     return rc < 0 ? -1 : 1;
 }
 
@@ -1061,7 +1067,7 @@ static PyObject *split_walk(const ring_t *r, PyObject *q, uint16_t head) {
     PyObject *table_mv = NULL, *result = NULL;
     Py_ssize_t limit = r->size, idx = head, count = 0;
     int indirect = 0, indirect_ok = -1;
-    walk_t w = {PyList_New(0), PyList_New(0), 0, 0, 0};
+    walk_t w = {PyList_New(0), PyList_New(0), NULL, 0, 0, 0};
     if (!w.readable || !w.writable)
         goto done;
     for (;;) {
@@ -1166,6 +1172,136 @@ static PyObject *split_next(ring_t *r, PyObject *q) {
     return c;
 }
 
+/* One descriptor of a packed chain, as PackedQueue._walk collects them. */
+typedef struct {
+    uint16_t fl;
+    uint64_t addr;
+    uint32_t len;
+} pdesc_t;
+
+/* PackedQueue._buffers(bid, descs) for a chain that is valid and inside memory: the
+ * chain (its writable buffers recorded in _wlog), Py_None to hand over, NULL on error. */
+static PyObject *packed_buffers(const ring_t *r, PyObject *q, uint16_t bid, const pdesc_t *descs,
+                                Py_ssize_t n) {
+    PyObject *table_mv = NULL, *result = NULL;
+    const uint8_t *table = NULL;
+    Py_ssize_t count = n;
+    walk_t w = {PyList_New(0), PyList_New(0), PyList_New(0), 0, 0, 0};
+    if (!w.readable || !w.writable || !w.wgpas)
+        goto done;
+    if (n == 1 && (descs[0].fl & F_INDIRECT)) {
+        int ok = PyObject_IsTrue(QSLOT(r, q, P_INDIRECT));
+        uint32_t len = descs[0].len;
+        uint64_t off = 0;
+        if (ok < 0)
+            goto done;
+        if (!ok || (descs[0].fl & F_NEXT) || len == 0 || len % 16 || len / 16 > (uint32_t)r->size)
+            goto hand_over;
+        Py_ssize_t reg = locate_table(r, descs[0].addr, len, &off);
+        if (reg < 0)
+            goto hand_over;
+        if (!(table_mv = region_slice(r, reg, off, len))) /* keeps the table mapped */
+            goto done;
+        table = PyMemoryView_GET_BUFFER(table_mv)->buf;
+        count = len / 16;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        pdesc_t d = table ? (pdesc_t){ld16(table + 16 * i + 14), ld64(table + 16 * i),
+                                      ld32(table + 16 * i + 8)}
+                          : descs[i];
+        if (d.fl & F_INDIRECT)
+            goto hand_over; /* nested, or INDIRECT in a chain */
+        if (table)
+            d.fl &= (uint16_t)~F_NEXT; /* a table is read in order, whatever its links */
+        int rc = walk_add(r, &w, d.fl, d.addr, d.len);
+        if (rc < 0)
+            goto done;
+        if (rc == 0)
+            goto hand_over;
+    }
+    PyObject *wgpas = w.wgpas;
+    w.wgpas = NULL;
+    result = walk_done(r, &w, bid);
+    if (result && result != Py_None && PyList_GET_SIZE(wgpas)) {
+        PyObject *key = PyLong_FromLong(bid), *wlog = QSLOT(r, q, P_WLOG);
+        if (!key || !wlog || PyObject_SetItem(wlog, key, wgpas) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(key);
+    }
+    Py_DECREF(wgpas);
+    if (result != Py_None)
+        goto done;
+    Py_CLEAR(result);
+hand_over: {
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        PyObject *t = Py_BuildValue("(iKk)", (int)descs[i].fl, (unsigned long long)descs[i].addr,
+                                    (unsigned long)descs[i].len);
+        if (!t)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, t);
+    }
+    PyObject *key = list ? PyLong_FromLong(bid) : NULL;
+    if (key) /* nothing written yet but the in-flight count, which the pure walk sets too */
+        result = PyObject_CallMethodObjArgs(q, str_buffers, key, list, NULL);
+    Py_XDECREF(key);
+    Py_XDECREF(list);
+}
+done:
+    Py_XDECREF(w.readable);
+    Py_XDECREF(w.writable);
+    Py_XDECREF(w.wgpas);
+    Py_XDECREF(table_mv);
+    return result;
+}
+
+/* PackedQueue._walk from position p under wrap counter w (the first descriptor is
+ * available): the chain, or the pure walk's answer when the chain must raise. The
+ * descriptors are read once, the scan bounded by the queue size. */
+static PyObject *packed_walk(ring_t *r, PyObject *q, long p, long w) {
+    pdesc_t stack[64], *descs = stack;
+    Py_ssize_t n = 0, size = r->size;
+    uint16_t bid = 0;
+    const uint8_t *dt = r->desc.view.buf;
+    uint32_t *cn = r->counts.view.buf;
+    PyObject *result = NULL;
+    for (;;) {
+        const uint8_t *d = dt + 16 * p;
+        uint16_t fl = __atomic_load_n((const uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+        if (((fl >> 7) & 1) != w || ((fl >> 15) & 1) == w)
+            goto hand_over; /* continues into a descriptor that is not available */
+        if (n == 64 && descs == stack) {
+            if (!(descs = PyMem_Malloc(sizeof(pdesc_t) * size)))
+                return PyErr_NoMemory();
+            memcpy(descs, stack, sizeof(stack));
+        }
+        descs[n++] = (pdesc_t){fl, ld64(d), ld32(d + 8)};
+        bid = ld16(d + 12);
+        if (++p == size) {
+            p = 0;
+            w ^= 1;
+        }
+        if (!(fl & F_NEXT))
+            break;
+        if (n >= size)
+            goto hand_over; /* longer than the ring */
+    }
+    if (cn[bid])
+        goto hand_over; /* already in flight */
+    if (slot_set(r, q, P_NEXT_AVAIL, p) < 0 || slot_set(r, q, P_AVAIL_WRAP, w) < 0)
+        goto done;
+    cn[bid] = (uint32_t)n;
+    result = packed_buffers(r, q, bid, descs, n);
+    goto done;
+hand_over:
+    result = PyObject_CallMethodNoArgs(q, str_walk); /* nothing consumed yet: it raises */
+done:
+    if (descs != stack)
+        PyMem_Free(descs);
+    return result;
+}
+
 /* PackedQueue.pop: the next chain, NULL with no error set when none is available. */
 static PyObject *packed_next(ring_t *r, PyObject *q) {
     long p = slot_index(r, q, P_NEXT_AVAIL), w = slot_index(r, q, P_AVAIL_WRAP);
@@ -1177,8 +1313,8 @@ static PyObject *packed_next(ring_t *r, PyObject *q) {
     uint16_t fl = __atomic_load_n((uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
     if (((fl >> 7) & 1) != w || ((fl >> 15) & 1) == w)
         return NULL;
-    if (fl & (F_NEXT | F_INDIRECT)) /* a longer chain: the pure walk */
-        return PyObject_CallMethodNoArgs(q, str_walk);
+    if (fl & (F_NEXT | F_INDIRECT)) /* a longer chain, or an indirect table */
+        return packed_walk(r, q, p, w);
     uint64_t x = ld64(d + 8), addr = ld64(d);
     if (++p == r->size) {
         p = 0;
@@ -1289,7 +1425,7 @@ static PyObject *ring_add_used(PyObject *self, PyObject *const *args, Py_ssize_t
     PyObject *since = QSLOT(r, q, P_SINCE_SIGNAL);
     uint32_t *cn = r->counts.view.buf;
     uint32_t c = cn[id] & 0xFFFF;
-    if (!wlog || !PyDict_CheckExact(wlog) || PyDict_GET_SIZE(wlog) || nu < 0 || nu >= r->size ||
+    if (!wlog || !PyDict_CheckExact(wlog) || nu < 0 || nu >= r->size ||
         uw < 0 || uw > 1 || !since || !PyLong_CheckExact(since) || !c)
         goto done;
     long long signalled = PyLong_AsLongLong(since);
@@ -1303,6 +1439,16 @@ static PyObject *ring_add_used(PyObject *self, PyObject *const *args, Py_ssize_t
     /* len, id and flags in one store: the flags word publishes the rest */
     __atomic_store_n((uint64_t *)((uint8_t *)r->desc.view.buf + 16 * nu + 8), word,
                      __ATOMIC_RELEASE);
+    if (PyDict_GET_SIZE(wlog)) { /* forget what the buffer had writable (no log to mark) */
+        PyObject *key = PyLong_FromLong((long)id);
+        int has = key ? PyDict_Contains(wlog, key) : -1;
+        if (has < 0 || (has && PyDict_DelItem(wlog, key) < 0)) {
+            Py_XDECREF(key);
+            result = NULL;
+            goto done;
+        }
+        Py_DECREF(key);
+    }
     long p = nu + (long)c;
     if (p >= r->size) {
         p -= r->size;
@@ -1516,6 +1662,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void) {
     if (PyType_Ready(&ChainRingType) < 0 || PyType_Ready(&ChainIterType) < 0 ||
         !(str_walk = PyUnicode_InternFromString("_walk")) ||
+        !(str_buffers = PyUnicode_InternFromString("_buffers")) ||
         !(str_avail_count = PyUnicode_InternFromString("_avail_count")))
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -70,6 +70,7 @@ _CHAIN_SLOTS = (
     "_next_used",
     "_used_wrap",
     "_since_signal",
+    "_indirect",
     "_log",
     "_wlog",
     "_fresh_heads",
