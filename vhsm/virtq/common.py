@@ -348,3 +348,48 @@ def chain_ring(
         queue, slots, DescriptorChain, CHAIN_SLOTS, size, desc, areas, regions, primary
     )
     return ring
+
+
+class QueueState:
+    """What split and packed queues answer alike; the values live in their own slots.
+
+    Also where the compiled per-chain API is dropped when a queue gives its views back.
+    """
+
+    __slots__ = ("_chains", "_event_idx", "_indirect", "_next_avail", "_next_used", "_size")
+    _size: int
+    _next_avail: int
+    _next_used: int
+    _event_idx: bool
+    _indirect: bool
+    _chains: ChainRing | None
+
+    @property
+    def size(self) -> int:
+        """Queue size N."""
+        return self._size
+
+    @property
+    def next_avail(self) -> int:
+        """Where the device reads next: the avail index (split) or ring position (packed)."""
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """Where the device writes next: the used index (split) or ring position (packed)."""
+        return self._next_used
+
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_RING_EVENT_IDX is in effect (packed: descriptor-specific events)."""
+        return self._event_idx
+
+    def set_indirect(self, enabled: bool) -> None:
+        """Allow or refuse INDIRECT descriptors (VIRTIO_F_RING_INDIRECT_DESC)."""
+        self._indirect = enabled
+
+    def _release_chains(self) -> None:
+        """Give the compiled per-chain API's hold on the ring areas back (``release``)."""
+        if self._chains is not None:
+            self._chains.release()
+            self._chains = None

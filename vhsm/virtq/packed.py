@@ -31,6 +31,7 @@ from vhsm.virtq.common import (
     AddressSpace,
     DirtyLogLike,
     GuestMemoryLike,
+    QueueState,
     all_of,
     any_of,
     chain_ring,
@@ -101,13 +102,12 @@ def packed_area_sizes(size: int) -> tuple[int, int, int]:
     return 16 * size, 4, 4
 
 
-class PackedQueue:
+class PackedQueue(QueueState):
     """Device-side packed ring over the descriptor ring and both event suppression areas."""
 
     __slots__ = (
         "_accel",
         "_avail_wrap",
-        "_chains",
         "_counts",
         "_counts_np",
         "_desc",
@@ -118,18 +118,13 @@ class PackedQueue:
         "_desc_w",
         "_device_h",
         "_driver_h",
-        "_event_idx",
         "_fresh_heads",
         "_fresh_plain",
-        "_indirect",
         "_log",
         "_log_desc_gpa",
         "_log_event_gpa",
-        "_next_avail",
-        "_next_used",
         "_scratch",
         "_since_signal",
-        "_size",
         "_space",
         "_used_wrap",
         "_waddr",
@@ -208,42 +203,18 @@ class PackedQueue:
 
     # ----------------------------------------------------------------- state
     @property
-    def size(self) -> int:
-        """Queue size N."""
-        return self._size
-
-    @property
-    def next_avail(self) -> int:
-        """Descriptor-ring index the device reads next."""
-        return self._next_avail
-
-    @property
     def avail_wrap(self) -> int:
         """Driver ring wrap counter the device expects."""
         return self._avail_wrap
-
-    @property
-    def next_used(self) -> int:
-        """Descriptor-ring index the device writes the next used descriptor to."""
-        return self._next_used
 
     @property
     def used_wrap(self) -> int:
         """Device ring wrap counter."""
         return self._used_wrap
 
-    @property
-    def event_idx(self) -> bool:
-        """Whether VIRTIO_F_RING_EVENT_IDX (descriptor-specific events) is in effect."""
-        return self._event_idx
-
     def set_event_idx(self, enabled: bool) -> None:
         """Turn descriptor event suppression on or off."""
         self._event_idx = enabled
-
-    def set_indirect(self, enabled: bool) -> None:
-        """Allow or refuse INDIRECT descriptors (VIRTIO_F_RING_INDIRECT_DESC)."""
-        self._indirect = enabled
 
     def get_base(self) -> int:
         """GET_VRING_BASE ``num``: avail idx | wrap << 15 | used idx << 16 | wrap << 31."""
@@ -300,9 +271,7 @@ class PackedQueue:
 
     def release(self) -> None:
         """Drop every view of guest memory."""
-        if self._chains is not None:
-            self._chains.release()
-            self._chains = None
+        self._release_chains()
         for name in ("_desc_q", "_desc_i", "_desc_h", "_driver_h", "_device_h"):
             getattr(self, name).release()
         self._desc_np = np.zeros(0, dtype=PACKED_DESC_DTYPE)

@@ -33,6 +33,7 @@ from vhsm.virtq.common import (
     AddressSpace,
     DirtyLogLike,
     GuestMemoryLike,
+    QueueState,
     chain_ring,
     check_area,
     check_queue_size,
@@ -63,7 +64,7 @@ def split_area_sizes(size: int) -> tuple[int, int, int]:
     return 16 * size, 6 + 2 * size, 6 + 8 * size
 
 
-class SplitQueue:
+class SplitQueue(QueueState):
     """Device-side split ring over three writable memoryviews of guest memory."""
 
     __slots__ = (
@@ -72,23 +73,17 @@ class SplitQueue:
         "_avail_h",
         "_avail_np",
         "_avail_shadow",
-        "_chains",
         "_desc",
         "_desc_h",
         "_desc_i",
         "_desc_np",
         "_desc_q",
         "_desc_w",
-        "_event_idx",
         "_fresh_heads",
-        "_indirect",
         "_log",
         "_log_used_gpa",
         "_mask",
-        "_next_avail",
-        "_next_used",
         "_signalled_used",
-        "_size",
         "_space",
         "_used",
         "_used_event_i",
@@ -165,34 +160,10 @@ class SplitQueue:
         )
 
     # ----------------------------------------------------------------- state
-    @property
-    def size(self) -> int:
-        """Queue size N."""
-        return self._size
-
-    @property
-    def next_avail(self) -> int:
-        """Free-running index of the next available-ring entry to process."""
-        return self._next_avail
-
-    @property
-    def next_used(self) -> int:
-        """Free-running index of the next used-ring entry to write."""
-        return self._next_used
-
-    @property
-    def event_idx(self) -> bool:
-        """Whether VIRTIO_F_RING_EVENT_IDX is in effect."""
-        return self._event_idx
-
     def set_event_idx(self, enabled: bool) -> None:
         """Turn event-index notification suppression on or off."""
         self._event_idx = enabled
         self._signalled_used = None
-
-    def set_indirect(self, enabled: bool) -> None:
-        """Allow or refuse INDIRECT descriptors (VIRTIO_F_RING_INDIRECT_DESC)."""
-        self._indirect = enabled
 
     def set_next_avail(self, value: int) -> None:
         """Set the next available index (SET_VRING_BASE)."""
@@ -243,9 +214,7 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop every view of guest memory (before the mapping is closed)."""
-        if self._chains is not None:
-            self._chains.release()
-            self._chains = None
+        self._release_chains()
         for name in ("_desc_q", "_desc_i", "_desc_h", "_avail_h", "_used_h", "_used_q"):
             getattr(self, name).release()
         self._desc_np = np.zeros(0, dtype=SPLIT_DESC_DTYPE)
