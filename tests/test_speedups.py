@@ -567,6 +567,49 @@ def test_sink_reads_same_on_both_paths(
     assert stats[0] == stats[1]
 
 
+# ------------------------------------------------------------- chain by chain
+@needs_accel
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_chain_by_chain_is_compiled_and_shares_the_queue_state(kind: str, monkeypatch: Any) -> None:
+    """pop, iteration and add_used go through C and leave the queue where the pure path would."""
+    pair = split_pair if kind == "split" else packed_pair
+    sides = []
+    for accel in (speedups.accel, None):
+        with monkeypatch.context() as m:
+            m.setattr(speedups, "accel", accel)
+            sides.append(pair(make_memory(), 8))
+    assert sides[0][1]._chains is not None and sides[1][1]._chains is None
+    for drv, q in sides:
+        drv.add_chain([(BUF_GPA, 16)], [(BUF_GPA + 64, 32), (BUF_GPA + 128, 32)])
+        drv.add_chain([(BUF_GPA + 256, 8)])
+        first = q.pop()
+        assert first is not None and first.writable_len == 64
+        q.add_used(first.head, 5)
+        rest = list(q)
+        assert [c.readable_len for c in rest] == [8]
+        q.add_used(rest[0].head, 0)
+        assert q.pop() is None and list(q) == []
+    (da, qa), (db, qb) = sides
+    assert (qa.get_base(), qa.next_used) == (qb.get_base(), qb.next_used)
+    assert da.get_used_batch()[0].tolist() == db.get_used_batch()[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_a_queue_released_while_iterated_refuses_to_go_on(kind: str) -> None:
+    """Released views are never read: the next step raises ValueError (either path)."""
+    pair = split_pair if kind == "split" else packed_pair
+    drv, q = pair(make_memory(), 8)
+    for i in range(3):
+        drv.add_chain([(BUF_GPA + 64 * i, 16)])
+    chains = iter(q)
+    assert next(chains).readable_len == 16
+    q.release()
+    with pytest.raises(ValueError, match="released"):
+        next(chains)
+    with pytest.raises(ValueError, match="released"):
+        q.pop()
+
+
 # ------------------------------------------------------------- the data path
 def test_pure_python_forced_by_the_environment() -> None:
     env = dict(os.environ, VHSM_PURE_PYTHON="1")
