@@ -68,20 +68,20 @@ _STYLE: dict[str, Any] = {
 
 def check_machine(name: str) -> list[str]:
     """Expand a machine name ("all" = every machine); a VhsmError names an unknown one."""
-    if name == "all":
-        return list(MACHINES)
-    if name not in MACHINES:
-        raise VhsmError(f"unknown machine {name!r} (choose {', '.join((*MACHINES, 'all'))})")
-    return [name]
+    return _expand("machine", name, MACHINES, list(MACHINES))
 
 
 def check_format(name: str) -> list[str]:
     """Expand a format name ("all" = mermaid, dot, svg); a VhsmError names an unknown one."""
-    if name == "all":
-        return list(ALL_FORMATS)
-    if name not in SUFFIXES:
-        raise VhsmError(f"unknown format {name!r} (choose {', '.join((*SUFFIXES, 'all'))})")
-    return [name]
+    return _expand("format", name, SUFFIXES, list(ALL_FORMATS))
+
+
+def _expand(what: str, name: str, known: Iterable[str], every: list[str]) -> list[str]:
+    """``name`` as a list, or ``every`` for "all"; a VhsmError lists the ``known`` names."""
+    choices = (*known, "all")
+    if name not in choices:
+        raise VhsmError(f"unknown {what} {name!r} (choose {', '.join(choices)})")
+    return every if name == "all" else [name]
 
 
 def state_label(spec: MachineSpec, state: enum.Enum) -> str:

@@ -15,8 +15,9 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vhsm.errors import VhsmError
 from vhsm.signals import stop_on_signals
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from vhsm.memory import RegionMapper
 
 log = logging.getLogger(__name__)
+
+_N = TypeVar("_N", int, float)
 
 
 def register(subparsers: Any) -> None:
@@ -216,33 +219,32 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def busy_poll_micros(text: str) -> int:
     """A ``--busy-poll-us`` value: whole microseconds, 0..1000000 (also used by benchmarks)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{value} not in 0..1000000 microseconds")
-    return value
+    return _number(text, int, 0, 1_000_000, "microseconds")
 
 
 def _seconds(text: str) -> float:
     """A ``--handshake-timeout`` value: seconds, 0..3600 (0: no timeout)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{value:g} not in 0..3600 seconds")
-    return value
+    return _number(text, float, 0, 3600, "seconds")
 
 
 def _positive(text: str) -> int:
+    return _number(text, int, 1, 0xFFFF)
+
+
+def _number(text: str, parse: Callable[[str], _N], low: int, high: int, unit: str = "") -> _N:
+    """Parse an option's number and check it lies in ``low..high`` (``unit`` names it).
+
+    An ``argparse.ArgumentTypeError`` says what was wrong, so argparse prints a
+    one-line usage error.
+    """
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= value <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"{value} not in 1..65535")
+        what = f"a number of {unit}" if unit else "a number"
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not low <= value <= high:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise argparse.ArgumentTypeError(f"{shown} not in {low}..{high} {unit}".rstrip())
     return value
 
 

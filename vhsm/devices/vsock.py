@@ -297,19 +297,13 @@ class VsockBackend(VhostUserBackend):
         if key in self.conns or len(self._by_token) >= self.max_connections:
             self._reset_reply(hdr)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
         try:
-            sock.connect(f"{self.uds_path}_{hdr.dst_port}")
+            conn = self._connect_host_port(key)
         except OSError as err:
             log.info("vsock: guest port %d to host port %d refused: %s", hdr.src_port,
                      hdr.dst_port, err.strerror or err)  # fmt: skip
-            sock.close()
             self._reset_reply(hdr)
             return
-        conn = self._adopt(sock, host_initiated=False)
-        conn.local_port, conn.peer_port = key
-        conn.state = State.ESTABLISHED
         conn.learn_peer(hdr)
         self.conns[key] = conn
         self._send_control(conn.header(Op.RESPONSE))
@@ -517,6 +511,24 @@ class VsockBackend(VhostUserBackend):
         return not self._control
 
     # --- connections --------------------------------------------------------------------
+    def _connect_host_port(self, key: tuple[int, int]) -> VsockConnection:
+        """Connect the guest to host port ``key[0]`` (its listener ``<uds_path>_<port>``).
+
+        Returns the adopted, established connection ``key`` (host port, guest
+        port); raises OSError, the socket closed, when the port has no listener.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(f"{self.uds_path}_{key[0]}")
+        except OSError:
+            sock.close()
+            raise
+        conn = self._adopt(sock, host_initiated=False)
+        conn.local_port, conn.peer_port = key
+        conn.state = State.ESTABLISHED
+        return conn
+
     def _adopt(self, sock: socket.socket, *, host_initiated: bool) -> VsockConnection:
         token = self._next_token
         self._next_token += 1

@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -172,19 +171,13 @@ class VsockStateTransfer:
         if entry["host_initiated"] or not entry["established"]:
             self._reset_guest(*hdr_args)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
         try:
-            sock.connect(f"{backend.uds_path}_{entry['local_port']}")
+            conn = backend._connect_host_port(hdr_args)
         except OSError as err:
             log.info("vsock: restored port %d has no listener: %s", entry["local_port"],
                      err.strerror or err)  # fmt: skip
-            sock.close()
             self._reset_guest(*hdr_args)
             return
-        conn = backend._adopt(sock, host_initiated=False)
-        conn.local_port, conn.peer_port = hdr_args
-        conn.state = State.ESTABLISHED
         for name in ("rx_cnt", "fwd_cnt", "tx_cnt", "peer_buf_alloc", "peer_fwd_cnt",
                      "guest_shut", "host_eof"):  # fmt: skip
             setattr(conn, name, entry[name])

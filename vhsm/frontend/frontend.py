@@ -403,17 +403,7 @@ class Frontend:
 
         Raises BackendError when CHECK_DEVICE_STATE reports a failure.
         """
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            own = self.set_device_state_fd(0, write_end)
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        source = read_end if own is None else own
-        if own is not None:
-            os.close(read_end)
+        source = self._transfer_fd(0)
         chunks = []
         try:
             while chunk := os.read(source, 1 << 16):
@@ -426,17 +416,7 @@ class Frontend:
 
     def load_device_state(self, data: bytes) -> int:
         """Send a saved state (SET_DEVICE_STATE_FD load); return CHECK_DEVICE_STATE's answer."""
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            own = self.set_device_state_fd(1, read_end)
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        sink = write_end if own is None else own
-        if own is not None:
-            os.close(write_end)
+        sink = self._transfer_fd(1)
         try:
             view = memoryview(data)
             while view:
@@ -444,6 +424,26 @@ class Frontend:
         finally:
             os.close(sink)
         return self.check_device_state()
+
+    def _transfer_fd(self, direction: int) -> int:
+        """Start a transfer over a pipe; return the fd this side reads (0, save) or writes (1).
+
+        The back-end is sent the other end of the pipe; when it answers with an
+        fd of its own, that one is used instead and the pipe is closed.
+        """
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        theirs, ours = (write_end, read_end) if direction == 0 else (read_end, write_end)
+        try:
+            own = self.set_device_state_fd(direction, theirs)
+        except BaseException:
+            os.close(ours)
+            raise
+        finally:
+            os.close(theirs)
+        if own is None:
+            return ours
+        os.close(ours)
+        return own
 
     # --- negotiation -------------------------------------------------------------------
     def default_features(self, offered: int, *, packed: bool = False) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from transitions import EventData
@@ -86,22 +88,29 @@ def has_protocol_features(s: Session, event: EventData) -> bool:
 
 
 def configure_num(s: Session, event: EventData) -> None:
-    """Store the ring size."""
-    try:
+    """Store the ring size (a packed base set earlier may not fit the new size)."""
+    with _ring_layout(s):
         s.dataplane.set_vring_num(ring_of(event), num_of(event))
-    except GuestMemoryError as err:
-        raise s.memory_violation(err, "VU-RING-004") from err
-    except ValueError as err:  # a packed base set earlier does not fit the new size
-        raise s.violation("VU-RING-005", str(err)) from err
 
 
 def configure_addr(s: Session, event: EventData) -> None:
-    """Store and translate the ring addresses."""
-    try:
+    """Store and translate the ring addresses (the ring may not fit at its base)."""
+    with _ring_layout(s):
         s.dataplane.set_vring_addr(ring_of(event), payload_of(event, VhostUserVringAddr))
+
+
+@contextlib.contextmanager
+def _ring_layout(s: Session) -> Iterator[None]:
+    """Turn a ring-layout change's failures into the rules they break.
+
+    Ring memory the guest table does not cover breaks VU-RING-004; a ring that
+    cannot be built from its size, addresses and base (a ValueError) VU-RING-005.
+    """
+    try:
+        yield
     except GuestMemoryError as err:
         raise s.memory_violation(err, "VU-RING-004") from err
-    except ValueError as err:  # the ring cannot be built at the base it was given
+    except ValueError as err:
         raise s.violation("VU-RING-005", str(err)) from err
 
 
