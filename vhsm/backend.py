@@ -276,14 +276,19 @@ def _takes_flags(hook: Callable[..., Any]) -> bool:
     return len(positional) >= 4
 
 
-def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
+def drain(
+    vring: VringT,
+    process: Callable[[DescriptorChain], int],
+    bad_chain: Callable[[VirtqError], object] | None = None,
+) -> int:
     """Complete every available chain of `vring`; `process(chain)` returns the used length.
 
     The loop every device needs: kicks are suppressed while draining, the
     driver is signalled once per pass (only when it asked, event-idx aware),
     and after kicks are re-enabled the ring is drained again if work arrived
-    meanwhile. A bad chain is logged, completed with length 0 and reported on
-    the ring's err fd. The loop is bounded by the vring: a worker pass takes at
+    meanwhile. A bad chain is passed to `bad_chain` (a device logs and counts it
+    its own way; the default logs it once it has a head), completed with length 0
+    and reported on the ring's err fd. The loop is bounded by the vring: a worker pass takes at
     most the ring size in chains, and a broken ring (avail idx moved too far, used
     ring aliasing the driver's) gives none. Returns how many chains were completed.
     """
@@ -294,13 +299,16 @@ def drain(vring: VringT, process: Callable[[DescriptorChain], int]) -> int:
             try:
                 chain = vring.pop()
             except VirtqError as exc:
+                if bad_chain is not None:
+                    bad_chain(exc)
                 vring.complete_error(exc)
                 if exc.head is None:
                     # No chain to answer (a vring class that does not mark the ring broken
                     # itself): retrying would spin holding the worker; wait for a kick.
                     vring.signal_used_queue()
                     return done
-                log.warning("bad chain: %s", str(exc))
+                if bad_chain is None:
+                    log.warning("bad chain: %s", str(exc))
                 continue
             if chain is None:
                 break

@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vhsm.backend import CONFIG_DEVICE_PROTOCOL_FEATURES, RING_FEATURES, VhostUserBackend
+from vhsm.backend import CONFIG_DEVICE_PROTOCOL_FEATURES, RING_FEATURES, VhostUserBackend, drain
 from vhsm.daemon import Listener
 from vhsm.devices.vsock_conn import BUF_ALLOC, State, VsockConnection
 from vhsm.devices.vsock_packet import (
@@ -224,26 +224,12 @@ class VsockBackend(VhostUserBackend):
 
     # --- guest to host ------------------------------------------------------------------
     def _process_tx(self) -> None:
-        tx = self._vrings[TX_QUEUE]
-        while True:
-            tx.disable_notification()
-            for _ in range(MAX_QUEUE_SIZE):  # one ring's worth per pass
-                try:
-                    chain = tx.pop()
-                except VirtqError as exc:
-                    log.warning("vsock: bad TX chain: %s", str(exc))
-                    tx.complete_error(exc)
-                    if exc.head is None:
-                        tx.signal_used_queue()
-                        return
-                    continue
-                if chain is None:
-                    break
-                self._guest_packet(chain)
-                tx.add_used(chain.head, 0)
-            tx.signal_used_queue()
-            if not tx.enable_notification():
-                return
+        drain(self._vrings[TX_QUEUE], self._tx_chain, _bad_tx_chain)
+
+    def _tx_chain(self, chain: DescriptorChain) -> int:
+        """Take one guest packet; a TX chain is completed with length 0."""
+        self._guest_packet(chain)
+        return 0
 
     def _guest_packet(self, chain: DescriptorChain) -> None:
         if chain.readable_len < HEADER_SIZE:
@@ -611,6 +597,10 @@ def _connect_port(line: bytes) -> int | None:
         return None
     port = int(parts[1])
     return port if port <= 0xFFFF_FFFF else None
+
+
+def _bad_tx_chain(exc: VirtqError) -> None:
+    log.warning("vsock: bad TX chain: %s", str(exc))
 
 
 def _claim_cid(cid: int) -> socket.socket:
