@@ -10,8 +10,15 @@ busy machine, where frames per second are not). Front-end and back-end are
 pinned to different CPUs when there are two. Installs nothing: says what is
 missing.
 
+``--device-side`` measures instead what the device's transmit path alone costs
+per frame (no front-end process, no socket): bursts of 256 single-descriptor
+frames posted on a TX ring in this process, the device's handling of each
+burst timed in thread CPU seconds, writing into the TAP and, to separate the
+Python work from the kernel's, into /dev/null.
+
 Run: sudo .venv/bin/vhsm bench tap [--seconds 5] [--runs 3] [--sizes 64,1500] [--queues 1]
      [--busy-poll-us US]
+     sudo .venv/bin/vhsm bench tap --device-side [--bursts 300] [--sizes 64,1500]
 """
 
 from __future__ import annotations
@@ -201,6 +208,79 @@ def report(queues: int, results: dict[int, Result]) -> list[str]:
     return lines
 
 
+#: Frames per burst of the device-side measurement (a full 256-entry ring).
+BURST = 256
+
+
+def device_side(sizes: Sequence[int], bursts: int) -> list[str]:
+    """The table of ``--device-side``: run in a namespace of its own, one child per size."""
+    lines = [
+        f"device side of a {BURST}-frame TX burst, thread CPU per frame;"
+        f" data path: {speedups.data_path()}",
+        "into /dev/null: the Python work and a bare writev; into the TAP: and the kernel's",
+        f"{'size':>6s} {'into the TAP ns':>16s} {'into /dev/null ns':>18s}",
+    ]
+    for size in sizes:
+        ns = Namespace()
+        try:
+            proc = subprocess.run(
+                ns.argv([sys.executable, __file__, "--inside-netns", str(size), str(bursts)]),
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            ns.close()
+        if proc.returncode != 0:
+            raise RuntimeError(f"device-side run of {size} B failed: {proc.stderr.strip()[-400:]}")
+        tap_ns, null_ns = (float(x) for x in proc.stdout.split())
+        lines.append(f"{size:5d}B {tap_ns:16,.0f} {null_ns:18,.0f}")
+    return lines
+
+
+def _inside_netns(size: int, bursts: int) -> None:
+    """Child of `device_side`, in its namespace: print ns per frame into the TAP and null."""
+    import numpy as np
+    from net_burst import BUF_GPA, BUF_STRIDE, make_tx
+
+    from vhsm.backend import EPOLLIN
+    from vhsm.devices.net_tap import TapNetBackend
+    from vhsm.devices.tap import VNET_HDR_SIZE
+
+    if not 0 < size <= BUF_STRIDE - VNET_HDR_SIZE:
+        raise SystemExit(f"--sizes: 1..{BUF_STRIDE - VNET_HDR_SIZE} bytes with --device-side")
+    ifname = f"vb{secrets.token_hex(3)}"
+    backend = TapNetBackend(ifname)
+    subprocess.run(["ip", "link", "set", ifname, "up"], check=True)
+    vrings, drv = make_tx(backend, False)  # type: ignore[arg-type]
+    addrs = BUF_GPA + BUF_STRIDE * np.arange(BURST, dtype=np.uint64)
+    lens = np.full(BURST, VNET_HDR_SIZE + size, dtype=np.uint32)
+    device_readable = np.zeros(BURST, dtype=bool)
+    tap_fd = backend.tap.fds[0]
+    null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    results = []
+    try:
+        for fd in (tap_fd, null_fd):
+            backend.tap.fds[0] = fd
+            cpu = 0.0
+            for _ in range(bursts):
+                drv.add_simple_batch(addrs, lens, device_readable)
+                c0 = time.thread_time()
+                for vring in vrings:
+                    vring.begin_pass()
+                backend.handle_event(1, EPOLLIN, vrings, 0)
+                cpu += time.thread_time() - c0
+                drv.get_used_batch()
+            results.append(cpu / (bursts * BURST) * 1e9)
+        assert backend.pair_stats[0].tx_errors == 0, backend.pair_stats
+    finally:
+        backend.tap.fds[0] = tap_fd
+        os.close(null_fd)
+        for vring in vrings:
+            vring.reset()
+        backend.close()
+    print(*results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (shared with `vhsm bench tap`)."""
     ap = argparse.ArgumentParser(
@@ -219,14 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=busy_poll_micros,
         help="vhsm's busy-poll window after a burst (default: the TAP device's, 0 = off)",
     )
+    ap.add_argument(
+        "--device-side",
+        action="store_true",
+        help="the device's TX path alone, in this process: CPU per frame into the TAP and null",
+    )
+    ap.add_argument("--bursts", type=int, default=300, help="bursts per size (--device-side)")
+    ap.add_argument("--inside-netns", nargs=2, type=int, help=argparse.SUPPRESS)
     return ap
 
 
 def problem() -> str | None:
     """Why the benchmark cannot run here (None when it can)."""
     why = benchlib.missing("dpdk-testpmd")
-    if why is not None:
-        return why
+    return why if why is not None else _root_problem()
+
+
+def _root_problem() -> str | None:
+    """Why no TAP can be made in a namespace here (None when it can)."""
     if os.geteuid() != 0:
         return "needs root: the TAP is made in a network namespace of its own"
     if not os.path.exists("/dev/net/tun"):
@@ -239,10 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     global BUSY_POLL_US
     BUSY_POLL_US = args.busy_poll_us
-    why = problem()
+    if args.inside_netns:
+        _inside_netns(*args.inside_netns)
+        return 0
+    why = problem() if not args.device_side else _root_problem()
     if why is not None:
         print(f"tap benchmark: {why}", file=sys.stderr)
         return 2
+    if args.device_side:
+        for line in device_side(args.sizes, max(1, args.bursts)):
+            print(line)
+        return 0
     with tempfile.TemporaryDirectory(prefix="vhsm-bench-tap-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
