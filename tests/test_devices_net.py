@@ -196,6 +196,14 @@ def test_sink_ignores_rx(sink: Bench) -> None:
     assert sink.used(0) == []
 
 
+def test_several_pairs_offer_no_memory_slots() -> None:
+    """QEMU 7.2 would send the memory table once per pair as overlapping ADD_MEM_REG."""
+    assert NetBackend("sink").protocol_features() & ProtocolFeature.CONFIGURE_MEM_SLOTS
+    two = NetBackend("loopback", queue_pairs=2).protocol_features()
+    assert not two & ProtocolFeature.CONFIGURE_MEM_SLOTS
+    assert two & ProtocolFeature.MQ
+
+
 def test_sink_multiqueue_pairs_are_counted_apart() -> None:
     bench = Bench(NetBackend("sink", queue_pairs=3), size=16)
     try:

@@ -99,6 +99,18 @@ class QueuePairBackend(VhostUserBackend):
         """Largest ring accepted."""
         return MAX_QUEUE_SIZE
 
+    def pair_protocol_features(self, bits: int) -> int:
+        """``bits`` without CONFIGURE_MEM_SLOTS when there are several pairs.
+
+        QEMU 7.2 runs one vhost device per pair on the one connection; with memory
+        slots each sends the whole memory table as ADD_MEM_REG, over the regions the
+        first added (refused as overlapping: QEMU then leaves the back-end out).
+        SET_MEM_TABLE it sends once, for the first pair.
+        """
+        if self.queue_pairs > 1:
+            bits &= ~ProtocolFeature.CONFIGURE_MEM_SLOTS
+        return int(bits)
+
 
 class NetBackend(QueuePairBackend):
     """virtio-net with ``queue_pairs`` RX/TX pairs, in ``sink`` or ``loopback`` mode."""
@@ -153,8 +165,8 @@ class NetBackend(QueuePairBackend):
         self.mrg_rxbuf = bool(features & NetFeature.MRG_RXBUF)
 
     def protocol_features(self) -> int:
-        """Multiqueue, acks, and the status byte DPDK's virtio-user uses."""
-        return int(
+        """Multiqueue, acks, memory slots (one pair), the status byte DPDK's virtio-user uses."""
+        return self.pair_protocol_features(
             ProtocolFeature.MQ
             | ProtocolFeature.REPLY_ACK
             | ProtocolFeature.CONFIGURE_MEM_SLOTS

@@ -48,7 +48,7 @@ from vhsm.devices.tap import (
     Tap,
 )
 from vhsm.errors import BackendError, VhsmError, VirtqError
-from vhsm.wire.enums import NetFeature, ProtocolFeature
+from vhsm.wire.enums import NetFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -180,19 +180,14 @@ class TapNetBackend(QueuePairBackend):
             raise BackendError(f"TUNSETOFFLOAD {flags:#x} on {self.tap.name}: {err}") from None
 
     def protocol_features(self) -> int:
-        """Multiqueue, acks, config space, memory slots (one pair only), reset, status.
+        """Multiqueue, acks, config space, memory slots (one pair), reset, status.
 
         CONFIG carries ``--mac`` and ``--mtu`` to front-ends that read the device's
         config space (vhsm's own, generic ones). QEMU's virtio-net keeps its own
         config (``-device virtio-net-pci,mac=...,host_mtu=...``): QEMU 7.2 warns once
-        per pair that it does not use CONFIG and goes on without it. No
-        CONFIGURE_MEM_SLOTS with several pairs: QEMU 7.2 runs one vhost device per pair
-        on the one connection and each sends the whole memory table as ADD_MEM_REG,
-        overlapping the regions the first added; SET_MEM_TABLE it sends once.
+        per pair that it does not use CONFIG and goes on without it.
         """
-        if self.queue_pairs == 1:
-            return CONFIG_DEVICE_PROTOCOL_FEATURES
-        return int(CONFIG_DEVICE_PROTOCOL_FEATURES & ~ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        return self.pair_protocol_features(CONFIG_DEVICE_PROTOCOL_FEATURES)
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``struct virtio_net_config``: MAC, status, max_virtqueue_pairs, MTU."""
