@@ -19,6 +19,7 @@ from vhsm.errors import GuestMemoryError, VirtqError
 from vhsm.memory import GuestMemory, MappedRegion
 from vhsm.ondemand import PAGE_SIZE, OnDemandMapping, Release
 from vhsm.virtq import PackedDriver, PackedQueue, SplitDriver, SplitQueue
+from vhsm.vring_state import VringState
 from vhsm.wire.payloads import VhostUserMemoryRegion
 
 PAGE = PAGE_SIZE
@@ -364,3 +365,17 @@ def test_plain_regions_keep_their_whole_region_views(fd: int, accel: str) -> Non
     )
     batch = q.pop_batch()
     assert len(batch.heads) == 4 and not batch.chains  # the fast path, sliced from the view
+
+
+def test_a_used_ring_over_the_available_ring_is_found_across_windows(fd: int) -> None:
+    # The available ring fits in page 3; the used ring starts inside it and runs into
+    # page 4, so it gets a window of its own: the host addresses differ, the guest
+    # addresses overlap. The ring is broken, not served feeding itself.
+    mem = table(fd, FakeMapper())
+    state = VringState(mem, 1024)
+    state.set_queue_size(512)
+    page3 = GPA + 3 * PAGE
+    state.set_queue_info(GPA + PAGE, page3 + 100, page3 + 200)
+    assert state.broken == "the used area overlaps the available area"
+    state.set_queue_info(GPA + PAGE, page3 + 100, GPA + 8 * PAGE)  # reconfigured apart
+    assert state.broken is None

@@ -267,9 +267,38 @@ class VringState:
             old.release()
         self.queue = queue
         self._apply_log()
-        overlap = queue.device_area_overlap()
+        overlap = self._area_overlap()
         if overlap is not None and self.broken is None:
             self.mark_broken(overlap)
+
+    def _area_overlap(self) -> str | None:
+        """Why the area the device writes lies over one the driver writes, or None.
+
+        The queue compares host addresses (two guest addresses of the same bytes
+        count); a region mapped on demand maps each area in its own window, so the
+        guest addresses are compared too (plain regions: the same answer).
+        """
+        q = self.queue
+        if q is None:
+            return None
+        host = q.device_area_overlap()
+        if host is not None:
+            return host
+        n = self.size
+        if self.packed:
+            device = ("device event", self.used_addr, 4)
+            driver = (("descriptor", self.desc_addr, 16 * n), ("driver event", self.avail_addr, 4))
+        else:
+            device = ("used", self.used_addr, 6 + 8 * n)
+            driver = (
+                ("descriptor", self.desc_addr, 16 * n),
+                ("available", self.avail_addr, 6 + 2 * n),
+            )
+        name, start, size = device
+        for other, at, length in driver:
+            if start < at + length and at < start + size:
+                return f"the {name} area overlaps the {other} area"
+        return None
 
     def _new_queue(
         self, mem: GuestMemory, n: int, base: int, next_used: int | None, common: dict[str, Any]
@@ -481,8 +510,7 @@ class VringState:
 
     def _repaired(self) -> None:
         """The front-end reconfigured the ring: serve it again unless its areas still overlap."""
-        q = self.queue
-        overlap = q.device_area_overlap() if q is not None else None
+        overlap = self._area_overlap()
         if overlap is not None and self.broken == overlap:
             return  # still broken for the same reason: already reported
         self.broken = None
