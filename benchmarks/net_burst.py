@@ -26,6 +26,7 @@ from vhsm.devices.net import NET_HDR_SIZE, SINK_READS, NetBackend
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq import PackedDriver, SplitDriver
 from vhsm.vring import VringMutex
+from vhsm.wire import VirtioFeature
 from vhsm.wire.payloads import VhostUserMemoryRegion
 
 MEM_SIZE = 16 << 20
@@ -33,7 +34,7 @@ RING_GPA = 0x1000
 BUF_GPA = 0x100000
 BUF_STRIDE = 2048  # one mbuf-like slot per packet
 RING_SIZE = 256
-RING_PACKED = 1 << 34
+RING_PACKED = int(VirtioFeature.RING_PACKED)
 BURSTS = (16, 64, 256)
 
 

@@ -24,7 +24,6 @@ from vhsm.frontend import (
     NetDevice,
     RngDevice,
 )
-from vhsm.frontend.frontend import DEVICE_FEATURE_MASK
 from vhsm.frontend.vsock import VsockDevice
 from vhsm.session.machines import load_machine_spec
 from vhsm.transport import PeerClosed
@@ -48,7 +47,7 @@ from vhsm.wire import (
     VhostUserVringState,
     VirtioFeature,
 )
-from vhsm.wire.enums import ALL_PROTOCOL_FEATURES
+from vhsm.wire.enums import ALL_PROTOCOL_FEATURES, DEVICE_FEATURE_MASK
 from vhsm.wire.framing import HEADER
 
 PF = ProtocolFeature
@@ -741,12 +740,14 @@ def _unoffered_bit(offered: int) -> int:
     # not one of the bits real front-ends ack anyway (tolerated as VU-NEG-013)
     acks = load_machine_spec("features").conditions["acks_offered_bits"]
     tolerated = acks["tolerated_unoffered"]
-    for bit in (*range(24), *range(50, 64)):
+    for bit in range(64):
         if bit in tolerated:
             continue
         if (1 << bit) & DEVICE_FEATURE_MASK and not offered & (1 << bit):
             return int(1 << bit)
-    return 1 << 41  # a reserved transport bit
+    # every device bit offered: a bit outside the device ranges that virtio leaves unnamed
+    named = sum(int(feature) for feature in VirtioFeature)
+    return next(1 << bit for bit in range(64) if not (1 << bit) & (DEVICE_FEATURE_MASK | named))
 
 
 def _nack(answer: Message) -> bool:

@@ -40,7 +40,7 @@ from vhsm import speedups
 from vhsm.backend import EPOLLIN, RING_FEATURES, VhostUserBackend
 from vhsm.errors import BackendError, VirtqError
 from vhsm.virtq.common import sum_of
-from vhsm.wire.enums import NetFeature, ProtocolFeature
+from vhsm.wire.enums import NET_MAX_QUEUE_PAIRS, NetFeature, ProtocolFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.batch import Batch
@@ -133,8 +133,8 @@ class NetBackend(QueuePairBackend):
         if sink_reads not in SINK_READS:
             raise ValueError(f"sink_reads {sink_reads!r} not one of {SINK_READS}")
         self.checksum = sink_reads == "checksum"
-        if not 1 <= queue_pairs <= 0x8000:
-            raise ValueError(f"queue_pairs {queue_pairs} not in 1..32768")
+        if not 1 <= queue_pairs <= NET_MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs {queue_pairs} not in 1..{NET_MAX_QUEUE_PAIRS}")
         self.mode = mode
         self.queue_pairs = queue_pairs
         if busy_poll_us is not None:

@@ -48,7 +48,7 @@ from vhsm.devices.tap import (
     Tap,
 )
 from vhsm.errors import BackendError, VhsmError, VirtqError
-from vhsm.wire.enums import NetFeature
+from vhsm.wire.enums import NET_MAX_QUEUE_PAIRS, NetFeature
 
 if TYPE_CHECKING:
     from vhsm.virtq.chain import DescriptorChain
@@ -116,8 +116,8 @@ class TapNetBackend(QueuePairBackend):
         mac: bytes | None = None,
         mtu: int | None = None,
     ) -> None:
-        if not 1 <= queue_pairs <= 0x8000:
-            raise VhsmError(f"queue_pairs {queue_pairs} not in 1..32768")
+        if not 1 <= queue_pairs <= NET_MAX_QUEUE_PAIRS:
+            raise VhsmError(f"queue_pairs {queue_pairs} not in 1..{NET_MAX_QUEUE_PAIRS}")
         if mac is not None and (len(mac) != 6 or mac[0] & 1):
             raise VhsmError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         if mtu is not None and not 68 <= mtu <= 65535:

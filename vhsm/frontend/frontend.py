@@ -51,12 +51,11 @@ from vhsm.wire import (
     make_request,
     request_spec,
 )
+from vhsm.wire.enums import DEVICE_FEATURE_MASK
 
 #: Virtio feature bits the driver side implements (device-specific bits are added as offered):
 #: the split-ring features the runtime implements on both sides.
 SUPPORTED_FEATURES = SPLIT_RING_FEATURES
-#: Device-specific feature ranges: bits 0-23 and 50-63.
-DEVICE_FEATURE_MASK = ((1 << 24) - 1) | (((1 << 64) - 1) ^ ((1 << 50) - 1))
 #: Protocol features accepted by default (when offered).
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ

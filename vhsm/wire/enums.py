@@ -1,17 +1,19 @@
 """Request codes, header flags, limits and feature bits of vhost-user.
 
 Names follow the spec (``VHOST_USER_`` prefix dropped) and the virtio spec
-(``VIRTIO_*_F_`` prefix dropped); values are the wire values. Request codes
-and the protocol's numeric limits are declared in ``specs/requests.yaml`` and
-only read here; feature bits and header flags are declared here, once, and
-every layer (runtime, auditor, front-end, diagrams) imports them.
+(``VIRTIO_*_F_`` prefix dropped); values are the wire values. Every value is
+declared in ``specs/`` and only read here: request codes and the protocol's
+numeric limits in ``specs/requests.yaml``, feature bits, flag words and masks
+in ``specs/bits.yaml``. The enums are written out by name so code (and mypy)
+can name their members; an import-time check keeps the names and the YAML
+in step. Every layer (runtime, auditor, front-end, diagrams) imports them.
 """
 
 from __future__ import annotations
 
 import enum
 from enum import IntEnum, IntFlag
-from typing import Final
+from typing import Any, Final
 
 from vhsm.errors import VhsmError
 from vhsm.specs import load_spec
@@ -120,45 +122,74 @@ if set(FrontendReq.__members__) != set(_FRONTEND) or set(BackendReq.__members__)
     raise VhsmError("specs/requests.yaml and vhsm.wire.enums name different requests")
 
 
+_BITS: dict[str, Any] = load_spec("bits")
+
+
+def _values(section: str) -> dict[str, int]:
+    """Member values of a flag or enum section of bits.yaml (given as values)."""
+    return {name: int(value) for name, value in _BITS[section].items()}
+
+
+def _bit_values(section: str) -> dict[str, int]:
+    """Member values of a feature-word section of bits.yaml (given as bit numbers)."""
+    return {name: 1 << int(bit) for name, bit in _BITS[section].items()}
+
+
+_HEADER = {name: int(value) for name, value in _BITS["header"]["flags"].items()}
+_PROTOCOL = _bit_values("protocol_features")
+_VIRTIO = _bit_values("virtio_features")
+_BLK = _bit_values("blk_features")
+_NET = _bit_values("net_features")
+_STATUS = _values("device_status")
+_XEN = _bit_values("xen_mmap_flags")
+_IOTLB_TYPE = _values("iotlb_type")
+_IOTLB_PERM = _values("iotlb_perm")
+_CONFIG = _values("config_flags")
+_DIRECTION = _values("transfer_direction")
+_PHASE = _values("transfer_phase")
+
+
 class HeaderFlags(IntFlag):
     """Bits of the header's ``flags`` word."""
 
-    VERSION_1 = 0x1
-    REPLY = 0x4
-    NEED_REPLY = 0x8
+    VERSION_1 = _HEADER["VERSION_1"]
+    REPLY = _HEADER["REPLY"]
+    NEED_REPLY = _HEADER["NEED_REPLY"]
 
 
-VERSION_MASK = 0x3
-RESERVED_FLAGS_MASK = 0xFFFF_FFF0
+#: The version bits of the header's flags (VU-FRAME-001).
+VERSION_MASK: Final[int] = int(_BITS["header"]["version_mask"])
+#: Header flag bits that must be zero (VU-FRAME-002).
+RESERVED_FLAGS_MASK: Final[int] = int(_BITS["header"]["reserved_flags_mask"])
 
 
 class ProtocolFeature(IntFlag):
     """vhost-user protocol features, GET/SET_PROTOCOL_FEATURES."""
 
-    MQ = 1 << 0
-    LOG_SHMFD = 1 << 1
-    RARP = 1 << 2
-    REPLY_ACK = 1 << 3
-    NET_MTU = 1 << 4
-    BACKEND_REQ = 1 << 5
-    CROSS_ENDIAN = 1 << 6
-    CRYPTO_SESSION = 1 << 7
-    PAGEFAULT = 1 << 8
-    CONFIG = 1 << 9
-    BACKEND_SEND_FD = 1 << 10
-    HOST_NOTIFIER = 1 << 11
-    INFLIGHT_SHMFD = 1 << 12
-    RESET_DEVICE = 1 << 13
-    INBAND_NOTIFICATIONS = 1 << 14
-    CONFIGURE_MEM_SLOTS = 1 << 15
-    STATUS = 1 << 16
-    XEN_MMAP = 1 << 17
-    SHARED_OBJECT = 1 << 18
-    DEVICE_STATE = 1 << 19
-    GET_VRING_BASE_INFLIGHT = 1 << 20
-    GPA_ADDRESSES = 1 << 21
-    SHMEM = 1 << 22
-    GET_VRING_BASE_SKIP_DRAIN = 1 << 23
+    MQ = _PROTOCOL["MQ"]
+    LOG_SHMFD = _PROTOCOL["LOG_SHMFD"]
+    RARP = _PROTOCOL["RARP"]
+    REPLY_ACK = _PROTOCOL["REPLY_ACK"]
+    NET_MTU = _PROTOCOL["NET_MTU"]
+    BACKEND_REQ = _PROTOCOL["BACKEND_REQ"]
+    CROSS_ENDIAN = _PROTOCOL["CROSS_ENDIAN"]
+    CRYPTO_SESSION = _PROTOCOL["CRYPTO_SESSION"]
+    PAGEFAULT = _PROTOCOL["PAGEFAULT"]
+    CONFIG = _PROTOCOL["CONFIG"]
+    BACKEND_SEND_FD = _PROTOCOL["BACKEND_SEND_FD"]
+    HOST_NOTIFIER = _PROTOCOL["HOST_NOTIFIER"]
+    INFLIGHT_SHMFD = _PROTOCOL["INFLIGHT_SHMFD"]
+    RESET_DEVICE = _PROTOCOL["RESET_DEVICE"]
+    INBAND_NOTIFICATIONS = _PROTOCOL["INBAND_NOTIFICATIONS"]
+    CONFIGURE_MEM_SLOTS = _PROTOCOL["CONFIGURE_MEM_SLOTS"]
+    STATUS = _PROTOCOL["STATUS"]
+    XEN_MMAP = _PROTOCOL["XEN_MMAP"]
+    SHARED_OBJECT = _PROTOCOL["SHARED_OBJECT"]
+    DEVICE_STATE = _PROTOCOL["DEVICE_STATE"]
+    GET_VRING_BASE_INFLIGHT = _PROTOCOL["GET_VRING_BASE_INFLIGHT"]
+    GPA_ADDRESSES = _PROTOCOL["GPA_ADDRESSES"]
+    SHMEM = _PROTOCOL["SHMEM"]
+    GET_VRING_BASE_SKIP_DRAIN = _PROTOCOL["GET_VRING_BASE_SKIP_DRAIN"]
 
 
 #: Every protocol feature bit this version of the protocol defines.
@@ -168,142 +199,175 @@ ALL_PROTOCOL_FEATURES: Final[int] = sum(int(feature) for feature in ProtocolFeat
 class VirtioFeature(IntFlag):
     """Device-independent virtio and vhost feature bits of GET/SET_FEATURES."""
 
-    NOTIFY_ON_EMPTY = 1 << 24
-    LOG_ALL = 1 << 26
-    ANY_LAYOUT = 1 << 27
-    RING_INDIRECT_DESC = 1 << 28
-    RING_EVENT_IDX = 1 << 29
-    PROTOCOL_FEATURES = 1 << 30
-    VERSION_1 = 1 << 32
-    ACCESS_PLATFORM = 1 << 33
-    RING_PACKED = 1 << 34
-    IN_ORDER = 1 << 35
-    ORDER_PLATFORM = 1 << 36
-    SR_IOV = 1 << 37
-    NOTIFICATION_DATA = 1 << 38
-    NOTIF_CONFIG_DATA = 1 << 39
-    RING_RESET = 1 << 40
-    ADMIN_VQ = 1 << 41
-    SUSPEND = 1 << 43
+    NOTIFY_ON_EMPTY = _VIRTIO["NOTIFY_ON_EMPTY"]
+    LOG_ALL = _VIRTIO["LOG_ALL"]
+    ANY_LAYOUT = _VIRTIO["ANY_LAYOUT"]
+    RING_INDIRECT_DESC = _VIRTIO["RING_INDIRECT_DESC"]
+    RING_EVENT_IDX = _VIRTIO["RING_EVENT_IDX"]
+    PROTOCOL_FEATURES = _VIRTIO["PROTOCOL_FEATURES"]
+    VERSION_1 = _VIRTIO["VERSION_1"]
+    ACCESS_PLATFORM = _VIRTIO["ACCESS_PLATFORM"]
+    RING_PACKED = _VIRTIO["RING_PACKED"]
+    IN_ORDER = _VIRTIO["IN_ORDER"]
+    ORDER_PLATFORM = _VIRTIO["ORDER_PLATFORM"]
+    SR_IOV = _VIRTIO["SR_IOV"]
+    NOTIFICATION_DATA = _VIRTIO["NOTIFICATION_DATA"]
+    NOTIF_CONFIG_DATA = _VIRTIO["NOTIF_CONFIG_DATA"]
+    RING_RESET = _VIRTIO["RING_RESET"]
+    ADMIN_VQ = _VIRTIO["ADMIN_VQ"]
+    SUSPEND = _VIRTIO["SUSPEND"]
 
 
 class BlkFeature(IntFlag):
     """virtio-blk device feature bits (virtio spec, ``VIRTIO_BLK_F_*``)."""
 
-    BARRIER = 1 << 0
-    SIZE_MAX = 1 << 1
-    SEG_MAX = 1 << 2
-    GEOMETRY = 1 << 4
-    RO = 1 << 5
-    BLK_SIZE = 1 << 6
-    SCSI = 1 << 7
-    FLUSH = 1 << 9
-    TOPOLOGY = 1 << 10
-    CONFIG_WCE = 1 << 11
-    MQ = 1 << 12
-    DISCARD = 1 << 13
-    WRITE_ZEROES = 1 << 14
-    LIFETIME = 1 << 15
-    SECURE_ERASE = 1 << 16
-    ZONED = 1 << 17
+    BARRIER = _BLK["BARRIER"]
+    SIZE_MAX = _BLK["SIZE_MAX"]
+    SEG_MAX = _BLK["SEG_MAX"]
+    GEOMETRY = _BLK["GEOMETRY"]
+    RO = _BLK["RO"]
+    BLK_SIZE = _BLK["BLK_SIZE"]
+    SCSI = _BLK["SCSI"]
+    FLUSH = _BLK["FLUSH"]
+    TOPOLOGY = _BLK["TOPOLOGY"]
+    CONFIG_WCE = _BLK["CONFIG_WCE"]
+    MQ = _BLK["MQ"]
+    DISCARD = _BLK["DISCARD"]
+    WRITE_ZEROES = _BLK["WRITE_ZEROES"]
+    LIFETIME = _BLK["LIFETIME"]
+    SECURE_ERASE = _BLK["SECURE_ERASE"]
+    ZONED = _BLK["ZONED"]
 
 
 class NetFeature(IntFlag):
     """virtio-net device feature bits (virtio spec, ``VIRTIO_NET_F_*``)."""
 
-    CSUM = 1 << 0
-    GUEST_CSUM = 1 << 1
-    CTRL_GUEST_OFFLOADS = 1 << 2
-    MTU = 1 << 3
-    MAC = 1 << 5
-    GSO = 1 << 6
-    GUEST_TSO4 = 1 << 7
-    GUEST_TSO6 = 1 << 8
-    GUEST_ECN = 1 << 9
-    GUEST_UFO = 1 << 10
-    HOST_TSO4 = 1 << 11
-    HOST_TSO6 = 1 << 12
-    HOST_ECN = 1 << 13
-    HOST_UFO = 1 << 14
-    MRG_RXBUF = 1 << 15
-    STATUS = 1 << 16
-    CTRL_VQ = 1 << 17
-    CTRL_RX = 1 << 18
-    CTRL_VLAN = 1 << 19
-    CTRL_RX_EXTRA = 1 << 20
-    GUEST_ANNOUNCE = 1 << 21
-    MQ = 1 << 22
-    CTRL_MAC_ADDR = 1 << 23
-    GUEST_USO4 = 1 << 54
-    GUEST_USO6 = 1 << 55
-    HOST_USO = 1 << 56
-    HASH_REPORT = 1 << 57
-    GUEST_HDRLEN = 1 << 59
-    RSS = 1 << 60
-    RSC_EXT = 1 << 61
-    STANDBY = 1 << 62
-    SPEED_DUPLEX = 1 << 63
+    CSUM = _NET["CSUM"]
+    GUEST_CSUM = _NET["GUEST_CSUM"]
+    CTRL_GUEST_OFFLOADS = _NET["CTRL_GUEST_OFFLOADS"]
+    MTU = _NET["MTU"]
+    MAC = _NET["MAC"]
+    GSO = _NET["GSO"]
+    GUEST_TSO4 = _NET["GUEST_TSO4"]
+    GUEST_TSO6 = _NET["GUEST_TSO6"]
+    GUEST_ECN = _NET["GUEST_ECN"]
+    GUEST_UFO = _NET["GUEST_UFO"]
+    HOST_TSO4 = _NET["HOST_TSO4"]
+    HOST_TSO6 = _NET["HOST_TSO6"]
+    HOST_ECN = _NET["HOST_ECN"]
+    HOST_UFO = _NET["HOST_UFO"]
+    MRG_RXBUF = _NET["MRG_RXBUF"]
+    STATUS = _NET["STATUS"]
+    CTRL_VQ = _NET["CTRL_VQ"]
+    CTRL_RX = _NET["CTRL_RX"]
+    CTRL_VLAN = _NET["CTRL_VLAN"]
+    CTRL_RX_EXTRA = _NET["CTRL_RX_EXTRA"]
+    GUEST_ANNOUNCE = _NET["GUEST_ANNOUNCE"]
+    MQ = _NET["MQ"]
+    CTRL_MAC_ADDR = _NET["CTRL_MAC_ADDR"]
+    GUEST_USO4 = _NET["GUEST_USO4"]
+    GUEST_USO6 = _NET["GUEST_USO6"]
+    HOST_USO = _NET["HOST_USO"]
+    HASH_REPORT = _NET["HASH_REPORT"]
+    GUEST_HDRLEN = _NET["GUEST_HDRLEN"]
+    RSS = _NET["RSS"]
+    RSC_EXT = _NET["RSC_EXT"]
+    STANDBY = _NET["STANDBY"]
+    SPEED_DUPLEX = _NET["SPEED_DUPLEX"]
 
 
 class DeviceStatus(IntFlag):
     """The virtio device status byte of SET_STATUS / GET_STATUS; 0 = reset."""
 
-    ACKNOWLEDGE = 0x01
-    DRIVER = 0x02
-    DRIVER_OK = 0x04
-    FEATURES_OK = 0x08
-    SUSPEND = 0x10
-    DEVICE_NEEDS_RESET = 0x40
-    FAILED = 0x80
+    ACKNOWLEDGE = _STATUS["ACKNOWLEDGE"]
+    DRIVER = _STATUS["DRIVER"]
+    DRIVER_OK = _STATUS["DRIVER_OK"]
+    FEATURES_OK = _STATUS["FEATURES_OK"]
+    SUSPEND = _STATUS["SUSPEND"]
+    DEVICE_NEEDS_RESET = _STATUS["DEVICE_NEEDS_RESET"]
+    FAILED = _STATUS["FAILED"]
 
 
 class IotlbType(IntEnum):
     """``type`` of a vhost_iotlb_msg."""
 
-    MISS = 1
-    UPDATE = 2
-    INVALIDATE = 3
-    ACCESS_FAIL = 4
+    MISS = _IOTLB_TYPE["MISS"]
+    UPDATE = _IOTLB_TYPE["UPDATE"]
+    INVALIDATE = _IOTLB_TYPE["INVALIDATE"]
+    ACCESS_FAIL = _IOTLB_TYPE["ACCESS_FAIL"]
 
 
 class IotlbPerm(IntEnum):
     """``perm`` of a vhost_iotlb_msg."""
 
-    NONE = 0
-    RO = 1
-    WO = 2
-    RW = 3
+    NONE = _IOTLB_PERM["NONE"]
+    RO = _IOTLB_PERM["RO"]
+    WO = _IOTLB_PERM["WO"]
+    RW = _IOTLB_PERM["RW"]
 
 
 class ConfigFlags(IntEnum):
     """``flags`` of a config space message."""
 
-    FRONTEND = 0
-    MIGRATION = 1
+    FRONTEND = _CONFIG["FRONTEND"]
+    MIGRATION = _CONFIG["MIGRATION"]
 
 
 class TransferDirection(IntEnum):
     """``direction`` of SET_DEVICE_STATE_FD."""
 
-    SAVE = 0
-    LOAD = 1
+    SAVE = _DIRECTION["SAVE"]
+    LOAD = _DIRECTION["LOAD"]
 
 
 class XenMmapFlag(IntFlag):
     """``xen_mmap_flags`` of a memory region with XEN_MMAP."""
 
-    FOREIGN = 1 << 0  # map the domain's frames through privcmd
-    GRANT = 1 << 1  # map the domain's grant references through gntdev
-    # Mapped per access, never whole: 0x8 is what xen-vhost-frontend sends (through
-    # rust-vmm vm-memory's MmapXenFlags); QEMU's vhost-user document says bit 8 (0x100),
-    # which no front-end sends (docs/xen.md).
-    NO_ADVANCE_MAP = 1 << 3
+    FOREIGN = _XEN["FOREIGN"]
+    GRANT = _XEN["GRANT"]
+    NO_ADVANCE_MAP = _XEN["NO_ADVANCE_MAP"]  # 0x8 as front-ends send it (specs/bits.yaml)
 
 
 class TransferPhase(IntEnum):
     """``phase`` of SET_DEVICE_STATE_FD."""
 
-    STOPPED = 0
+    STOPPED = _PHASE["STOPPED"]
+
+
+#: Bits a device type defines for itself (virtio: 0-23 and 50-63 of the 64-bit word).
+DEVICE_FEATURE_MASK: Final[int] = sum(
+    1 << bit for low, high in _BITS["device_feature_ranges"] for bit in range(low, high + 1)
+)
+
+#: virtio-net's largest number of queue pairs (max_virtqueue_pairs).
+NET_MAX_QUEUE_PAIRS: Final[int] = int(_BITS["net_max_queue_pairs"])
+
+_DECLARED: tuple[tuple[type[IntEnum] | type[IntFlag], dict[str, int]], ...] = (
+    (HeaderFlags, _HEADER),
+    (ProtocolFeature, _PROTOCOL),
+    (VirtioFeature, _VIRTIO),
+    (BlkFeature, _BLK),
+    (NetFeature, _NET),
+    (DeviceStatus, _STATUS),
+    (XenMmapFlag, _XEN),
+    (IotlbType, _IOTLB_TYPE),
+    (IotlbPerm, _IOTLB_PERM),
+    (ConfigFlags, _CONFIG),
+    (TransferDirection, _DIRECTION),
+    (TransferPhase, _PHASE),
+)
+
+
+def _check_declared() -> None:
+    """Each enum names exactly the members bits.yaml declares (no silent drift)."""
+    for flag_enum, declared in _DECLARED:
+        if set(flag_enum.__members__) != set(declared):
+            raise VhsmError(
+                f"specs/bits.yaml and vhsm.wire.enums name different {flag_enum.__name__} members"
+            )
+
+
+_check_declared()
 
 
 def feature_names(value: int, *enums: type[IntFlag]) -> list[str]:
