@@ -21,6 +21,7 @@ def test_checkout_specs_are_found() -> None:
     assert specs_dir() == ROOT / "specs"
     assert {p.stem for p in specs_dir().glob("*.yaml")} == {
         "requests",
+        "bits",
         "session",
         "rules",
         "upstream",
