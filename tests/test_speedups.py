@@ -594,6 +594,25 @@ def test_chain_by_chain_is_compiled_and_shares_the_queue_state(kind: str, monkey
     assert da.get_used_batch()[0].tolist() == db.get_used_batch()[0].tolist()
 
 
+@needs_accel
+def test_a_packed_chain_as_long_as_the_ring_flips_the_used_wrap(monkeypatch: Any) -> None:
+    sides = []
+    for accel in (speedups.accel, None):
+        with monkeypatch.context() as m:
+            m.setattr(speedups, "accel", accel)
+            sides.append(packed_pair(make_memory(), 4))
+    for drv, q in sides:
+        for _ in range(2):  # around the ring twice: the wrap counter flips and flips back
+            drv.add_chain([(BUF_GPA, 16), (BUF_GPA + 64, 16)], [(BUF_GPA + 128, 16)] * 2)
+            c = q.pop()
+            assert c is not None and (c.readable_len, c.writable_len) == (32, 32)
+            wrap = q.used_wrap
+            q.add_used(c.head, 32)
+            assert (q.next_used, q.used_wrap) == (0, wrap ^ 1)
+            assert drv.get_used_batch()[0].tolist() == [c.head]
+    assert sides[0][1].get_base() == sides[1][1].get_base()
+
+
 @pytest.mark.parametrize("kind", ["split", "packed"])
 def test_a_queue_released_while_iterated_refuses_to_go_on(kind: str) -> None:
     """Released views are never read: the next step raises ValueError (either path)."""

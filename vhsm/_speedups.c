@@ -900,6 +900,16 @@ static inline long slot_index(ring_t *r, PyObject *q, int i) {
     return x;
 }
 
+/* A flag slot's truth; -1 with AttributeError (as the pure path's read) if it is unset. */
+static inline int slot_true(ring_t *r, PyObject *q, int i) {
+    PyObject *v = QSLOT(r, q, i);
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "queue state slot is not set");
+        return -1;
+    }
+    return PyObject_IsTrue(v);
+}
+
 static inline int slot_set(ring_t *r, PyObject *q, int i, long long v) {
     PyObject *o = PyLong_FromLongLong(v);
     if (!o)
@@ -1077,7 +1087,7 @@ static PyObject *split_walk(const ring_t *r, PyObject *q, uint16_t head) {
         uint32_t len = (uint32_t)word;
         uint16_t fl = (uint16_t)(word >> 32);
         if (fl & F_INDIRECT) {
-            if (indirect_ok < 0 && (indirect_ok = PyObject_IsTrue(QSLOT(r, q, S_INDIRECT))) < 0)
+            if (indirect_ok < 0 && (indirect_ok = slot_true(r, q, S_INDIRECT)) < 0)
                 goto done;
             if (indirect || !indirect_ok || (fl & F_NEXT) || len == 0 || len % 16 ||
                 len / 16 > (uint32_t)r->size)
@@ -1190,7 +1200,7 @@ static PyObject *packed_buffers(const ring_t *r, PyObject *q, uint16_t bid, cons
     if (!w.readable || !w.writable || !w.wgpas)
         goto done;
     if (n == 1 && (descs[0].fl & F_INDIRECT)) {
-        int ok = PyObject_IsTrue(QSLOT(r, q, P_INDIRECT));
+        int ok = slot_true(r, q, P_INDIRECT);
         uint32_t len = descs[0].len;
         uint64_t off = 0;
         if (ok < 0)
@@ -1224,6 +1234,8 @@ static PyObject *packed_buffers(const ring_t *r, PyObject *q, uint16_t bid, cons
     result = walk_done(r, &w, bid);
     if (result && result != Py_None && PyList_GET_SIZE(wgpas)) {
         PyObject *key = PyLong_FromLong(bid), *wlog = QSLOT(r, q, P_WLOG);
+        if (!wlog)
+            PyErr_SetString(PyExc_AttributeError, "queue state slot is not set");
         if (!key || !wlog || PyObject_SetItem(wlog, key, wgpas) < 0)
             Py_CLEAR(result);
         Py_XDECREF(key);
@@ -1450,14 +1462,18 @@ static PyObject *ring_add_used(PyObject *self, PyObject *const *args, Py_ssize_t
         Py_DECREF(key);
     }
     long p = nu + (long)c;
-    if (p >= r->size) {
+    int wrapped = p >= r->size;
+    if (wrapped) {
         p -= r->size;
         uw ^= 1;
     }
     result = Py_True;
-    Py_INCREF(Py_None);
-    Py_XSETREF(QSLOT(r, q, P_FRESH_HEADS), Py_None); /* the last burst is no longer whole */
-    if (slot_set(r, q, P_NEXT_USED, p) < 0 || slot_set(r, q, P_USED_WRAP, uw) < 0 ||
+    if (QSLOT(r, q, P_FRESH_HEADS) != Py_None) { /* the last burst is no longer whole */
+        Py_INCREF(Py_None);
+        Py_XSETREF(QSLOT(r, q, P_FRESH_HEADS), Py_None);
+    }
+    if (slot_set(r, q, P_NEXT_USED, p) < 0 ||
+        (wrapped && slot_set(r, q, P_USED_WRAP, uw) < 0) ||
         slot_set(r, q, P_SINCE_SIGNAL, signalled + c) < 0)
         result = NULL;
 done:

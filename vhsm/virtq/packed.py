@@ -486,7 +486,8 @@ class PackedQueue(QueueState):
     # ----------------------------------------------------------------- used
     def add_used(self, bid: int, length: int) -> None:
         """Write one used descriptor (len, id and flags in one store) and skip its chain."""
-        if self._chains is not None and self._chains.add_used(self, bid, length):
+        chains = self._chains
+        if chains is not None and chains.add_used(self, bid, length):
             return
         counts = self._counts
         c = counts[bid] if 0 <= bid <= 0xFFFF else 0

@@ -423,7 +423,8 @@ class SplitQueue(QueueState):
     # ----------------------------------------------------------------- used
     def add_used(self, head: int, length: int) -> None:
         """Publish one used element (element first, then the used index)."""
-        if self._chains is not None and self._chains.add_used(self, head, length):
+        chains = self._chains
+        if chains is not None and chains.add_used(self, head, length):
             return
         if not 0 <= head < self._size:
             raise VirtqError(self.index, f"used id {head} >= queue size {self._size}", head)
