@@ -60,12 +60,12 @@ from vhsm.wire import (  # noqa: E402
     make_request,
     request_spec,
 )
-from vhsm.wire.enums import MAX_QUEUE_SIZE  # noqa: E402
+from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL  # noqa: E402
 from vhsm.wire.framing import HEADER  # noqa: E402
 
 U64 = (1 << 64) - 1
 RINGS = [0, 0, 1, 2, 255, 0xFFFF_FFFF]
-NUMS = [0, 1, 2, 3, 64, 256, 1024, 2048, MAX_QUEUE_SIZE, 0x8000_8000, 0x10000]
+NUMS = [0, 1, 2, 3, 64, 256, 1024, 2048, MAX_QUEUE_SIZE, PACKED_BASE_INITIAL, 0x10000]
 GPAS = [0, MIB, 2 * MIB, 4 * MIB, 1 << 40, U64 + 1 - MIB]
 SIZES = [0, 4096, MIB, 2 * MIB, 4 * MIB, 1 << 40, U64]
 OFFSETS = [0, 4096, MIB, U64 + 1 - 4096]

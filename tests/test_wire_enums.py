@@ -18,6 +18,7 @@ from vhsm.wire.enums import (
     DEVICE_FEATURE_MASK,
     MAX_QUEUE_SIZE,
     NET_MAX_QUEUE_PAIRS,
+    PACKED_BASE_INITIAL,
     RESERVED_FLAGS_MASK,
     VERSION_MASK,
     VRING_NOFD_MASK,
@@ -116,12 +117,18 @@ SAME_VALUE_ELSEWHERE = {
 
 
 def test_no_bare_protocol_limit_in_the_sources() -> None:
-    """32768, 509, the header's reserved mask and the no-fd bit are read, never written.
+    """32768, 509, masks, the packed initial base and the no-fd bit are read, never written.
 
     The no-fd bit is 0x100 = 256, also a common ring size: it is looked for in
     its hexadecimal spelling only.
     """
-    limits = {MAX_QUEUE_SIZE, DEFAULT_MAX_MEM_SLOTS, RESERVED_FLAGS_MASK, NET_MAX_QUEUE_PAIRS}
+    limits = {
+        MAX_QUEUE_SIZE,
+        DEFAULT_MAX_MEM_SLOTS,
+        RESERVED_FLAGS_MASK,
+        NET_MAX_QUEUE_PAIRS,
+        PACKED_BASE_INITIAL,
+    }
     offenders = []
     for path in SOURCES:
         text = path.read_text(encoding="utf-8")

@@ -44,7 +44,7 @@ from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import DirtyLogLike, check_queue_size, length_list
 from vhsm.virtq.packed import PackedQueue
 from vhsm.virtq.split import SplitQueue
-from vhsm.wire.enums import MAX_QUEUE_SIZE, VirtioFeature
+from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL, VirtioFeature
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class VringState:
         elif self.base_set or not self.packed:
             base = self.base
         else:
-            base = 0x80008000  # packed ring, no SET_VRING_BASE: both wrap counters start at 1
+            base = PACKED_BASE_INITIAL  # packed ring, no SET_VRING_BASE
         next_used = old.next_used if carry and isinstance(old, SplitQueue) else None
         mem = self._snapshot()
         n = self.size
@@ -406,7 +406,7 @@ class VringState:
         """GET_VRING_BASE ``num``."""
         if self.queue is not None:
             return self.queue.get_base()
-        return self.base if self.base_set or not self.packed else 0x80008000
+        return self.base if self.base_set or not self.packed else PACKED_BASE_INITIAL
 
     def set_queue_base(self, num: int) -> None:
         """SET_VRING_BASE ``num``; ValueError for reserved bits / bad packed index."""

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from vhsm.errors import VhsmError
 from vhsm.frontend.memory import FrontendMemory
 from vhsm.virtq import PackedDriver, SplitDriver
+from vhsm.wire.enums import PACKED_BASE_INITIAL
 
 Buffers = Sequence[tuple[int, int]]
 
@@ -110,7 +111,7 @@ class Virtqueue:
 
     def initial_base(self) -> int:
         """The SET_VRING_BASE value of a fresh ring: 0, or both wrap counters set."""
-        return 0x8000_8000 if self.packed else 0
+        return PACKED_BASE_INITIAL if self.packed else 0
 
     def resume_base(self) -> int:
         """The base to resume at after a disconnect: the used index in guest memory."""

@@ -47,7 +47,7 @@ from vhsm.virtq.common import (
     written_over,
 )
 from vhsm.virtq.common import log_failure as _log_failure
-from vhsm.wire.enums import MAX_QUEUE_SIZE
+from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL
 
 _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
@@ -146,7 +146,7 @@ class PackedQueue(QueueState):
         index: int = 0,
         event_idx: bool = False,
         indirect: bool = False,
-        base: int = 0x80008000,
+        base: int = PACKED_BASE_INITIAL,
         log: DirtyLogLike | None = None,
         log_desc_gpa: int | None = None,
         log_event_gpa: int | None = None,

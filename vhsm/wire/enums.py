@@ -42,6 +42,8 @@ VRING_IDX_MASK: Final[int] = _LIMITS["vring_idx_mask"]
 VRING_NOFD_MASK: Final[int] = _LIMITS["nofd_bit"]
 #: The only flag of SET_VRING_ADDR: used-ring writes are logged.
 VRING_F_LOG: Final[int] = _LIMITS["vring_f_log"]
+#: A packed ring's GET/SET_VRING_BASE word before any SET_VRING_BASE (wrap counters 1).
+PACKED_BASE_INITIAL: Final[int] = _LIMITS["packed_base_initial"]
 #: Alignment of the ring parts a SET_VRING_ADDR names (VU-RING-003).
 VRING_ALIGN: Final[dict[str, int]] = dict(load_spec("requests")["vring_align"])
 
