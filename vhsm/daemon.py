@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -34,6 +35,8 @@ from vhsm.signals import stop_on_signals
 from vhsm.transport import MessageReader, PeerClosed, send_message
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vhsm.backend import VhostUserBackend
     from vhsm.worker import VringEpollHandler
 
@@ -261,10 +264,22 @@ class VhostUserDaemon:
                 raise SystemExit(f"{self.name}: {err}") from None
             raise
         self._own_listener = True
+        self.run(
+            functools.partial(self.start, listener, once=once),
+            f"{self.name}: serving {describe(self.backend)} on {path}",
+        )
+
+    def run(self, start: Callable[[], None], banner: str) -> None:
+        """Call ``start``, print ``banner`` on stderr, and block until the daemon ends.
+
+        SIGINT and SIGTERM (caught in the main thread) shut the daemon down; on the
+        way out it is stopped (connection closed, threads joined) and the signal
+        handlers are restored. `serve` and ``vhsm serve`` both run this way.
+        """
         restore = stop_on_signals(self.shutdown_handle().shutdown)
         try:
-            self.start(listener, once=once)
-            print(f"{self.name}: serving {describe(self.backend)} on {path}", file=sys.stderr)
+            start()
+            print(banner, file=sys.stderr)
             while not self.wait(0.5):
                 pass
         finally:

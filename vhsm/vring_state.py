@@ -68,6 +68,13 @@ def _close(fd: int | None) -> None:
             log.debug("closing fd %d: %s", fd, str(exc))
 
 
+def _replace_fd(old: int | None, new: int | None) -> int | None:
+    """Return ``new``, the ring's fd from now on; ``old`` is closed unless it is the same fd."""
+    if new != old:
+        _close(old)
+    return new
+
+
 def _eventfd_signal(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):  # counter saturated: a wake-up is pending
         os.eventfd_write(fd, 1)
@@ -444,9 +451,7 @@ class VringState:
     # ------------------------------------------------------------------ fds
     def set_kick(self, fd: int | None) -> None:
         """Own a new kick eventfd (the previous one is closed); a broken ring may run again."""
-        if fd != self.kick:
-            _close(self.kick)
-        self.kick = fd
+        self.kick = _replace_fd(self.kick, fd)
         self._repaired()
 
     def get_kick(self) -> int | None:
@@ -462,9 +467,7 @@ class VringState:
 
     def set_call(self, fd: int | None) -> None:
         """Own a new call eventfd (the previous one is closed)."""
-        if fd != self.call:
-            _close(self.call)
-        self.call = fd
+        self.call = _replace_fd(self.call, fd)
 
     def get_call(self) -> int | None:
         """The call fd, if any."""
@@ -472,9 +475,7 @@ class VringState:
 
     def set_err(self, fd: int | None) -> None:
         """Own a new err eventfd (the previous one is closed)."""
-        if fd != self.err:
-            _close(self.err)
-        self.err = fd
+        self.err = _replace_fd(self.err, fd)
 
     def get_err(self) -> int | None:
         """The err fd, if any."""

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vhsm.errors import VhsmError
-from vhsm.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from vhsm.backend import VhostUserBackend
@@ -331,21 +330,19 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         _close(backend)
         raise
-    handle = daemon.shutdown_handle()
-    restore = stop_on_signals(handle.shutdown)
     what = describe(backend) if args.device == OWN else args.device
-    try:
+
+    def start() -> None:
         if args.client:
             daemon.start_client(path, once=args.once, connect_timeout=None)
-            print(f"vhsm serve: serving {what} as a client of {path}", file=sys.stderr)
         else:
             daemon.start(Listener(path), once=args.once)
-            print(f"vhsm serve: serving {what} on {path}", file=sys.stderr)
-        while not daemon.wait(0.5):
-            pass
+
+    where = f"as a client of {path}" if args.client else f"on {path}"
+    banner = f"vhsm serve: serving {what} {where}"
+    try:
+        daemon.run(start, banner)
     finally:
-        daemon.stop()
-        restore()
         _close(backend)
     if daemon.failed:
         log.error("stopped after an internal error: %s", daemon.last_error)
