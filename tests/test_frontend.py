@@ -26,6 +26,7 @@ from vhsm.frontend import (
     FrontendMemory,
     NetDevice,
     RngDevice,
+    connect_unix,
 )
 from vhsm.transport import PeerClosed
 from vhsm.wire import (
@@ -497,3 +498,21 @@ def test_net_in_qemu_order_enables_rings_before_set_features(sockdir: Path) -> N
 def test_enable_first_needs_the_queues(served: tuple[Path, UpperBackend]) -> None:
     with Frontend.connect(served[0]) as fe, pytest.raises(VhsmError, match="pass queues"):
         fe.start(enable_first=True)
+
+
+def test_connect_unix_retries_until_a_back_end_listens_or_it_is_stopped(tmp_path: Path) -> None:
+    stop_r, stop_w = os.pipe()
+    try:
+        os.write(stop_w, b"x")
+        with pytest.raises(ConnectionAbortedError):
+            connect_unix(tmp_path / "nobody.sock", retry_for=60.0, stop_fd=stop_r)
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+    with pytest.raises(FileNotFoundError):
+        connect_unix(tmp_path / "nobody.sock", retry_for=0.0)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(tmp_path / "b.sock"))
+    listener.listen(1)
+    with listener, connect_unix(tmp_path / "b.sock") as sock:
+        assert sock.getpeername() == os.fspath(tmp_path / "b.sock")

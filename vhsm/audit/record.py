@@ -29,6 +29,7 @@ import attrs
 
 from vhsm.daemon import Listener
 from vhsm.frontend.connection import Recorder
+from vhsm.frontend.frontend import connect_unix
 from vhsm.session.connection import RelayedConnection, RelayedStream
 from vhsm.transport import recv_with_fds, send_with_fds
 from vhsm.wire import Channel, FrontendReq, Message, message_to_record
@@ -368,7 +369,9 @@ class Relay:
             if not old.ended.is_set() and old.front_gone():
                 old.ended.wait(1.0)
         try:
-            back = _connect(self.connect_path, self.connect_timeout, self._stop_r)
+            back = connect_unix(
+                self.connect_path, retry_for=self.connect_timeout, stop_fd=self._stop_r
+            )
         except OSError as exc:
             rec.event("close", conn, by="B", why=f"cannot connect to the back-end: {exc}")
             front.close()
@@ -386,26 +389,6 @@ class Relay:
         if self.once:
             self._exit_why = "once: first connection ended"
             self._done.set()
-
-
-def _connect(path: Path, timeout: float, stop_fd: int) -> socket.socket:
-    """Connect to the back-end, retrying while it is not listening yet."""
-    waited = 0.0
-    pause = 0.01
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(os.fspath(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if waited >= timeout:
-                raise
-        readable, _, _ = select.select([stop_fd], [], [], pause)
-        if readable:
-            raise ConnectionAbortedError("relay stopped")
-        waited += pause
-        pause = min(pause * 2, 0.2)
 
 
 def _write_line(stream: IO[str], line: dict[str, Any]) -> None:

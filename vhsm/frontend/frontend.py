@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -70,8 +71,20 @@ SUPPORTED_PROTOCOL_FEATURES = (
 )
 
 
-def connect_unix(path: str | Path, *, retry_for: float = 5.0) -> socket.socket:
-    """Connect to a back-end's socket, retrying while it does not exist / listen yet."""
+def connect_unix(
+    path: str | Path, *, retry_for: float = 5.0, stop_fd: int | None = None
+) -> socket.socket:
+    """Connect to a back-end's socket, retrying while it does not exist / listen yet.
+
+    Args:
+        path: the back-end's listening socket.
+        retry_for: seconds to keep retrying.
+        stop_fd: when it becomes readable the wait ends early (the recorder's stop pipe).
+
+    Raises:
+        FileNotFoundError, ConnectionRefusedError: still nobody listening after ``retry_for``.
+        ConnectionAbortedError: ``stop_fd`` became readable first.
+    """
     deadline = time.monotonic() + retry_for
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -82,7 +95,9 @@ def connect_unix(path: str | Path, *, retry_for: float = 5.0) -> socket.socket:
             sock.close()
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.01)
+        readable, _, _ = select.select([] if stop_fd is None else [stop_fd], [], [], 0.01)
+        if readable:
+            raise ConnectionAbortedError("stopped while connecting")
 
 
 class FrontendListener:
