@@ -17,7 +17,7 @@ DATA_PATH_TESTS := tests/test_virtq_split.py tests/test_virtq_packed.py tests/te
 # The hostile-ring tests `make asan` runs against an AddressSanitizer build of the accelerator.
 ASAN_TESTS := tests/test_speedups.py tests/test_virtq_split.py tests/test_virtq_packed.py \
 	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py \
-	tests/test_fuzz_rings.py
+	tests/test_fuzz_rings.py tests/test_virtq_sink_pass.py
 
 .PHONY: venv demo test lint docs diagrams conformance fuzz clean speedups asan
 

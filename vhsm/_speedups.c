@@ -22,6 +22,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vhsm._speedups reads little-endian rings natively; use the pure-Python path"
@@ -1654,6 +1656,260 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------- the fused sink pass (split rings)
+ *
+ * One call does what NetBackend.handle_event does for a TX kick on an enabled
+ * split ring in sink mode, on the pure path: disable kicks; pop every available
+ * buffer (up to the pass budget), read each frame (copy or Adler-32), complete
+ * them all with length 0; again while the ring has more; then the used-buffer
+ * notification decision (event idx, flags, notify-on-empty) and the call
+ * eventfd write; re-enable kicks and re-check. The GIL is released for the
+ * whole pass, so queue pairs on separate workers run in parallel.
+ *
+ * It stops, with everything it did written back, and answers "fall back"
+ * (status 2) before consuming a burst it does not handle the same way as the
+ * fast pure path: an avail index too far ahead or a used ring that aliases
+ * (the pure path then marks the ring broken), a head out of range, a chain or
+ * an indirect descriptor, an empty or short buffer (runts are counted as
+ * errors by the pure path), a buffer not inside one region. The pure loop
+ * then goes on from there and does exactly what it would have done. */
+
+enum { PASS_DONE = 0, PASS_YIELDED = 1, PASS_FALLBACK = 2, PASS_CALL_FAILED = 3 };
+/* Rounds of the pass loop that take nothing (only a guest moving its avail index
+ * back and forth gives those) before the pass ends as if yielded. */
+#define PASS_IDLE_ROUNDS 2
+#define SCRATCH_BYTES (64 * 1024)
+
+static inline uint16_t vld16(const uint8_t *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+static inline void vst16(uint8_t *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+typedef struct {
+    const uint8_t *base; /* host address of the region's first byte */
+    uint64_t start, span;
+} region_t;
+
+PyDoc_STRVAR(sink_split_doc,
+"sink_split(avail, desc, used, bounds, views, size, next_avail, next_used,\n"
+"           signalled, left, event_idx, notify_on_empty, call_fd, skip, checksum)\n"
+"    -> (status, next_avail, next_used, avail_shadow, signalled, left,\n"
+"        packets, bytes, checksum_sum, errno)\n"
+"\n"
+"The fused TX pass of the net sink on a split ring (see the section comment).\n"
+"signalled is the used index of the last notification decision (-1: none).\n"
+"status: 0 done, 1 stopped at the budget with work left (yielded), 2 fall back\n"
+"to the pure loop from its top (state written back), 3 the call eventfd write\n"
+"failed with errno (state written back, the pure path would raise OSError).\n"
+"avail_shadow is -1 when no avail index was read.");
+
+static PyObject *sink_split(PyObject *self, PyObject *args) {
+    PyObject *o_avail, *o_desc, *o_used, *o_bounds, *o_views;
+    Py_ssize_t size, na, nu, signalled, left, skip;
+    int event_idx, notify_on_empty, call_fd, checksum;
+    if (!PyArg_ParseTuple(args, "OOOOOnnnnnppinp", &o_avail, &o_desc, &o_used, &o_bounds,
+                          &o_views, &size, &na, &nu, &signalled, &left, &event_idx,
+                          &notify_on_empty, &call_fd, &skip, &checksum))
+        return NULL;
+    if (size < 1 || size > 32768 || (size & (size - 1)) || na < 0 || na > 0xFFFF || nu < 0 ||
+        nu > 0xFFFF || signalled < -1 || signalled > 0xFFFF || skip < 0 || skip > 0xFFFF ||
+        !PyTuple_Check(o_views)) {
+        PyErr_SetString(PyExc_ValueError, "sink_split: bad size, index, skip or views");
+        return NULL;
+    }
+    buf_t avail = {0}, desc = {0}, used = {0}, bounds = {0};
+    buf_t *views = NULL;
+    region_t *regs = NULL;
+    uint8_t *scratch = NULL;
+    uint16_t *heads = NULL;
+    uint64_t *where = NULL; /* per entry: host address of the frame */
+    uint32_t *lens = NULL;
+    Py_ssize_t nreg = PyTuple_GET_SIZE(o_views), held = 0;
+    PyObject *result = NULL;
+    if (get_buf(o_avail, &avail, 0, 6 + 2 * size, "avail") < 0 ||
+        get_buf(o_desc, &desc, 0, 16 * size, "desc") < 0 ||
+        get_buf(o_used, &used, 1, 6 + 8 * size, "used") < 0 ||
+        get_buf(o_bounds, &bounds, 0, 16 * nreg, "bounds") < 0)
+        goto done;
+    views = PyMem_Calloc(nreg ? nreg : 1, sizeof(buf_t));
+    regs = PyMem_Calloc(nreg ? nreg : 1, sizeof(region_t));
+    heads = PyMem_Malloc(sizeof(uint16_t) * size);
+    where = PyMem_Malloc(sizeof(uint64_t) * size);
+    lens = PyMem_Malloc(sizeof(uint32_t) * size);
+    if (!checksum)
+        scratch = PyMem_Malloc(SCRATCH_BYTES);
+    if (!views || !regs || !heads || !where || !lens || (!checksum && !scratch)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint64_t *bd = bounds.view.buf;
+        for (; held < nreg; held++) {
+            if (get_buf(PyTuple_GET_ITEM(o_views, held), &views[held], 0, 0, "view") < 0)
+                goto done;
+            regs[held].base = views[held].view.buf;
+            regs[held].start = bd[2 * held];
+            uint64_t span = bd[2 * held + 1] - bd[2 * held];
+            /* never past the view (bounds come from it; a mismatch makes the region unusable) */
+            regs[held].span = bd[2 * held + 1] < bd[2 * held] ? 0
+                              : span > (uint64_t)views[held].view.len ? 0 : span;
+        }
+    }
+    {
+        const uint8_t *av = avail.view.buf, *dt = desc.view.buf;
+        uint8_t *us = used.view.buf;
+        const Py_ssize_t mask = size - 1;
+        const uint16_t nflag = 1; /* VRING_USED_F_NO_NOTIFY */
+        int status = PASS_DONE, err = 0, idle = 0;
+        Py_ssize_t shadow = -1, last = 0;
+        unsigned long long packets = 0, bytes = 0, sum = 0;
+        volatile uint8_t sink = 0;
+        PyThreadState *ts = PyEval_SaveThread();
+        for (;;) {
+            int took = 0;
+            if (!event_idx && vld16(us) != nflag) /* disable_notification */
+                vst16(us, nflag);
+            for (;;) { /* the sink: bursts until the ring is empty or the budget used */
+                if (left <= 0) {
+                    status = PASS_YIELDED;
+                    break;
+                }
+                uint16_t ai = __atomic_load_n((const uint16_t *)(av + 2), __ATOMIC_ACQUIRE);
+                Py_ssize_t n = (ai - na) & 0xFFFF;
+                if (n > size || ((na - nu) & 0xFFFF) > size) {
+                    status = PASS_FALLBACK; /* the pure path marks the ring broken */
+                    goto out;
+                }
+                shadow = ai;
+                if (n > left)
+                    n = left;
+                if (!n)
+                    break;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint16_t h = ld16(av + 4 + 2 * ((na + i) & mask));
+                    if (h >= size) {
+                        status = PASS_FALLBACK;
+                        goto out;
+                    }
+                    const uint8_t *d = dt + 16 * (Py_ssize_t)h;
+                    uint64_t addr = ld64(d); /* each field read once: the checks hold */
+                    uint32_t ln = ld32(d + 8);
+                    uint16_t fl = ld16(d + 12);
+                    if ((fl & (F_NEXT | F_INDIRECT)) || ln == 0 || ln < (uint64_t)skip) {
+                        status = PASS_FALLBACK;
+                        goto out;
+                    }
+                    const region_t *r = &regs[last];
+                    if (last >= nreg || addr - r->start >= r->span ||
+                        ln > r->span - (addr - r->start)) {
+                        Py_ssize_t k = 0;
+                        for (; k < nreg; k++) {
+                            r = &regs[k];
+                            if (addr - r->start < r->span && ln <= r->span - (addr - r->start))
+                                break;
+                        }
+                        if (k == nreg) {
+                            status = PASS_FALLBACK; /* outside memory or across regions */
+                            goto out;
+                        }
+                        last = k;
+                    }
+                    heads[i] = h;
+                    where[i] = (uint64_t)(uintptr_t)(r->base + (addr - r->start));
+                    lens[i] = ln;
+                }
+                /* consumed: read every frame, then give the buffers back */
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    const uint8_t *src = (const uint8_t *)(uintptr_t)where[i] + skip;
+                    size_t m = lens[i] - (size_t)skip;
+                    bytes += m;
+                    if (checksum) {
+                        sum += adler32(src, m);
+                    } else {
+                        while (m) {
+                            size_t t = m < SCRATCH_BYTES ? m : SCRATCH_BYTES;
+                            memcpy(scratch, src, t);
+                            sink ^= scratch[t - 1];
+                            src += t;
+                            m -= t;
+                        }
+                    }
+                }
+                packets += (unsigned long long)n;
+                for (Py_ssize_t i = 0; i < n; i++)
+                    st64(us + 4 + 8 * ((nu + i) & mask), heads[i]); /* id, length 0 */
+                na = (na + n) & 0xFFFF;
+                nu = (nu + n) & 0xFFFF;
+                __atomic_store_n((uint16_t *)(us + 2), (uint16_t)nu, __ATOMIC_RELEASE);
+                left -= n;
+                took = 1;
+                if (__atomic_load_n((const uint16_t *)(av + 2), __ATOMIC_ACQUIRE) == na)
+                    break; /* has_available */
+            }
+            /* signal_used_queue: the driver's suppression decides */
+            int notify = 0;
+            if (signalled != nu) {
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                if (event_idx) {
+                    if (signalled < 0) {
+                        notify = 1;
+                    } else {
+                        uint16_t event = vld16(av + 4 + 2 * size);
+                        notify = ((nu - event - 1) & 0xFFFF) < ((nu - signalled) & 0xFFFF);
+                    }
+                } else {
+                    notify = !(vld16(av) & 1); /* VRING_AVAIL_F_NO_INTERRUPT */
+                }
+            }
+            signalled = nu;
+            if (!notify && notify_on_empty && vld16(av + 2) == na)
+                notify = 1;
+            if (notify && call_fd >= 0) {
+                uint64_t one = 1;
+                ssize_t w;
+                do
+                    w = write(call_fd, &one, 8);
+                while (w < 0 && errno == EINTR);
+                if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                    err = errno;
+                    status = PASS_CALL_FAILED;
+                    goto out;
+                }
+            }
+            /* enable_notification: re-arm kicks, then re-check (at the budget too) */
+            if (event_idx)
+                vst16(us + 4 + 8 * size, (uint16_t)na);
+            else if (vld16(us) != 0)
+                vst16(us, 0);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (vld16(av + 2) == na)
+                break;
+            if (left <= 0) {
+                status = PASS_YIELDED;
+                break;
+            }
+            if (!took && ++idle >= PASS_IDLE_ROUNDS) {
+                status = PASS_YIELDED; /* come back later: the index moves back and forth */
+                break;
+            }
+        }
+    out:
+        PyEval_RestoreThread(ts);
+        (void)sink;
+        result = Py_BuildValue("innnnnKKKi", status, na, nu, shadow, signalled, left, packets,
+                               bytes, sum, err);
+    }
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        rel(&views[i]);
+    PyMem_Free(views); PyMem_Free(regs); PyMem_Free(heads); PyMem_Free(where);
+    PyMem_Free(lens); PyMem_Free(scratch);
+    rel(&avail); rel(&desc); rel(&used); rel(&bounds);
+    return result;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1666,6 +1922,7 @@ static PyMethodDef methods[] = {
     {"adler32_rows", adler32_rows, METH_VARARGS, adler32_rows_doc},
     {"read_frames", read_frames, METH_VARARGS, read_frames_doc},
     {"chain_ring", chain_ring, METH_VARARGS, chain_ring_doc},
+    {"sink_split", sink_split, METH_VARARGS, sink_split_doc},
     {NULL, NULL, 0, NULL},
 };
 

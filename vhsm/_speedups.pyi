@@ -57,3 +57,20 @@ def chain_ring(
     regions: tuple[tuple[int, int, memoryview], ...],
     primary: int,
 ) -> ChainRing | None: ...
+def sink_split(
+    avail: Any,
+    desc: Any,
+    used: Any,
+    bounds: Any,
+    views: tuple[Any, ...],
+    size: int,
+    next_avail: int,
+    next_used: int,
+    signalled: int,
+    left: int,
+    event_idx: bool,
+    notify_on_empty: bool,
+    call_fd: int,
+    skip: int,
+    checksum: bool,
+) -> tuple[int, int, int, int, int, int, int, int, int, int]: ...

@@ -20,6 +20,7 @@ from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import DirtyLogLike
+from vhsm.virtq.sink_pass import SinkPass
 from vhsm.vring_state import VringState
 from vhsm.wire.enums import MAX_QUEUE_SIZE
 
@@ -316,6 +317,11 @@ class _SharedVring:
         with self._wlock:
             return self._state.needs_notification()
 
+    def sink_pass(self, skip: int, checksum: bool) -> SinkPass | None:
+        """A net sink's whole TX kick in one compiled call (None: use the pure loop)."""
+        with self._wlock:
+            return self._state.sink_pass(skip, checksum)
+
     def enable_notification(self) -> bool:
         """Re-enable kicks; True if more work arrived."""
         with self._wlock:
@@ -446,6 +452,9 @@ class VringT(Protocol):
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a notification."""
+
+    def sink_pass(self, skip: int, checksum: bool) -> SinkPass | None:
+        """A net sink's whole TX kick in one compiled call (None: use the pure loop)."""
 
     def set_queue_event_idx(self, enabled: bool) -> None:
         """Turn event idx on or off."""

@@ -43,6 +43,7 @@ from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import DirtyLogLike, check_queue_size, length_list
 from vhsm.virtq.packed import PackedQueue
+from vhsm.virtq.sink_pass import YIELDED, SinkPass, sink_pass_split
 from vhsm.virtq.split import SplitQueue
 from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL, VirtioFeature
 
@@ -711,6 +712,36 @@ class VringState:
             except VirtqError as again:
                 log.debug("ring %d: bad chain not completed: %s", self.index, again)
             self.signal_used_queue()
+
+    def sink_pass(self, skip: int, checksum: bool) -> SinkPass | None:
+        """A net sink's whole TX kick in one compiled call (`vhsm.virtq.sink_pass`).
+
+        Pops and reads every available frame (``skip`` header bytes left unread;
+        Adler-32 sums or copies), completes them, notifies the driver and re-enables
+        kicks, within this pass's budget. None when it does not apply (packed ring,
+        pure Python, dirty logging, inflight tracking, a broken ring, no call fd):
+        nothing was done. A result with status FALLBACK did part of the work and
+        leaves the rest to the pure loop; CALL_FAILED one could not write the call
+        fd (`SinkPass.check` raises the OSError `signal_used_queue` would have raised,
+        once the caller counted the work). Either way its counts are to be added.
+        """
+        q = self.queue
+        call = self.call
+        if (
+            not isinstance(q, SplitQueue)
+            or call is None
+            or self.inflight is not None
+            or self.broken is not None
+        ):
+            return None
+        done = sink_pass_split(q, self._left, call, skip, checksum)
+        if done is None:
+            return None
+        self._left = done.left
+        self._notify = None
+        if done.status == YIELDED:
+            self.yielded = True
+        return done
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now (event-idx aware).
