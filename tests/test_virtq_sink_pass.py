@@ -27,6 +27,7 @@ from vhsm import speedups
 from vhsm.backend import EPOLLIN
 from vhsm.devices.net import NET_HDR_SIZE, NetBackend
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
+from vhsm.virtq import PackedQueue
 from vhsm.virtq.sink_pass import DONE, FALLBACK
 from vhsm.vring import VringMutex
 from vhsm.wire.enums import VirtioFeature
@@ -40,6 +41,7 @@ RING = 0x1000
 BUFS = 0x10000
 DESC = struct.Struct("<QIHH")
 EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
+PACKED = int(VirtioFeature.RING_PACKED)
 BASE_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC)
 
 #: Buffers a TX ring may hold: mostly good frames, and every kind the fast path refuses.
@@ -92,8 +94,11 @@ class Side:
         self.size = size
         self.backend = NetBackend("sink", sink_reads=reads, busy_poll_us=0)
         self.backend.acked_features(features)
+        # split: avail and used rings; packed: driver and device event areas
         self.avail = RING + 16 * size
         self.used = (self.avail + 6 + 2 * size + 3) & ~3
+        if features & PACKED:
+            self.used = self.avail + 4
         atomic = GuestMemoryAtomic(self.mem)
         self.vrings = [VringMutex(atomic, 1024, index=i) for i in range(2)]
         tx = self.tx = self.vrings[1]
@@ -121,7 +126,10 @@ class Side:
             raised = (type(exc).__name__, str(exc))
         state = self.tx._state
         q = state.queue
+        packed = isinstance(q, PackedQueue)
+        in_flight = (q.get_base(), q._counts_np.tolist()) if packed else None
         return (
+            in_flight,
             raised,
             self.backend.stats,
             read_counter(self.call),
@@ -280,7 +288,7 @@ def test_fused_pass_and_pure_loop_raise_the_same_on_a_bad_call_fd(monkeypatch: A
             side.write(side.avail, struct.pack("<HHH", 0, 1, 0))
             got.append(side.kick(None))
         assert got[0] == got[1]
-        assert got[0][0][0] == "OSError" and got[0][1].tx_packets == 1
+        assert got[0][1][0] == "OSError" and got[0][2].tx_packets == 1
     finally:
         for side in sides:
             side.close()
@@ -294,3 +302,61 @@ def test_pure_path_has_no_fused_pass(monkeypatch: Any) -> None:
         assert np.uint16(side.tx._state.queue.next_avail) == 0
     finally:
         side.close()
+
+
+@st.composite
+def packed_kicks(draw: st.DrawFn) -> tuple[int, int, str, list[Any]]:
+    size = draw(st.sampled_from([4, 6, 8, 16, 64]))  # packed rings need no power of two
+    event_idx = draw(st.booleans())
+    reads = draw(st.sampled_from(["copy", "checksum"]))
+    rounds = []
+    for _ in range(draw(st.integers(1, 5))):
+        count = draw(st.integers(0, size))
+        table = draw(st.lists(BUFFERS, min_size=count, max_size=count))
+        if draw(st.booleans()):
+            table = [(BUFS + 0x800 * i, NET_HDR_SIZE + 50 + i, 0) for i in range(count)]
+        ids = draw(st.lists(st.integers(0, size + 2), min_size=count, max_size=count))
+        if draw(st.booleans()):
+            ids = list(range(count))
+        driver_flags = draw(st.integers(0, 3))
+        off_wrap = draw(st.integers(0, 0xFFFF))
+        chains_budget = draw(st.one_of(st.none(), st.integers(0, size + 1)))
+        rounds.append((table, ids, driver_flags, off_wrap, chains_budget))
+    return size, BASE_FEATURES | PACKED | (EVENT_IDX if event_idx else 0), reads, rounds
+
+
+@needs_accel
+@settings(
+    max_examples=budget(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=packed_kicks())
+def test_fused_packed_pass_same_as_pure_loop(
+    case: tuple[int, int, str, list[Any]], monkeypatch: Any
+) -> None:
+    """Packed rings: runs of buffers made available (wrap counters), repeated ids, chains."""
+    size, features, reads, rounds = case
+    sides = twins(size, features, reads, monkeypatch)
+    try:
+        for table, ids, driver_flags, off_wrap, chains_budget in rounds:
+            for side in sides:
+                q = side.tx._state.queue
+                assert isinstance(q, PackedQueue)
+                pos, wrap = q.next_avail, q.avail_wrap
+                descs = []
+                for (addr, ln, fl), bid in zip(table, ids, strict=True):
+                    avail = (0x80 if wrap else 0x8000) | fl
+                    descs.append((pos, DESC.pack(addr, ln, bid, avail)))
+                    pos += 1
+                    if pos == size:
+                        pos, wrap = 0, wrap ^ 1
+                for p, raw in reversed(descs):  # the first one's flags last, as drivers do
+                    side.write(RING + 16 * p, raw)
+                side.write(side.avail, struct.pack("<HH", off_wrap, driver_flags))
+            got = [side.kick(chains_budget) for side in sides]
+            assert got[0] == got[1]
+            assert image(sides[0].mem) == image(sides[1].mem)
+    finally:
+        for side in sides:
+            side.close()

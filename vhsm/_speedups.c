@@ -1910,6 +1910,270 @@ done:
     return result;
 }
 
+/* ------------------------------------------ the fused sink pass (packed rings)
+ *
+ * The same pass on a packed ring: the run of available one-descriptor buffers
+ * from the next avail position (flags against the wrap counter, as packed_run),
+ * checked as PackedQueue._simple checks it (lengths, ids neither in flight nor
+ * repeated, every buffer inside one region), read, and completed at once with
+ * used descriptors written in ring order, the first one's flags word last. The
+ * ids never become "in flight" outside the call: they are completed before the
+ * lock is released, so the in-flight counts are only read. A longer chain at
+ * the next position, or anything the checks refuse, ends the pass with "fall
+ * back" before it is consumed. */
+
+static inline int packed_ready(const uint8_t *dt, Py_ssize_t p, int w) {
+    uint16_t fl = __atomic_load_n((const uint16_t *)(dt + 16 * p + 14), __ATOMIC_ACQUIRE);
+    return ((fl >> 7) & 1) == w && ((fl >> 15) & 1) != w;
+}
+
+PyDoc_STRVAR(sink_packed_doc,
+"sink_packed(desc, driver, device, counts, scratch, bounds, views, size, next_avail,\n"
+"            avail_wrap, next_used, used_wrap, since_signal, left, event_idx, call_fd,\n"
+"            skip, checksum)\n"
+"    -> (status, next_avail, avail_wrap, next_used, used_wrap, since_signal, left,\n"
+"        packets, bytes, checksum_sum, errno)\n"
+"\n"
+"The fused TX pass of the net sink on a packed ring (statuses as sink_split).\n"
+"counts are the queue's in-flight counts (read only), scratch its 65536-entry\n"
+"uint32 scratch for repeated ids.");
+
+static PyObject *sink_packed(PyObject *self, PyObject *args) {
+    PyObject *o_desc, *o_driver, *o_device, *o_counts, *o_scratch, *o_bounds, *o_views;
+    Py_ssize_t size, na, nu, left, skip;
+    long long since;
+    int aw, uw, event_idx, call_fd, checksum;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnnpnpLnpinp", &o_desc, &o_driver, &o_device, &o_counts,
+                          &o_scratch, &o_bounds, &o_views, &size, &na, &aw, &nu, &uw, &since,
+                          &left, &event_idx, &call_fd, &skip, &checksum))
+        return NULL;
+    if (size < 1 || size > 32768 || na < 0 || na >= size || nu < 0 || nu >= size || skip < 0 ||
+        skip > 0xFFFF || !PyTuple_Check(o_views)) {
+        PyErr_SetString(PyExc_ValueError, "sink_packed: bad size, position, skip or views");
+        return NULL;
+    }
+    buf_t desc = {0}, driver = {0}, device = {0}, counts = {0}, scr = {0}, bounds = {0};
+    buf_t *views = NULL;
+    region_t *regs = NULL;
+    uint8_t *scratch = NULL;
+    uint16_t *ids = NULL;
+    uint64_t *where = NULL;
+    uint32_t *lens = NULL;
+    Py_ssize_t nreg = PyTuple_GET_SIZE(o_views), held = 0;
+    PyObject *result = NULL;
+    if (get_buf(o_desc, &desc, 1, 16 * size, "desc") < 0 ||
+        get_buf(o_driver, &driver, 0, 4, "driver") < 0 ||
+        get_buf(o_device, &device, 1, 4, "device") < 0 ||
+        get_buf(o_counts, &counts, 0, 4 * IDS, "counts") < 0 ||
+        get_buf(o_scratch, &scr, 1, 4 * IDS, "scratch") < 0 ||
+        get_buf(o_bounds, &bounds, 0, 16 * nreg, "bounds") < 0)
+        goto done;
+    views = PyMem_Calloc(nreg ? nreg : 1, sizeof(buf_t));
+    regs = PyMem_Calloc(nreg ? nreg : 1, sizeof(region_t));
+    ids = PyMem_Malloc(sizeof(uint16_t) * size);
+    where = PyMem_Malloc(sizeof(uint64_t) * size);
+    lens = PyMem_Malloc(sizeof(uint32_t) * size);
+    if (!checksum)
+        scratch = PyMem_Malloc(SCRATCH_BYTES);
+    if (!views || !regs || !ids || !where || !lens || (!checksum && !scratch)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint64_t *bd = bounds.view.buf;
+        for (; held < nreg; held++) {
+            if (get_buf(PyTuple_GET_ITEM(o_views, held), &views[held], 0, 0, "view") < 0)
+                goto done;
+            regs[held].base = views[held].view.buf;
+            regs[held].start = bd[2 * held];
+            uint64_t span = bd[2 * held + 1] - bd[2 * held];
+            regs[held].span = bd[2 * held + 1] < bd[2 * held] ? 0
+                              : span > (uint64_t)views[held].view.len ? 0 : span;
+        }
+    }
+    {
+        uint8_t *dt = desc.view.buf, *dev = device.view.buf;
+        const uint8_t *drv = driver.view.buf;
+        const uint32_t *cn = counts.view.buf;
+        uint32_t *sc = scr.view.buf;
+        int status = PASS_DONE, err = 0, idle = 0;
+        Py_ssize_t last = 0;
+        unsigned long long packets = 0, bytes = 0, sum = 0;
+        volatile uint8_t sink = 0;
+        PyThreadState *ts = PyEval_SaveThread();
+        for (;;) {
+            int took = 0;
+            if (vld16(dev + 2) != 1) /* disable_notification: RING_EVENT_FLAGS_DISABLE */
+                vst16(dev + 2, 1);
+            for (;;) {
+                if (left <= 0) {
+                    status = PASS_YIELDED;
+                    break;
+                }
+                Py_ssize_t limit = left < size ? left : size, k = 0, p = na;
+                int w = aw;
+                uint16_t want = w ? F_AVAIL : F_USED;
+                while (k < limit) {
+                    const uint8_t *d = dt + 16 * p;
+                    uint16_t fl = __atomic_load_n((const uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+                    if ((fl & (F_AVAIL | F_USED | F_NEXT | F_INDIRECT)) != want)
+                        break;
+                    uint64_t addr = ld64(d);
+                    uint32_t ln = ld32(d + 8);
+                    uint16_t id = ld16(d + 12);
+                    if (ln == 0 || ln < (uint64_t)skip || (cn[id] & 0xFFFF)) {
+                        status = PASS_FALLBACK; /* empty, runt or in flight: the pure path */
+                        goto out;
+                    }
+                    const region_t *r = &regs[last];
+                    if (last >= nreg || addr - r->start >= r->span ||
+                        ln > r->span - (addr - r->start)) {
+                        Py_ssize_t j = 0;
+                        for (; j < nreg; j++) {
+                            r = &regs[j];
+                            if (addr - r->start < r->span && ln <= r->span - (addr - r->start))
+                                break;
+                        }
+                        if (j == nreg) {
+                            status = PASS_FALLBACK;
+                            goto out;
+                        }
+                        last = j;
+                    }
+                    ids[k] = id;
+                    where[k] = (uint64_t)(uintptr_t)(r->base + (addr - r->start));
+                    lens[k] = ln;
+                    k++;
+                    if (++p == size) {
+                        p = 0;
+                        w ^= 1;
+                        want = w ? F_AVAIL : F_USED;
+                    }
+                }
+                if (k < limit && packed_ready(dt, p, w)) {
+                    /* a longer chain: the pure path takes it in the same batch as the run
+                     * (walked before the run is marked in flight), so all of it is its */
+                    status = PASS_FALLBACK;
+                    goto out;
+                }
+                if (!k)
+                    break; /* nothing available */
+                for (Py_ssize_t i = 0; i < k; i++) /* a repeated id keeps only its last stamp */
+                    sc[ids[i]] = (uint32_t)(i + 1);
+                for (Py_ssize_t i = 0; i < k; i++)
+                    if (sc[ids[i]] != (uint32_t)(i + 1)) {
+                        status = PASS_FALLBACK;
+                        goto out;
+                    }
+                /* consumed: read every frame, then give the buffers back */
+                for (Py_ssize_t i = 0; i < k; i++) {
+                    const uint8_t *src = (const uint8_t *)(uintptr_t)where[i] + skip;
+                    size_t m = lens[i] - (size_t)skip;
+                    bytes += m;
+                    if (checksum) {
+                        sum += adler32(src, m);
+                    } else {
+                        while (m) {
+                            size_t t = m < SCRATCH_BYTES ? m : SCRATCH_BYTES;
+                            memcpy(scratch, src, t);
+                            sink ^= scratch[t - 1];
+                            src += t;
+                            m -= t;
+                        }
+                    }
+                }
+                packets += (unsigned long long)k;
+                na = p;
+                aw = w;
+                uint64_t first = 0;
+                Py_ssize_t pos = nu;
+                int wrap = uw;
+                for (Py_ssize_t i = 0; i < k; i++) {
+                    uint64_t word = (uint64_t)ids[i] << 32 |
+                                    (uint64_t)(wrap ? (F_AVAIL | F_USED) : 0) << 48;
+                    if (i == 0)
+                        first = word;
+                    else
+                        st64(dt + 16 * pos + 8, word);
+                    if (++pos == size) {
+                        pos = 0;
+                        wrap ^= 1;
+                    }
+                }
+                /* the first flags word last: it publishes the burst */
+                __atomic_store_n((uint64_t *)(dt + 16 * nu + 8), first, __ATOMIC_RELEASE);
+                nu = pos;
+                uw = wrap;
+                since += k;
+                left -= k;
+                took = 1;
+                if (!packed_ready(dt, na, aw))
+                    break; /* has_available */
+            }
+            /* signal_used_queue: the driver event area decides */
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            uint16_t dflags = vld16(drv + 2) & 3;
+            long long advanced = since;
+            int notify;
+            since = 0;
+            if (dflags == 1 || !advanced) {
+                notify = 0;
+            } else if (dflags != 2 || !event_idx || advanced < 0) {
+                notify = 1;
+            } else {
+                uint16_t off_wrap = vld16(drv);
+                long long event = off_wrap & 0x7FFF, now = nu;
+                if ((off_wrap >> 15) != uw)
+                    event -= size;
+                long long old = now - advanced;
+                notify = ((now - event - 1) & 0xFFFF) < ((now - old) & 0xFFFF);
+            }
+            if (notify && call_fd >= 0) {
+                uint64_t one = 1;
+                ssize_t wr;
+                do
+                    wr = write(call_fd, &one, 8);
+                while (wr < 0 && errno == EINTR);
+                if (wr < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                    err = errno;
+                    status = PASS_CALL_FAILED;
+                    goto out;
+                }
+            }
+            /* enable_notification: re-arm kicks, then re-check (at the budget too) */
+            if (event_idx) {
+                vst16(dev, (uint16_t)(na | aw << 15));
+                vst16(dev + 2, 2); /* RING_EVENT_FLAGS_DESC */
+            } else {
+                vst16(dev + 2, 0); /* RING_EVENT_FLAGS_ENABLE */
+            }
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (!packed_ready(dt, na, aw))
+                break;
+            if (left <= 0) {
+                status = PASS_YIELDED;
+                break;
+            }
+            if (!took && ++idle >= PASS_IDLE_ROUNDS) {
+                status = PASS_YIELDED;
+                break;
+            }
+        }
+    out:
+        PyEval_RestoreThread(ts);
+        (void)sink;
+        result = Py_BuildValue("ininiLnKKKi", status, na, aw, nu, uw, since, left, packets,
+                               bytes, sum, err);
+    }
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        rel(&views[i]);
+    PyMem_Free(views); PyMem_Free(regs); PyMem_Free(ids); PyMem_Free(where);
+    PyMem_Free(lens); PyMem_Free(scratch);
+    rel(&desc); rel(&driver); rel(&device); rel(&counts); rel(&scr); rel(&bounds);
+    return result;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1923,6 +2187,7 @@ static PyMethodDef methods[] = {
     {"read_frames", read_frames, METH_VARARGS, read_frames_doc},
     {"chain_ring", chain_ring, METH_VARARGS, chain_ring_doc},
     {"sink_split", sink_split, METH_VARARGS, sink_split_doc},
+    {"sink_packed", sink_packed, METH_VARARGS, sink_packed_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -74,3 +74,23 @@ def sink_split(
     skip: int,
     checksum: bool,
 ) -> tuple[int, int, int, int, int, int, int, int, int, int]: ...
+def sink_packed(
+    desc: Any,
+    driver: Any,
+    device: Any,
+    counts: Any,
+    scratch: Any,
+    bounds: Any,
+    views: tuple[Any, ...],
+    size: int,
+    next_avail: int,
+    avail_wrap: int,
+    next_used: int,
+    used_wrap: int,
+    since_signal: int,
+    left: int,
+    event_idx: bool,
+    call_fd: int,
+    skip: int,
+    checksum: bool,
+) -> tuple[int, int, int, int, int, int, int, int, int, int, int]: ...

@@ -43,7 +43,7 @@ from vhsm.virtq.batch import Batch
 from vhsm.virtq.chain import DescriptorChain
 from vhsm.virtq.common import DirtyLogLike, check_queue_size, length_list
 from vhsm.virtq.packed import PackedQueue
-from vhsm.virtq.sink_pass import YIELDED, SinkPass, sink_pass_split
+from vhsm.virtq.sink_pass import YIELDED, SinkPass, sink_pass_packed, sink_pass_split
 from vhsm.virtq.split import SplitQueue
 from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL, VirtioFeature
 
@@ -718,8 +718,8 @@ class VringState:
 
         Pops and reads every available frame (``skip`` header bytes left unread;
         Adler-32 sums or copies), completes them, notifies the driver and re-enables
-        kicks, within this pass's budget. None when it does not apply (packed ring,
-        pure Python, dirty logging, inflight tracking, a broken ring, no call fd):
+        kicks, within this pass's budget. None when it does not apply (pure Python,
+        dirty logging, inflight tracking, a broken ring, no call fd):
         nothing was done. A result with status FALLBACK did part of the work and
         leaves the rest to the pure loop; CALL_FAILED one could not write the call
         fd (`SinkPass.check` raises the OSError `signal_used_queue` would have raised,
@@ -727,14 +727,12 @@ class VringState:
         """
         q = self.queue
         call = self.call
-        if (
-            not isinstance(q, SplitQueue)
-            or call is None
-            or self.inflight is not None
-            or self.broken is not None
-        ):
+        if q is None or call is None or self.inflight is not None or self.broken is not None:
             return None
-        done = sink_pass_split(q, self._left, call, skip, checksum)
+        if isinstance(q, SplitQueue):
+            done = sink_pass_split(q, self._left, call, skip, checksum)
+        else:
+            done = sink_pass_packed(q, self._left, call, skip, checksum)
         if done is None:
             return None
         self._left = done.left

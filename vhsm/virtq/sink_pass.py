@@ -1,13 +1,14 @@
-"""The fused sink pass: a whole TX kick of a net sink in one compiled call (split rings).
+"""The fused sink pass: a whole TX kick of a net sink in one compiled call.
 
 On the pure path a TX kick costs a dozen Python and numpy calls per burst
 (``pop_batch``, the batch arrays, the frame reads, ``add_used_batch``, the
 notification decision, the eventfd write, re-enabling kicks); with small frames
-they, not the bytes, set the pace. ``vhsm._speedups.sink_split`` does all of it
+they, not the bytes, set the pace. ``vhsm._speedups.sink_split`` (and
+``sink_packed`` for packed rings) does all of it
 in one call with the GIL released: it pops every available buffer up to the
 pass budget, reads each frame (copy or Adler-32), completes them with length 0,
 repeats while the ring has more, decides the used-buffer notification exactly
-as :meth:`SplitQueue.needs_notification` does and writes the call eventfd, then
+as the queue's ``needs_notification`` does and writes the call eventfd, then
 re-enables kicks and re-checks the ring.
 
 It answers "fall back" before consuming any burst the fast pure path would not
@@ -24,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from vhsm.virtq.packed import PackedQueue
 from vhsm.virtq.split import SplitQueue
 
 #: The pass ended: ring empty (``DONE``) or budget used with work left (``YIELDED``).
@@ -94,4 +96,52 @@ def sink_pass_split(
     return SinkPass(status, left, packets, nbytes, total, err)
 
 
-__all__ = ["CALL_FAILED", "DONE", "FALLBACK", "YIELDED", "SinkPass", "sink_pass_split"]
+def sink_pass_packed(
+    q: PackedQueue, left: int, call_fd: int, skip: int, checksum: bool
+) -> SinkPass | None:
+    """The same pass over a packed ring (None: no accelerator, a dirty log, buffers tracked).
+
+    Buffers still in flight from an earlier pop (or tracked for the dirty log) leave
+    the ring to the pure loop: the pass completes everything it takes before it
+    returns, so it only reads the in-flight counts.
+    """
+    accel = q._accel
+    if accel is None or q._log is not None or q._wlog:
+        return None
+    status, na, aw, nu, uw, since, left, packets, nbytes, total, err = accel.sink_packed(
+        q._desc,
+        q._driver_h,
+        q._device_h,
+        q._counts_np,
+        q._scratch,
+        q._space.bounds,
+        q._space.views,
+        q._size,
+        q._next_avail,
+        q._avail_wrap,
+        q._next_used,
+        q._used_wrap,
+        q._since_signal,
+        left,
+        q._event_idx,
+        call_fd,
+        skip,
+        checksum,
+    )
+    if nu != q._next_used or uw != q._used_wrap:
+        q._fresh_heads = None  # the last burst's ids are no longer the pure path's
+    q._next_avail, q._avail_wrap = na, aw
+    q._next_used, q._used_wrap = nu, uw
+    q._since_signal = since
+    return SinkPass(status, left, packets, nbytes, total, err)
+
+
+__all__ = [
+    "CALL_FAILED",
+    "DONE",
+    "FALLBACK",
+    "YIELDED",
+    "SinkPass",
+    "sink_pass_packed",
+    "sink_pass_split",
+]
