@@ -157,6 +157,22 @@ def test_reply_ack_success_and_nack(session: Session) -> None:
     assert session.findings[-1].rule_id == "VU-RING-002"
 
 
+def test_a_logged_violation_keeps_no_frames_alive(
+    session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning's record holds the text, not the violation and its traceback.
+
+    A handler that keeps records (a test's log capture, a MemoryHandler) would
+    otherwise pin the raising frames and the guest memory they view; the fuzzer
+    found a memfd kept open that way.
+    """
+    negotiate(session)
+    session.handle(req(R.SET_VRING_NUM, vstate(0, 100), ack=True))
+    (record,) = [r for r in caplog.records if "VU-RING-002" in r.getMessage()]
+    assert isinstance(record.args, tuple)
+    assert all(isinstance(arg, str) for arg in record.args)
+
+
 def test_violation_without_need_reply_raises(session: Session) -> None:
     negotiate(session)
     with pytest.raises(ProtocolViolation) as info:

@@ -175,7 +175,9 @@ class VringState:
             try:
                 self._rebuild_or_idle()
             except ValueError as exc:  # the base given for the old layout does not fit
-                log.warning("ring %d: idle until a base fits the new layout: %s", self.index, exc)
+                log.warning(
+                    "ring %d: idle until a base fits the new layout: %s", self.index, str(exc)
+                )
                 self._drop_queue()
         elif self.queue is not None:
             self.queue.set_event_idx(self.event_idx)

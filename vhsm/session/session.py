@@ -317,7 +317,9 @@ class Session:
         self.findings.append(Finding.from_violation(violation))
         if self.observer:  # an auditor reports its findings itself: no second line
             return None
-        log.warning("%s", violation)
+        # the text, not the violation: a record kept by a handler (a test's log capture,
+        # a MemoryHandler) must not pin the raising frames and the guest memory they view
+        log.warning("%s", str(violation))
         if msg.need_reply and (
             info is None or info.reply == "ack" or info.reply_payload is VhostUserU64
         ):
