@@ -19,7 +19,7 @@ ASAN_TESTS := tests/test_speedups.py tests/test_virtq_split.py tests/test_virtq_
 	tests/test_virtq_fastpath.py tests/test_devices_net.py tests/test_net_checksum.py \
 	tests/test_fuzz_rings.py tests/test_virtq_sink_pass.py
 
-.PHONY: venv demo test lint docs diagrams conformance fuzz clean speedups asan
+.PHONY: venv demo test lint docs diagrams check-diagrams conformance fuzz clean speedups asan
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -89,6 +89,20 @@ fuzz: venv
 diagrams: venv
 	$(BIN)/vhsm diagram --format all --out diagrams
 	$(BIN)/vhsm diagram --trace tests/data/qemu72-blk.jsonl --out diagrams
+	$(BIN)/python tools/embed_diagrams.py
+
+# Mermaid itself (mermaid-cli and Debian's chromium, headless) parses and draws every
+# mermaid document vhsm writes or the docs show: a developer check, not part of `make test`
+# (see docs/howto/contributing.md). The pictures land in build/diagrams-check/.
+MERMAID_CLI_VERSION := 11.17.0
+MMDC := .cache/mermaid-cli/node_modules/.bin/mmdc
+
+$(MMDC):
+	PUPPETEER_SKIP_DOWNLOAD=1 npm install --silent --no-audit --no-fund --prefix .cache/mermaid-cli \
+		@mermaid-js/mermaid-cli@$(MERMAID_CLI_VERSION)
+
+check-diagrams: venv $(MMDC)
+	$(BIN)/python tools/check_diagrams.py --mmdc $(MMDC) --out build/diagrams-check
 
 clean:
 	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache vhsm/_speedups*.so

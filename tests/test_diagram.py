@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vhsm import diagram, diagram_trace
+from vhsm import diagram_overview as overview
 from vhsm.audit.trace import RecordedBackend
 from vhsm.audit.transcript import load_transcript
 from vhsm.cli import main
@@ -126,6 +128,41 @@ def test_overview_mermaid_uses_concurrent_regions() -> None:
     assert "vring_STOPPED_DISABLED --> vring_STARTED_DISABLED : SET_VRING_KICK | VRING_KICK" in text
     # requests that leave a machine where it is stay in that machine's own diagram
     assert "GET_FEATURES" not in text.split("note right of session")[0]
+
+
+def _front_matter(text: str) -> object:
+    """The YAML front matter of a mermaid document, parsed as mermaid parses it."""
+    lines = text.splitlines()
+    assert lines[0] == "---", text[:80]
+    end = lines.index("---", 1)
+    return yaml.safe_load("\n".join(lines[1:end]))
+
+
+@pytest.mark.parametrize("machine", diagram.MACHINES)
+def test_mermaid_front_matter_is_yaml_naming_the_diagram(machine: str) -> None:
+    """Mermaid refuses a document whose front matter is not YAML (a ": " in a plain title)."""
+    text = diagram.machine_source(machine, "mermaid")
+    spec_title = overview.TITLE if machine == "session" else f"vhsm {machine} machine"
+    assert _front_matter(text) == {"title": spec_title}
+
+
+def test_trace_title_survives_any_file_name() -> None:
+    name = 'odd: name #1 "quoted".jsonl'
+    text = trace_sequence(load_transcript(DATA / "qemu72-blk.jsonl"), title=name)
+    assert _front_matter(text) == {"title": 'odd: name no.1 "quoted".jsonl'}
+
+
+@pytest.mark.parametrize("machine", [spec.name for spec in composition().specs])
+def test_no_state_loops_on_itself(machine: str) -> None:
+    """A request that leaves a state where it is is listed in the state, never drawn as a loop.
+
+    Mermaid lays a loop's label over the labels of the edges beside it.
+    """
+    text = diagram.machine_source(machine, "mermaid")
+    for state in load_machine_spec(machine).states:
+        assert f"  {state.name} --> {state.name}:" not in text, (machine, state.name)
+    features = diagram.machine_source("features", "mermaid")
+    assert "UNSET : GET_FEATURES, RESET_DEVICE" in features
 
 
 @pytest.mark.parametrize("engine", diagram.ENGINES)

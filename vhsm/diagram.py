@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from transitions.extensions import GraphMachine, diagrams_mermaid
 
-from vhsm.diagram_overview import overview_dot, overview_mermaid
+from vhsm.diagram_overview import front_matter_title, overview_dot, overview_mermaid
 from vhsm.errors import VhsmError
 from vhsm.session.machines import MachineSpec, composition, load_machine_spec, transition_table
 
@@ -98,13 +98,13 @@ def request_label(trigger: str, conditions: Iterable[str] = ()) -> str:
 def internal_requests(spec: MachineSpec) -> dict[str, list[str]]:
     """For each state, the requests it accepts without changing state, in declaration order.
 
-    Only selector conditions (those without a rule id, which pick between
-    transitions) are shown here; rule checks would bury the list.
+    That is the internal transitions, and a transition from "*" (or a list) seen from
+    the state it lands in: drawn as an edge it would be a loop whose label mermaid lays
+    over its neighbours'. Only selector conditions (those without a rule id, which pick
+    between transitions) are shown here; rule checks would bury the list.
     """
     inside: dict[str, list[str]] = {state.name: [] for state in spec.states}
     for declared in spec.transitions:
-        if declared.get("dest") is not None:
-            continue
         selectors = [
             name
             for name in declared.get("conditions", [])
@@ -112,6 +112,8 @@ def internal_requests(spec: MachineSpec) -> dict[str, list[str]]:
         ]
         label = request_label(declared["trigger"], selectors)
         for state in spec.sources(declared):
+            if spec.destination(declared, state) is not state:
+                continue
             if label not in inside[state.name]:
                 inside[state.name].append(label)
     return inside
@@ -134,11 +136,17 @@ def wrap_items(items: Iterable[str], width: int = _LINE_WIDTH) -> list[str]:
 
 
 def edge_table(spec: MachineSpec) -> list[dict[str, Any]]:
-    """The state-changing transitions as `GraphMachine` keyword dicts, names kept as strings."""
+    """The state-changing transitions as `GraphMachine` keyword dicts, names kept as strings.
+
+    Sources are listed explicitly, without the state a transition lands in (that state
+    lists the request inside, see `internal_requests`).
+    """
     table = []
-    for entry in transition_table(spec, None):
-        if entry["dest"] is None:
+    for declared, entry in zip(spec.transitions, transition_table(spec, None), strict=True):
+        moving = [s.name for s in spec.sources(declared) if spec.destination(declared, s) is not s]
+        if not moving:
             continue
+        entry["source"] = moving
         entry["label"] = entry["trigger"].upper()
         table.append(entry)
     return table
@@ -160,7 +168,9 @@ class _MermaidGraph(diagrams_mermaid.Graph):
             container.extend(f"{name} : {line}" for line in details.get(name, []))
 
     def get_graph(self, title: str | None = None, roi_state: Any = None) -> Any:
-        return super().get_graph(title=f"title: {title or self.machine.title}", roi_state=None)
+        return super().get_graph(
+            title=front_matter_title(title or self.machine.title), roi_state=None
+        )
 
 
 class _DotGraph:

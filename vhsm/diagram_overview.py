@@ -8,11 +8,23 @@ gives the set-up order (the happy path) and how the phase is derived.
 
 from __future__ import annotations
 
+import json
+
 from vhsm.session.machines import Composition, MachineSpec, composition
 from vhsm.specs import load_spec
 
 #: Title of the overview, as mermaid front-matter and graphviz label.
 TITLE = "vhsm session: one machine per concern, the phase derived from them"
+
+
+def front_matter_title(title: str) -> str:
+    """The ``title:`` line of a mermaid document's YAML front matter.
+
+    The title is a quoted YAML string: mermaid rejects the whole document when a plain
+    one holds ": " (as the overview's title does), and every diagram of vhsm goes
+    through here.
+    """
+    return f"title: {json.dumps(title, ensure_ascii=False)}"
 
 
 def _edges(spec: MachineSpec) -> dict[tuple[str, str], list[str]]:
@@ -46,7 +58,7 @@ def _title(spec: MachineSpec) -> str:
 def overview_mermaid() -> str:
     """The overview as a mermaid state diagram with one concurrent region per machine."""
     comp = composition()
-    lines = ["---", f"title: {TITLE}", "---", "stateDiagram-v2"]
+    lines = ["---", front_matter_title(TITLE), "---", "stateDiagram-v2"]
     lines.append('  state "session: phase NEGOTIATING / SUSPENDED / RUNNING" as session {')
     for number, spec in enumerate(comp.specs):
         if number:

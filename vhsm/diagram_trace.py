@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from vhsm.audit.trace import replay_session
 from vhsm.audit.transcript import TraceEntry, with_fds
+from vhsm.diagram_overview import front_matter_title
 from vhsm.errors import VhsmError
 from vhsm.wire import (
     Message,
@@ -116,7 +117,7 @@ class _Replay:
 
 def trace_sequence(entries: Sequence[TraceEntry], title: str = "") -> str:
     """Render a transcript as a mermaid sequenceDiagram annotated with state changes."""
-    lines = ["---", f"title: {_text(title)}", "---"] if title else []
+    lines = ["---", front_matter_title(_text(title)), "---"] if title else []
     lines += ["sequenceDiagram", "  participant F as front-end", "  participant B as back-end"]
     replays: dict[object, _Replay] = {}
     session_log = logging.getLogger("vhsm.session")
