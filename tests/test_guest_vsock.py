@@ -8,6 +8,7 @@ server and checks the echo of 300 KiB.
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +26,27 @@ from guest.harness import (
 from guest.initramfs import VIRTIO_MODULES
 from guest.vsock import TOOL, HostSide, build_tool, guest_script
 
+from vhsm.devices import vsock
+from vhsm.devices.vsock_packet import MAX_CID
+from vhsm.errors import VhsmError
+
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(400)]
 
-GUEST_CID = 5123
 SENDS, RECEIVES, ECHO = 1 << 20, 512 << 10, 300 << 10
+
+
+def free_guest_cid() -> int:
+    """A guest CID no vsock device of this host serves (two suites may run here at once)."""
+    rnd = random.SystemRandom()
+    for _ in range(100):
+        cid = rnd.randrange(1000, min(MAX_CID, 1 << 30))  # clear of the small ones people pick
+        try:
+            lock = vsock._claim_cid(cid)
+        except VhsmError:
+            continue  # served by another run: draw again
+        lock.close()  # `vhsm serve` claims it again at once
+        return cid
+    raise AssertionError("no free guest CID in 100 draws")
 
 
 @pytest.fixture
@@ -46,7 +64,7 @@ def test_vsock_guest_against_vhsm(tmp_path: Path, sock_dir: Path) -> None:
         pytest.skip(tool)
     uds, sock = sock_dir / "v.sock", sock_dir / "vu.sock"
     argv = [sys.executable, "-m", "vhsm", "serve", "vsock", "--socket", str(sock),
-            "--guest-cid", str(GUEST_CID), "--uds-path", str(uds)]  # fmt: skip
+            "--guest-cid", str(free_guest_cid()), "--uds-path", str(uds)]  # fmt: skip
     with running_backend(argv, sock, tmp_path / "vhsm-vsock.log") as backend:
         host = HostSide(uds, guest_port=1234, host_port=5000, guest_sends=SENDS,
                         host_sends=RECEIVES, echo_bytes=ECHO)  # fmt: skip

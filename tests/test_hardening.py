@@ -73,26 +73,39 @@ def test_socket_is_created_0600(directory: Path) -> None:
 def test_socket_is_never_reachable_by_others_even_while_binding(
     directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between bind() and chmod() the file must not be connectable by other users."""
-    seen: list[int] = []
-    real_chmod = os.chmod
+    """The socket file is 0600 from the instant bind() creates it, whatever the umask.
 
-    def spy(path: Any, mode: int, *args: Any, **kwargs: Any) -> None:
-        seen.append(stat.S_IMODE(os.stat(path).st_mode))
-        real_chmod(path, mode, *args, **kwargs)
+    The listener sets the mode on the socket itself (fchmod) before bind(), so no
+    other user can connect in a window after bind(), and nothing is changed through
+    the path afterwards (a chmod could follow a symlink swapped in by a writer of the
+    directory).
+    """
+    at_bind: list[int] = []
+    chmods: list[tuple[Any, ...]] = []
+    real_bind = socket.socket.bind
 
-    monkeypatch.setattr(os, "chmod", spy)
+    def spy_bind(sock: socket.socket, address: Any) -> None:
+        real_bind(sock, address)
+        if sock.family == socket.AF_UNIX:
+            at_bind.append(stat.S_IMODE(os.stat(address).st_mode))
+
+    def no_chmod(*args: Any, **kwargs: Any) -> None:
+        chmods.append(args)
+
+    monkeypatch.setattr(socket.socket, "bind", spy_bind)
+    monkeypatch.setattr(os, "chmod", no_chmod)
     old = os.umask(0o000)  # a permissive umask, as a service manager may leave
     try:
         with Listener(directory / "vu.sock") as listener:
             final = stat.S_IMODE(os.stat(listener.path).st_mode)
     finally:
         os.umask(old)
-    assert final == 0o600
-    assert all(mode & 0o077 == 0 for mode in seen), (
-        f"socket file was mode {oct(seen[0])} between bind and chmod: other users could "
-        "connect in that window (bind under a restrictive umask or in a 0700 directory)"
+    assert at_bind == [0o600], (
+        f"socket file was mode {[oct(m) for m in at_bind]} right after bind: other users "
+        "could connect before its mode was fixed (set the mode on the socket before bind)"
     )
+    assert chmods == [], "the listener changed a mode through the path"
+    assert final == 0o600
 
 
 @pytest.mark.parametrize("kind", ["file", "directory", "symlink", "live-socket"])
