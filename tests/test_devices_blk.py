@@ -287,12 +287,10 @@ def test_write_zeroes_with_unmap(bench: Bench, image: Path) -> None:
 def test_zeroing_falls_back_to_writes(
     bench: Bench, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class NoFallocate:
-        @staticmethod
-        def fallocate(*args: object) -> int:
-            return -1
+    def no_fallocate(*args: object) -> int:
+        return -1
 
-    monkeypatch.setattr(blk, "_libc", NoFallocate)
+    monkeypatch.setattr(blk, "_fallocate", lambda: no_fallocate)
     assert request(bench, WZ, data=_segments((2, 2, 0)))[:2] == (1, OK)
     assert image.read_bytes()[2 * 512 : 4 * 512] == bytes(1024)
 

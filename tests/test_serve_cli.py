@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -521,3 +522,47 @@ def test_xen_offers_xen_mmap_and_refuses_a_grant_region_without_gntdev(workdir) 
         code, err = finish(proc)
     assert code == 0, err
     assert f"Xen grant mapping needs {xen_dir / 'gntdev'}: No such file or directory" in err
+
+
+#: Run `vhsm serve blk --once` in the main thread; once its socket exists, a second
+#: thread writes the daemon's module set, then connects and hangs up (which ends it).
+_IMPORT_PROBE = """
+import os, socket, sys, threading, time
+from vhsm.cli import main
+sock_path, out_path, image = sys.argv[1:4]
+def probe():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(out_path, "w") as out:
+        out.write("\\n".join(sorted(sys.modules)))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock_path)
+threading.Thread(target=probe, daemon=True).start()
+sys.exit(main(["serve", "blk", "--file", image, "--socket", sock_path, "--once"]))
+"""
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_an_idle_daemon_carries_no_numpy_yaml_or_cattrs(workdir: Path, pure: bool) -> None:
+    """What an idle `vhsm serve blk` imports: no numpy, PyYAML, cattrs, ctypes or hashlib.
+
+    They cost a daemon resident memory for nothing (numpy alone ~15 MiB): numpy comes
+    with the first ring, YAML only when the spec cache is stale, the rest never.
+    """
+    image = workdir / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    out = workdir / "modules.txt"
+    env = {**os.environ, "VHSM_PURE_PYTHON": "1" if pure else "0"}
+    # the first run may parse YAML to fill the spec cache; the second must not need to
+    for _ in range(2):
+        subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE, str(workdir / "s.sock"), str(out), str(image)],
+            check=True,
+            timeout=60,
+            env=env,
+        )
+    modules = set(out.read_text().split())
+    assert {"vhsm.daemon", "vhsm.devices.blk", "vhsm.vring"} <= modules  # it did serve
+    heavy = ("numpy", "yaml", "cattrs", "ctypes", "hashlib", "vhsm.virtq.split", "vhsm.inflight")
+    assert sorted(m for m in modules if m.split(".")[0] in heavy or m in heavy) == []

@@ -12,7 +12,7 @@ import pytest
 from vhsm.errors import VhsmError
 from vhsm.session import all_rules
 from vhsm.session.machines import composition
-from vhsm.specs import load_spec, specs_dir
+from vhsm.specs import cache_dirs, load_spec, read_spec, specs_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,3 +105,61 @@ def test_wheel_ships_the_specs(tmp_path: Path) -> None:
     assert out[0] == str(target / "vhsm" / "specs")
     assert int(out[1]) == len(all_rules())
     assert out[2] == "STOPPED_DISABLED"
+
+
+# --- the parsed-document cache ------------------------------------------------------------
+def test_every_spec_is_served_from_the_cache_as_yaml_parses_it(tmp_path: Path) -> None:
+    import yaml
+
+    for path in sorted(specs_dir().glob("*.yaml")):
+        copy = tmp_path / path.name
+        copy.write_bytes(path.read_bytes())
+        parsed = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert read_spec(copy) == parsed  # parsed, then cached
+        assert list((tmp_path / "__pycache__").glob(f"{path.stem}.*.marshal"))
+        assert read_spec(copy) == parsed  # from the cache
+
+
+def test_a_cached_spec_needs_no_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("codes: {1: one, 2: two}\nlist: [a, b]\n")
+    expected = {"codes": {1: "one", 2: "two"}, "list": ["a", "b"]}
+    assert read_spec(spec) == expected
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now fails
+    assert read_spec(spec) == expected
+
+
+def test_an_edited_spec_is_parsed_again(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("value: 1\n")
+    assert read_spec(spec) == {"value": 1}
+    spec.write_text("value: 2\n")  # same size, maybe the same mtime: the digest differs
+    assert read_spec(spec) == {"value": 2}
+    assert read_spec(spec) == {"value": 2}
+
+
+def test_a_corrupt_cache_entry_is_replaced(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("value: 1\n")
+    read_spec(spec)
+    (entry,) = (tmp_path / "__pycache__").iterdir()
+    entry.write_bytes(b"\x00garbage")
+    assert read_spec(spec) == {"value": 1}
+    assert read_spec(spec) == {"value": 1}
+    assert entry.read_bytes() != b"\x00garbage"
+
+
+def test_a_read_only_spec_directory_caches_in_the_user_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = specs / "s.yaml"
+    spec.write_text("value: 1\n")
+    (specs / "__pycache__").write_text("not a directory")  # the package's cache is unusable
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dirs(specs)[1] == tmp_path / "xdg" / "vhsm" / "specs"
+    assert read_spec(spec) == {"value": 1}
+    assert list((tmp_path / "xdg" / "vhsm" / "specs").glob("s.*.marshal"))
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert read_spec(spec) == {"value": 1}

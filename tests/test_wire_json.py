@@ -220,3 +220,26 @@ def test_transcripts_decode_and_reencode(name: str) -> None:
         assert {k: v for k, v in again.items() if k != "decoded"} == core
         messages += 1
     assert messages > 40
+
+
+def test_the_json_forms_load_on_first_use() -> None:
+    """`import vhsm.wire` leaves cattrs out until a JSON name is used."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, vhsm.wire as w\n"
+        "print('cattrs' in sys.modules)\n"
+        "w.payload_to_dict\n"
+        "print('cattrs' in sys.modules)\n"
+        "try:\n"
+        "    w.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "False",
+        "True",
+        "module 'vhsm.wire' has no attribute 'no_such_name'",
+    ]

@@ -10,11 +10,9 @@ own state freely.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +20,8 @@ from vhsm.errors import BackendError, VirtqError
 from vhsm.wire.enums import DEFAULT_MAX_MEM_SLOTS, ProtocolFeature, VirtioFeature
 
 if TYPE_CHECKING:
+    import uuid
+
     from vhsm.memory import GuestMemoryAtomic
     from vhsm.virtq import DescriptorChain
     from vhsm.vring import VringT
@@ -266,6 +266,8 @@ def set_config(backend: VhostUserBackend, offset: int, data: bytes, flags: int) 
 @functools.cache
 def _takes_flags(hook: Callable[..., Any]) -> bool:
     """Whether a config hook accepts a third argument after (self, offset, size/data)."""
+    import inspect  # once per hook (cached): a daemon does not carry inspect otherwise
+
     try:
         params = list(inspect.signature(hook).parameters.values())
     except (TypeError, ValueError):

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vhsm import inflight
 from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import LOG_PAGE_SHIFT, DirtyLog
 from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
@@ -29,6 +28,7 @@ from vhsm.wire import ProtocolFeature, VirtioFeature
 from vhsm.worker import VringEpollHandler
 
 if TYPE_CHECKING:
+    from vhsm import inflight
     from vhsm.backend import VhostUserBackend
     from vhsm.session import Session
     from vhsm.wire.payloads import (
@@ -442,6 +442,8 @@ class DevicePlane:
 
     def get_inflight_fd(self, desc: VhostUserInflight) -> tuple[VhostUserInflight, int]:
         """Allocate a zeroed inflight buffer; the fd is kept here and closed on reset."""
+        from vhsm import inflight  # numpy: only for front-ends that track inflight requests
+
         packed = bool(self._acked & VirtioFeature.RING_PACKED)
         reply, fd = inflight.allocate(desc.num_queues, desc.queue_size, packed)
         # The previous buffer's reply is long sent: the front-end holds it, we need not.
@@ -453,6 +455,8 @@ class DevicePlane:
 
     def set_inflight_fd(self, desc: VhostUserInflight, fd: int) -> None:
         """Map the buffer handed back; rings resubmit its in-flight requests when started."""
+        from vhsm import inflight
+
         packed = bool(self._acked & VirtioFeature.RING_PACKED)
         buffer = inflight.attach(desc, fd, packed=packed)
         self._close_inflight(keep_fds=True)

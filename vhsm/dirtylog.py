@@ -10,7 +10,7 @@ re-set bits it already collected (an extra page copy), never lose one of ours.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import os
 import threading
@@ -20,6 +20,7 @@ from vhsm.errors import GuestMemoryError, WireError
 from vhsm.memory import map_fd
 
 if TYPE_CHECKING:
+    import ctypes
     from collections.abc import Callable
 
     from vhsm.wire.payloads import VhostUserLog
@@ -35,7 +36,11 @@ LOG_PAGE_SIZE = 1 << LOG_PAGE_SHIFT
 _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
 
-def _load_fetch_or() -> Callable[[int, int, int], int] | None:
+@functools.cache
+def _fetch_or() -> Callable[[int, int, int], int] | None:
+    """The byte OR of libatomic, loaded with the first log (not a daemon's until then)."""
+    import ctypes
+
     for name in ("libatomic.so.1", "libatomic.so"):
         try:
             lib = ctypes.CDLL(name)
@@ -49,12 +54,9 @@ def _load_fetch_or() -> Callable[[int, int, int], int] | None:
     return None
 
 
-_FETCH_OR = _load_fetch_or()
-
-
 def atomic_or_available() -> bool:
     """Whether bytes of the log are OR-ed atomically (libatomic loaded)."""
-    return _FETCH_OR is not None
+    return _fetch_or() is not None
 
 
 class DirtyLog:
@@ -79,8 +81,10 @@ class DirtyLog:
         self._closed = False
         self._anchor: ctypes.Array[ctypes.c_char] | None = None
         self._base = 0
-        self._fetch_or = _FETCH_OR if atomic else None
+        self._fetch_or = _fetch_or() if atomic else None
         if self._fetch_or is not None and self._size:
+            import ctypes
+
             # Holding the ctypes object keeps the buffer exported until close().
             self._anchor = (ctypes.c_char * self._size).from_buffer(view)
             self._base = ctypes.addressof(self._anchor)

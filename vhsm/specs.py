@@ -3,19 +3,39 @@
 The same files drive the runtime, the diagrams and the auditor. They live at
 the top of a source checkout and are shipped inside the wheel as
 ``vhsm/specs``; both places are searched, the packaged copy first.
+
+Parsing YAML is slow (a tenth of a second for ``requests.yaml``) and PyYAML
+costs a daemon memory it would carry for nothing, so each parsed document is
+kept in a cache, the way Python keeps bytecode in ``.pyc`` files: a
+``marshal`` dump (exact types, integer keys included) in ``specs/__pycache__``,
+or in ``$XDG_CACHE_HOME/vhsm/specs`` when that directory is read-only. Each
+entry records the SHA-256 of the YAML text it came from and the Python
+``cache_tag``; an entry that does not match the file as it is now is stale and
+ignored, the YAML is parsed again and the cache rewritten. A cache that cannot
+be written costs only the parse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import marshal
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from vhsm._digest import sha256_hex
 from vhsm.errors import VhsmError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: Bumped when the layout of a cache entry changes.
+_CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 def specs_dir() -> Path:
@@ -29,9 +49,69 @@ def specs_dir() -> Path:
 @functools.cache
 def load_spec(name: str) -> Any:
     """Load ``specs/<name>.yaml`` once and return the parsed document."""
-    path = specs_dir() / f"{name}.yaml"
+    return read_spec(specs_dir() / f"{name}.yaml")
+
+
+def cache_dirs(spec_dir: Path) -> list[Path]:
+    """Where parsed documents of ``spec_dir`` are cached, in the order they are tried."""
+    places = [spec_dir / "__pycache__"]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if not xdg:
+        try:
+            xdg = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no home directory (a system user): no user cache
+            return places
+    return [*places, Path(xdg) / "vhsm" / "specs"]
+
+
+def read_spec(path: Path) -> Any:
+    """The document of the YAML file ``path``: from the cache when fresh, else parsed."""
     try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+        text = path.read_bytes()
     except FileNotFoundError as exc:
-        raise VhsmError(f"spec {name!r} not found: {path}") from exc
+        raise VhsmError(f"spec {path.stem!r} not found: {path}") from exc
+    key = (_CACHE_FORMAT, sys.implementation.cache_tag, sha256_hex(text))
+    entry = f"{path.stem}.{sys.implementation.cache_tag}.marshal"
+    places = [d / entry for d in cache_dirs(path.parent)]
+    for place in places:
+        doc = _cached(place, key)
+        if doc is not None:
+            return doc[0]
+    import yaml  # only when no cache entry is fresh: a daemon normally never loads it
+
+    document = yaml.safe_load(text)
+    for place in places:
+        if _store(place, key, document):
+            break
+    return document
+
+
+def _cached(place: Path, key: tuple[int, str | None, str]) -> tuple[Any] | None:
+    """(document,) from the cache entry at ``place`` when it was made from ``key``."""
+    try:
+        stored = marshal.loads(place.read_bytes())
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    if not (isinstance(stored, tuple) and len(stored) == 2 and stored[0] == key):
+        return None
+    return (stored[1],)
+
+
+def _store(place: Path, key: tuple[int, str | None, str], document: Any) -> bool:
+    """Write a cache entry atomically (another daemon may read it meanwhile)."""
+    try:
+        data = marshal.dumps((key, document))
+    except ValueError:  # a type marshal cannot hold: nothing to cache
+        return False
+    tmp = place.with_name(f".{place.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        place.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as handle:
+            handle.write(data)
+        os.replace(tmp, place)
+    except OSError as exc:
+        log.debug("spec cache %s not written: %s", place, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True

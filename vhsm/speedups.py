@@ -16,11 +16,12 @@ in one process by setting it (``monkeypatch.setattr(speedups, "accel", None)``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from types import ModuleType
+
+from vhsm._digest import sha256_hex
 
 #: The environment variable that forces the pure-Python data path.
 PURE_ENV = "VHSM_PURE_PYTHON"
@@ -38,7 +39,7 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, f"pure Python (compiled accelerator not available: {exc})"
     source = Path(__file__).with_name("_speedups.c")
     built_from: str = _speedups.source_sha256
-    if source.exists() and hashlib.sha256(source.read_bytes()).hexdigest() != built_from:
+    if source.exists() and sha256_hex(source.read_bytes()) != built_from:
         _logger.warning(
             "vhsm._speedups was built from another _speedups.c: using the pure-Python data "
             "path (rebuild with `make speedups` or `pip install -e .`)"

@@ -11,18 +11,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhsm.errors import VirtqError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
-from vhsm.virtq.batch import Batch
-from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import DirtyLogLike
-from vhsm.virtq.sink_pass import SinkPass
 from vhsm.vring_state import VringState
 from vhsm.wire.enums import MAX_QUEUE_SIZE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vhsm.virtq.batch import Batch
+    from vhsm.virtq.chain import DescriptorChain
+    from vhsm.virtq.common import DirtyLogLike
+    from vhsm.virtq.sink_pass import SinkPass
 
 __all__ = ["RwLock", "VringMutex", "VringRwLock", "VringState", "VringT"]
 

@@ -32,20 +32,25 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from vhsm import virtq
 from vhsm.errors import GuestMemoryError, VhsmError, VirtqError
-from vhsm.inflight import InflightChain, InflightPacked
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
-from vhsm.virtq.batch import Batch
-from vhsm.virtq.chain import DescriptorChain
-from vhsm.virtq.common import DirtyLogLike, check_queue_size, length_list
-from vhsm.virtq.packed import PackedQueue
-from vhsm.virtq.sink_pass import YIELDED, SinkPass, sink_pass_packed, sink_pass_split
-from vhsm.virtq.split import SplitQueue
 from vhsm.wire.enums import MAX_QUEUE_SIZE, PACKED_BASE_INITIAL, VirtioFeature
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vhsm.inflight import InflightChain
+    from vhsm.virtq.batch import Batch
+    from vhsm.virtq.chain import DescriptorChain
+    from vhsm.virtq.common import DirtyLogLike
+    from vhsm.virtq.packed import PackedQueue
+    from vhsm.virtq.sink_pass import SinkPass
+    from vhsm.virtq.split import SplitQueue
+
+    Queue = SplitQueue | PackedQueue
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,6 @@ _LOG_ALL = int(VirtioFeature.LOG_ALL)
 _INDIRECT_DESC = int(VirtioFeature.RING_INDIRECT_DESC)
 _EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
 _RING_PACKED = int(VirtioFeature.RING_PACKED)
-
-Queue = SplitQueue | PackedQueue
 
 #: The pass budget of a ring no worker drives (tests, standalone use): unbounded.
 _UNBOUNDED = 1 << 62
@@ -182,7 +185,7 @@ class VringState:
         elif self.queue is not None:
             self.queue.set_event_idx(self.event_idx)
             self.queue.set_indirect(bool(features & _INDIRECT_DESC))
-            if isinstance(self.queue, SplitQueue):
+            if isinstance(self.queue, virtq.SplitQueue):
                 self.queue.notify_on_empty = bool(features & _NOTIFY_ON_EMPTY)
             self._apply_log()
 
@@ -192,6 +195,8 @@ class VringState:
 
     def set_queue_size(self, num: int) -> None:
         """SET_VRING_NUM: ValueError if the layout cannot have that size (VU-RING-002)."""
+        from vhsm.virtq.common import check_queue_size  # numpy: only once a ring is set up
+
         check_queue_size(num, packed=self.packed, limit=self.max_queue_size)
         self.size = num
         if self.addr_set:
@@ -253,7 +258,7 @@ class VringState:
             base = self.base
         else:
             base = PACKED_BASE_INITIAL  # packed ring, no SET_VRING_BASE
-        next_used = old.next_used if carry and isinstance(old, SplitQueue) else None
+        next_used = old.next_used if carry and isinstance(old, virtq.SplitQueue) else None
         mem = self._snapshot()
         n = self.size
         common: dict[str, Any] = {
@@ -272,7 +277,8 @@ class VringState:
             # an area the ring layout cannot use (host alignment, read-only mapping)
             raise GuestMemoryError(f"ring {self.index}: {exc}", "VU-RING-003") from None
         if old is not None:
-            if carry and isinstance(old, PackedQueue) and isinstance(queue, PackedQueue):
+            packed = virtq.PackedQueue
+            if carry and isinstance(old, packed) and isinstance(queue, packed):
                 queue.take_in_flight(old)  # buffers popped before the rebuild stay completable
             old.release()
         self.queue = queue
@@ -316,7 +322,7 @@ class VringState:
         """The queue object over the translated areas (ValueError: an area is unusable)."""
         queue: Queue
         if self.packed:
-            queue = PackedQueue(
+            queue = virtq.PackedQueue(
                 mem,
                 n,
                 mem.translate(self.desc_addr, 16 * n),
@@ -326,7 +332,7 @@ class VringState:
                 **common,
             )
         else:
-            queue = SplitQueue(
+            queue = virtq.SplitQueue(
                 mem,
                 n,
                 mem.translate(self.desc_addr, 16 * n),
@@ -355,7 +361,7 @@ class VringState:
         if q is None:
             return
         active = self.log if self.features & _LOG_ALL else None
-        if isinstance(q, SplitQueue):
+        if isinstance(q, virtq.SplitQueue):
             q.set_log(active, self.log_addr)
         else:
             q.set_log(active, self.desc_addr if self.log_addr is not None else None, self.log_addr)
@@ -379,15 +385,19 @@ class VringState:
         q = self.queue
         if inflight is None or q is None:
             return
+        from vhsm.inflight import InflightPacked  # loaded with the region (numpy)
+
         try:
-            if isinstance(q, SplitQueue) and inflight.new:
+            if isinstance(q, virtq.SplitQueue) and inflight.new:
                 # nothing recorded (e.g. a migration destination's region): adopt the ring
                 inflight.adopt(q.used_idx())
             elif (
-                isinstance(q, PackedQueue) and isinstance(inflight, InflightPacked) and inflight.new
+                isinstance(q, virtq.PackedQueue)
+                and isinstance(inflight, InflightPacked)
+                and inflight.new
             ):
                 inflight.adopt(q.next_used, q.used_wrap)
-            elif isinstance(q, SplitQueue):
+            elif isinstance(q, virtq.SplitQueue):
                 used = q.used_idx()
                 self._resubmit = list(inflight.resubmit(used))
                 q.set_next_avail((used + len(self._resubmit)) & 0xFFFF)
@@ -427,7 +437,7 @@ class VringState:
             q.set_base(num)  # checked before anything changes (a packed index past the size)
         self.base = num
         self.base_set = True
-        if isinstance(q, SplitQueue):
+        if isinstance(q, virtq.SplitQueue):
             q.set_next_used(q.used_idx())  # the used index comes from guest memory
         self._repaired()
 
@@ -437,19 +447,19 @@ class VringState:
 
     def set_queue_next_avail(self, base: int) -> None:
         """Set the next avail index (split)."""
-        if isinstance(self.queue, SplitQueue):
+        if isinstance(self.queue, virtq.SplitQueue):
             self.queue.set_next_avail(base)
         self.base = base & 0xFFFF
 
     def set_queue_next_used(self, idx: int) -> None:
         """Set the next used index (split)."""
-        if isinstance(self.queue, SplitQueue):
+        if isinstance(self.queue, virtq.SplitQueue):
             self.queue.set_next_used(idx)
 
     def queue_used_idx(self) -> int:
         """The used index in guest memory (split) or the device's next used position."""
         q = self._require()
-        return q.used_idx() if isinstance(q, SplitQueue) else q.next_used
+        return q.used_idx() if isinstance(q, virtq.SplitQueue) else q.next_used
 
     # ------------------------------------------------------------------ fds
     def set_kick(self, fd: int | None) -> None:
@@ -545,7 +555,7 @@ class VringState:
         try:
             if self.inflight is None:
                 chain = q.pop()
-            elif isinstance(q, PackedQueue):
+            elif isinstance(q, virtq.PackedQueue):
                 chain = self._pop_packed(q)
             elif self._resubmit:
                 chain = q._walk(self._resubmit.pop(0))
@@ -609,7 +619,7 @@ class VringState:
     def pop_batch(self, max_chains: int = 1 << 16) -> Batch:
         """Take up to ``max_chains`` chains at once (numpy arrays, see Batch)."""
         q = self._require()
-        if self.inflight is not None and (isinstance(q, PackedQueue) or self._resubmit):
+        if self.inflight is not None and (isinstance(q, virtq.PackedQueue) or self._resubmit):
             batch = q.empty_batch()  # tracked chains are popped one by one (budgeted by pop)
             while len(batch) < max_chains:
                 try:
@@ -633,7 +643,7 @@ class VringState:
             self.mark_broken(exc.detail)
             return q.empty_batch()
         self._left = left - len(batch)
-        if self.inflight is not None and isinstance(q, SplitQueue):
+        if self.inflight is not None and isinstance(q, virtq.SplitQueue):
             for head in [*batch.heads.tolist(), *(c.head for c in batch.chains)]:
                 self.inflight.fetch(head)
         return batch
@@ -642,7 +652,7 @@ class VringState:
         """Publish one used element."""
         q = self._require()
         self._notify = None
-        if self.inflight is not None and isinstance(q, SplitQueue):
+        if self.inflight is not None and isinstance(q, virtq.SplitQueue):
 
             def publish() -> int:
                 q.add_used(head, length)
@@ -664,7 +674,7 @@ class VringState:
         """Publish many used elements at once."""
         q = self._require()
         self._notify = None
-        if self.inflight is not None and isinstance(q, SplitQueue):
+        if self.inflight is not None and isinstance(q, virtq.SplitQueue):
             heads = [int(h) for h in ids]
 
             def publish() -> int:
@@ -682,6 +692,8 @@ class VringState:
         self, q: Queue, ids: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndarray | int
     ) -> None:
         """Complete tracked packed buffers as one inflight batch (checked before any write)."""
+        from vhsm.virtq.common import length_list
+
         bids = [int(b) for b in ids]
         lns = length_list(lens, len(bids))
         slots = [self._slot_of.get(b) for b in bids]
@@ -731,15 +743,15 @@ class VringState:
         call = self.call
         if q is None or call is None or self.inflight is not None or self.broken is not None:
             return None
-        if isinstance(q, SplitQueue):
-            done = sink_pass_split(q, self._left, call, skip, checksum)
+        if isinstance(q, virtq.SplitQueue):
+            done = virtq.sink_pass_split(q, self._left, call, skip, checksum)
         else:
-            done = sink_pass_packed(q, self._left, call, skip, checksum)
+            done = virtq.sink_pass_packed(q, self._left, call, skip, checksum)
         if done is None:
             return None
         self._left = done.left
         self._notify = None
-        if done.status == YIELDED:
+        if done.status == virtq.YIELDED:
             self.yielded = True
         return done
 

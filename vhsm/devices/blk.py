@@ -22,13 +22,12 @@ Teaching notes:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import functools
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from vhsm.backend import (
@@ -310,9 +309,28 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_ZEROS = bytes(1 << 20)
+_ZERO_CHUNK = 1 << 20
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    """The C library's fallocate(2), found once, when a guest first discards or zeroes.
+
+    ctypes is imported here, not with the module: an idle daemon does not carry it.
+    The C library is the one Python itself runs on (``CDLL(None)``).
+    """
+    import ctypes
+
+    func = ctypes.CDLL(None, use_errno=True).fallocate
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    """A chunk of zeros for file systems that can neither punch holes nor zero ranges."""
+    return memoryview(bytes(_ZERO_CHUNK))
 
 
 def _zero_range(fd: int, offset: int, length: int, *, unmap: bool) -> None:
@@ -321,9 +339,10 @@ def _zero_range(fd: int, offset: int, length: int, *, unmap: bool) -> None:
     Falls back to writing zeros where the file system supports neither.
     """
     mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if unmap else FALLOC_FL_ZERO_RANGE
-    if length == 0 or _libc.fallocate(fd, mode, offset, length) == 0:
+    if length == 0 or _fallocate()(fd, mode, offset, length) == 0:
         return
+    zeros = _zeros()
     while length:
-        n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
+        n = os.pwrite(fd, zeros[: min(length, _ZERO_CHUNK)], offset)
         offset += n
         length -= n

@@ -1,6 +1,13 @@
-"""vhsm.wire: the sans-IO codec of vhost-user messages (header, payloads, framing, JSON)."""
+"""vhsm.wire: the sans-IO codec of vhost-user messages (header, payloads, framing, JSON).
+
+The JSON forms (`vhsm.wire.jsonconv`, built on cattrs) are imported on first use:
+a daemon serves without them.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from vhsm.wire.catalogue import Check, RequestSpec, catalogue, request_spec
 from vhsm.wire.enums import (
@@ -36,14 +43,6 @@ from vhsm.wire.framing import (
     make_reply,
     make_request,
 )
-from vhsm.wire.jsonconv import (
-    RecordError,
-    describe_payload,
-    message_to_record,
-    payload_from_dict,
-    payload_to_dict,
-    record_to_message,
-)
 from vhsm.wire.payloads import (
     PAYLOAD_CLASSES,
     Payload,
@@ -65,6 +64,38 @@ from vhsm.wire.payloads import (
     VhostUserVringFd,
     VhostUserVringState,
 )
+
+if TYPE_CHECKING:
+    from vhsm.wire.jsonconv import (
+        RecordError,
+        describe_payload,
+        message_to_record,
+        payload_from_dict,
+        payload_to_dict,
+        record_to_message,
+    )
+
+#: Names served by `vhsm.wire.jsonconv`, imported when one is first asked for.
+_JSON_NAMES = frozenset(
+    {
+        "RecordError",
+        "describe_payload",
+        "message_to_record",
+        "payload_from_dict",
+        "payload_to_dict",
+        "record_to_message",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the JSON conversions (cattrs) only when one of their names is used."""
+    if name in _JSON_NAMES:
+        value = getattr(importlib.import_module("vhsm.wire.jsonconv"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MAX_MEM_SLOTS",
