@@ -196,6 +196,26 @@ def test_blk_qemu_storage_daemon_runs(bench: dict[str, Any], tmp_path: Path) -> 
     assert out.requests > 0 and out.cpu >= 0
 
 
+def test_idle_memory_runs(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backends = "vhsm" + (",qsd" if shutil.which("qemu-storage-daemon") else "")
+    args = ["--daemons", "2", "--settle", "0.2", "--requests", "20", "--backends", backends]
+    assert bench["idle"].main([*args, "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    states = [line.split()[0] for line in lines[2:5]]
+    assert states == ["idle", "served", "2"]
+    # three figures (RSS / anon / PSS) per back-end, each a positive number of MiB
+    figures = [float(x) for x in lines[2].split()[1:] if x != "/"]
+    assert len(figures) == 3 * len(backends.split(",")) and min(figures) > 0
+
+
+def test_idle_memory_of_a_process(bench: dict[str, Any]) -> None:
+    mem = bench["idle"].memory_of(os.getpid())
+    assert mem.rss > 0 and mem.anon > 0 and mem.pss > 0
+    assert mem.anon <= mem.rss
+
+
 def test_latency_runs(
     bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
