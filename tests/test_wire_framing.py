@@ -24,13 +24,13 @@ from vhsm.wire import (
     HeaderFlags,
     Message,
     ProtocolFeature,
-    catalogue,
     decode_message,
     encode,
     make_reply,
     make_request,
 )
 from vhsm.wire import payloads as p
+from vhsm.wire.catalogue import catalogue
 from vhsm.wire.framing import HEADER
 
 F = FrontendReq

@@ -19,7 +19,6 @@ from vhsm.wire import (
     FrontendReq,
     Message,
     RecordError,
-    catalogue,
     encode,
     make_reply,
     make_request,
@@ -29,6 +28,7 @@ from vhsm.wire import (
     record_to_message,
 )
 from vhsm.wire import payloads as p
+from vhsm.wire.catalogue import catalogue
 from vhsm.wire.framing import HEADER, decode_message
 
 DATA = Path(__file__).parent / "data"

@@ -25,19 +25,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vhsm.backend_channel import mark_control_thread
 from vhsm.device_plane import DevicePlane
 from vhsm.errors import FramingError, ProtocolViolation, VhsmError
 from vhsm.memory import GuestMemoryAtomic, RegionMapper
-from vhsm.session import StateListener
-from vhsm.session.connection import Connection
 from vhsm.signals import stop_on_signals
-from vhsm.transport import MessageReader, PeerClosed, send_message
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from vhsm.backend import VhostUserBackend
+    from vhsm.session import StateListener
+    from vhsm.session.connection import Connection
+    from vhsm.transport import MessageReader
     from vhsm.worker import VringEpollHandler
 
 log = logging.getLogger(__name__)
@@ -475,7 +474,15 @@ class VhostUserDaemon:
 
     # --- one connection -----------------------------------------------------------
     def _handle_connection(self, conn: socket.socket) -> None:
-        """Run one front-end's session on this thread until it ends; then reset."""
+        """Run one front-end's session on this thread until it ends; then reset.
+
+        The session machinery (state machines, payload classes, framing) is imported
+        here, with the first front-end: a daemon waiting for its VM does not hold it.
+        """
+        from vhsm.backend_channel import mark_control_thread
+        from vhsm.session.connection import Connection
+        from vhsm.transport import MessageReader
+
         with self._lock:
             if self._stopped:
                 conn.close()
@@ -509,6 +516,8 @@ class VhostUserDaemon:
     def _message_loop(self, connection: Connection, reader: MessageReader) -> None:
         # One message at a time, its reply sent before the next is read: main-channel
         # requests are answered strictly in arrival order (VU-STATE-010).
+        from vhsm.transport import PeerClosed, send_message
+
         session = connection.session
         msg = None
         try:

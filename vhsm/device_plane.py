@@ -17,12 +17,10 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vhsm.backend_channel import BackendChannel
 from vhsm.dirtylog import LOG_PAGE_SHIFT, DirtyLog
 from vhsm.errors import BackendError, GuestMemoryError, VirtqError, WireError
 from vhsm.fdcheck import take_notifier, take_stream_socket
 from vhsm.memory import GuestMemory, GuestMemoryAtomic, shrunk_mappings
-from vhsm.session.rules import rule
 from vhsm.vring import VringMutex
 from vhsm.wire import ProtocolFeature, VirtioFeature
 from vhsm.worker import VringEpollHandler
@@ -30,6 +28,7 @@ from vhsm.worker import VringEpollHandler
 if TYPE_CHECKING:
     from vhsm import inflight
     from vhsm.backend import VhostUserBackend
+    from vhsm.backend_channel import BackendChannel
     from vhsm.session import Session
     from vhsm.wire.payloads import (
         VhostUserInflight,
@@ -155,6 +154,8 @@ class DevicePlane:
             with self._lost_lock:
                 if self._lost is not None:
                     return self._lost
+                from vhsm.session.rules import rule
+
                 self._lost = f"VU-FD-004: {shrunk[0]} ({rule('VU-FD-004').statement})"
             if self.on_mapping_lost is not None:
                 self.on_mapping_lost(self._lost)
@@ -427,6 +428,8 @@ class DevicePlane:
         sock = take_stream_socket(fd, "SET_BACKEND_REQ_FD")
         if self._channel is not None:
             self._channel.close()
+        from vhsm.backend_channel import BackendChannel
+
         self._channel = BackendChannel(
             sock.detach(), lambda: self.protocol_features, suspended=lambda: self.suspended
         )

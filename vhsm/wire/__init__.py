@@ -1,7 +1,10 @@
 """vhsm.wire: the sans-IO codec of vhost-user messages (header, payloads, framing, JSON).
 
-The JSON forms (`vhsm.wire.jsonconv`, built on cattrs) are imported on first use:
-a daemon serves without them.
+Every name below is imported from its module when it is first used: a daemon
+waiting for a front-end holds the enumerations it needs (`vhsm.wire.enums`) and
+none of the payload classes, the framing or the JSON forms (attrs, cattrs).
+`vhsm.wire.catalogue` is the module of the request catalogue (its function
+``catalogue()`` is `vhsm.wire.catalogue.catalogue`).
 """
 
 from __future__ import annotations
@@ -9,63 +12,45 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from vhsm.wire.catalogue import Check, RequestSpec, catalogue, request_spec
-from vhsm.wire.enums import (
-    DEFAULT_MAX_MEM_SLOTS,
-    MAX_MEM_REGIONS,
-    MAX_PAYLOAD,
-    MAX_QUEUE_SIZE,
-    VRING_NOFD_MASK,
-    BackendReq,
-    BlkFeature,
-    Channel,
-    ConfigFlags,
-    DeviceStatus,
-    FrontendReq,
-    HeaderFlags,
-    IotlbPerm,
-    IotlbType,
-    NetFeature,
-    ProtocolFeature,
-    TransferDirection,
-    TransferPhase,
-    VirtioFeature,
-    feature_names,
-    request_name,
-)
-from vhsm.wire.framing import (
-    HEADER_SIZE,
-    MAX_FDS,
-    Decoder,
-    Message,
-    decode_message,
-    encode,
-    make_reply,
-    make_request,
-)
-from vhsm.wire.payloads import (
-    PAYLOAD_CLASSES,
-    Payload,
-    VhostUserConfig,
-    VhostUserInflight,
-    VhostUserIotlb,
-    VhostUserLog,
-    VhostUserMemory,
-    VhostUserMemoryRegion,
-    VhostUserMMap,
-    VhostUserOpaque,
-    VhostUserShared,
-    VhostUserShMemConfig,
-    VhostUserSingleMemoryRegion,
-    VhostUserTransferDeviceState,
-    VhostUserU64,
-    VhostUserVringAddr,
-    VhostUserVringArea,
-    VhostUserVringFd,
-    VhostUserVringState,
-)
-
 if TYPE_CHECKING:
+    from vhsm.wire.catalogue import (
+        Check,
+        RequestSpec,
+        request_spec,
+    )
+    from vhsm.wire.enums import (
+        DEFAULT_MAX_MEM_SLOTS,
+        MAX_MEM_REGIONS,
+        MAX_PAYLOAD,
+        MAX_QUEUE_SIZE,
+        VRING_NOFD_MASK,
+        BackendReq,
+        BlkFeature,
+        Channel,
+        ConfigFlags,
+        DeviceStatus,
+        FrontendReq,
+        HeaderFlags,
+        IotlbPerm,
+        IotlbType,
+        NetFeature,
+        ProtocolFeature,
+        TransferDirection,
+        TransferPhase,
+        VirtioFeature,
+        feature_names,
+        request_name,
+    )
+    from vhsm.wire.framing import (
+        HEADER_SIZE,
+        MAX_FDS,
+        Decoder,
+        Message,
+        decode_message,
+        encode,
+        make_reply,
+        make_request,
+    )
     from vhsm.wire.jsonconv import (
         RecordError,
         describe_payload,
@@ -74,27 +59,98 @@ if TYPE_CHECKING:
         payload_to_dict,
         record_to_message,
     )
+    from vhsm.wire.payloads import (
+        PAYLOAD_CLASSES,
+        Payload,
+        VhostUserConfig,
+        VhostUserInflight,
+        VhostUserIotlb,
+        VhostUserLog,
+        VhostUserMemory,
+        VhostUserMemoryRegion,
+        VhostUserMMap,
+        VhostUserOpaque,
+        VhostUserShared,
+        VhostUserShMemConfig,
+        VhostUserSingleMemoryRegion,
+        VhostUserTransferDeviceState,
+        VhostUserU64,
+        VhostUserVringAddr,
+        VhostUserVringArea,
+        VhostUserVringFd,
+        VhostUserVringState,
+    )
 
-#: Names served by `vhsm.wire.jsonconv`, imported when one is first asked for.
-_JSON_NAMES = frozenset(
-    {
-        "RecordError",
-        "describe_payload",
-        "message_to_record",
-        "payload_from_dict",
-        "payload_to_dict",
-        "record_to_message",
-    }
-)
+#: Each public name and the module of `vhsm.wire` that defines it.
+_HOME = {
+    "Check": "catalogue",
+    "RequestSpec": "catalogue",
+    "request_spec": "catalogue",
+    "DEFAULT_MAX_MEM_SLOTS": "enums",
+    "MAX_MEM_REGIONS": "enums",
+    "MAX_PAYLOAD": "enums",
+    "MAX_QUEUE_SIZE": "enums",
+    "VRING_NOFD_MASK": "enums",
+    "BackendReq": "enums",
+    "BlkFeature": "enums",
+    "Channel": "enums",
+    "ConfigFlags": "enums",
+    "DeviceStatus": "enums",
+    "FrontendReq": "enums",
+    "HeaderFlags": "enums",
+    "IotlbPerm": "enums",
+    "IotlbType": "enums",
+    "NetFeature": "enums",
+    "ProtocolFeature": "enums",
+    "TransferDirection": "enums",
+    "TransferPhase": "enums",
+    "VirtioFeature": "enums",
+    "feature_names": "enums",
+    "request_name": "enums",
+    "HEADER_SIZE": "framing",
+    "MAX_FDS": "framing",
+    "Decoder": "framing",
+    "Message": "framing",
+    "decode_message": "framing",
+    "encode": "framing",
+    "make_reply": "framing",
+    "make_request": "framing",
+    "PAYLOAD_CLASSES": "payloads",
+    "Payload": "payloads",
+    "VhostUserConfig": "payloads",
+    "VhostUserInflight": "payloads",
+    "VhostUserIotlb": "payloads",
+    "VhostUserLog": "payloads",
+    "VhostUserMemory": "payloads",
+    "VhostUserMemoryRegion": "payloads",
+    "VhostUserMMap": "payloads",
+    "VhostUserOpaque": "payloads",
+    "VhostUserShared": "payloads",
+    "VhostUserShMemConfig": "payloads",
+    "VhostUserSingleMemoryRegion": "payloads",
+    "VhostUserTransferDeviceState": "payloads",
+    "VhostUserU64": "payloads",
+    "VhostUserVringAddr": "payloads",
+    "VhostUserVringArea": "payloads",
+    "VhostUserVringFd": "payloads",
+    "VhostUserVringState": "payloads",
+    "RecordError": "jsonconv",
+    "describe_payload": "jsonconv",
+    "message_to_record": "jsonconv",
+    "payload_from_dict": "jsonconv",
+    "payload_to_dict": "jsonconv",
+    "record_to_message": "jsonconv",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Import the JSON conversions (cattrs) only when one of their names is used."""
-    if name in _JSON_NAMES:
-        value = getattr(importlib.import_module("vhsm.wire.jsonconv"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """Import a public name's module when the name is first used, then keep it here."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [
@@ -143,7 +199,6 @@ __all__ = [
     "VhostUserVringFd",
     "VhostUserVringState",
     "VirtioFeature",
-    "catalogue",
     "decode_message",
     "describe_payload",
     "encode",
