@@ -167,45 +167,65 @@ class BlkBackend(VhostUserBackend):
         drain(vrings[device_event], lambda chain: self.process(chain, device_event))
 
     def process(self, chain: DescriptorChain, queue: int = 0) -> int:
-        """Serve one request; returns the used length (the chain's writable size)."""
-        if not chain.writable_len:
+        """Serve one request; returns the used length (the chain's writable size).
+
+        Every driver puts the header alone in the first descriptor and the status
+        byte alone in the last one: that layout is read without copying or
+        re-slicing; any other arrangement of the same bytes is served the same way.
+        """
+        wlen = chain.writable_len
+        if not wlen:
             log.warning("blk queue %d head %d: no writable status byte", queue, chain.head)
             return 0
-        status_view, data_out = _split_tail(chain.writable)
+        writable = chain.writable
+        last = writable[-1]  # the status byte is the last writable byte
         if chain.readable_len < HEADER.size:
             log.warning("blk queue %d head %d: short header", queue, chain.head)
-            status_view[0] = VIRTIO_BLK_S_IOERR
-            return chain.writable_len
-        rtype, _ioprio, sector = HEADER.unpack(chain.read(HEADER.size))
-        data_in = _skip(chain.readable, HEADER.size)
+            last[-1] = VIRTIO_BLK_S_IOERR
+            return wlen
+        readable = chain.readable
+        first = readable[0]
+        if len(first) == HEADER.size:
+            rtype, _ioprio, sector = HEADER.unpack(first)
+            data_in = list(readable[1:])
+        else:
+            rtype, _ioprio, sector = HEADER.unpack_from(chain.read(HEADER.size))
+            data_in = _skip(readable, HEADER.size)
+        data_out = list(writable[:-1]) if len(last) == 1 else [*writable[:-1], last[:-1]]
         try:
-            status = self._dispatch(rtype, sector, data_in, data_out)
+            status = self._dispatch(rtype, sector, data_in, data_out, wlen - 1)
         except OSError as exc:
             log.warning(
                 "blk queue %d: request type %d sector %d: %s", queue, rtype, sector, str(exc)
             )
             status = VIRTIO_BLK_S_IOERR
-        status_view[0] = status
-        return chain.writable_len
+        last[-1] = status
+        return wlen
 
     def _dispatch(
-        self, rtype: int, sector: int, data_in: list[memoryview], data_out: list[memoryview]
+        self,
+        rtype: int,
+        sector: int,
+        data_in: list[memoryview],
+        data_out: list[memoryview],
+        out_len: int,
     ) -> int:
-        """Run one request; returns its status."""
+        """Run one request (``out_len``: the bytes of ``data_out``); returns its status."""
         if rtype == VIRTIO_BLK_T_IN:
             # a read needs somewhere to put the data, and no device-readable data
             if data_in or not data_out or not _within_limits(data_out):
                 return VIRTIO_BLK_S_IOERR
-            if not self._in_range(sector, sum(len(v) for v in data_out)):
+            if not self._in_range(sector, out_len):
                 return VIRTIO_BLK_S_IOERR
-            _preadv_all(self.fd, data_out, sector * SECTOR)
+            _preadv_all(self.fd, data_out, sector * SECTOR, out_len)
             return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_OUT:
             if self.read_only or not _within_limits(data_in):
                 return VIRTIO_BLK_S_IOERR
-            if not self._in_range(sector, sum(len(v) for v in data_in)):
+            in_len = sum(map(len, data_in))
+            if not self._in_range(sector, in_len):
                 return VIRTIO_BLK_S_IOERR
-            _pwritev_all(self.fd, data_in, sector * SECTOR)
+            _pwritev_all(self.fd, data_in, sector * SECTOR, in_len)
             return VIRTIO_BLK_S_OK
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.read_only:
@@ -264,14 +284,6 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _split_tail(views: Sequence[memoryview]) -> tuple[memoryview, list[memoryview]]:
-    """(last byte, everything before it) of a non-empty list of non-empty views."""
-    head, last = list(views[:-1]), views[-1]
-    if len(last) > 1:
-        head.append(last[:-1])
-    return last[-1:], head
-
-
 def _scatter(views: list[memoryview], data: bytes) -> int:
     """Copy ``data`` into the views in order; returns bytes copied (short if they are)."""
     done = 0
@@ -287,8 +299,19 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return _skip(views, n)
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fill every view from ``offset``; reading past the end of the file is an error."""
+def _preadv_all(fd: int, views: list[memoryview], offset: int, total: int) -> None:
+    """Fill every view (``total`` bytes) from ``offset``; past the end of the file is an error.
+
+    One ``preadv`` does it unless the read comes back short.
+    """
+    if len(views) <= IOV_MAX:
+        n = os.preadv(fd, views, offset)
+        if n == total:
+            return
+        if n == 0:
+            raise OSError(errno.EIO, "unexpected end of image")
+        offset += n
+        views = _advance(views, n)
     while views:
         n = os.preadv(fd, views[:IOV_MAX], offset)
         if n == 0:
@@ -297,8 +320,14 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
         views = _advance(views, n)
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write every view at ``offset`` (retrying short writes)."""
+def _pwritev_all(fd: int, views: list[memoryview], offset: int, total: int) -> None:
+    """Write every view (``total`` bytes) at ``offset``, retrying short writes."""
+    if len(views) <= IOV_MAX:
+        n = os.pwritev(fd, views, offset)
+        if n == total:
+            return
+        offset += n
+        views = _advance(views, n)
     while views:
         n = os.pwritev(fd, views[:IOV_MAX], offset)
         offset += n
