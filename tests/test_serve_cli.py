@@ -545,10 +545,11 @@ sys.exit(main(["serve", "blk", "--file", image, "--socket", sock_path, "--once"]
 
 @pytest.mark.parametrize("pure", [False, True])
 def test_an_idle_daemon_carries_no_numpy_yaml_or_cattrs(workdir: Path, pure: bool) -> None:
-    """What an idle `vhsm serve blk` imports: no numpy, PyYAML, cattrs, ctypes or hashlib.
+    """What an idle `vhsm serve blk` imports: no numpy, PyYAML, cattrs, attrs, transitions.
 
-    They cost a daemon resident memory for nothing (numpy alone ~15 MiB): numpy comes
-    with the first ring, YAML only when the spec cache is stale, the rest never.
+    They cost a daemon resident memory for nothing (numpy alone ~15 MiB): the session
+    machinery (transitions, attrs payloads, framing) comes with the first front-end,
+    numpy with the first ring, YAML only when the spec cache is stale, the rest never.
     """
     image = workdir / "disk.img"
     image.write_bytes(bytes(1 << 20))
@@ -564,5 +565,9 @@ def test_an_idle_daemon_carries_no_numpy_yaml_or_cattrs(workdir: Path, pure: boo
         )
     modules = set(out.read_text().split())
     assert {"vhsm.daemon", "vhsm.devices.blk", "vhsm.vring"} <= modules  # it did serve
-    heavy = ("numpy", "yaml", "cattrs", "ctypes", "hashlib", "vhsm.virtq.split", "vhsm.inflight")
-    assert sorted(m for m in modules if m.split(".")[0] in heavy or m in heavy) == []
+    heavy = (
+        *("numpy", "yaml", "cattrs", "attrs", "attr", "transitions", "ctypes", "hashlib"),
+        *("vhsm.session", "vhsm.wire.framing", "vhsm.wire.payloads", "vhsm.virtq.split"),
+        *("vhsm.inflight", "vhsm.transport", "vhsm.backend_channel"),
+    )
+    assert sorted(m for m in modules if m.startswith(heavy)) == []
