@@ -196,6 +196,21 @@ def test_blk_qemu_storage_daemon_runs(bench: dict[str, Any], tmp_path: Path) -> 
     assert out.requests > 0 and out.cpu >= 0
 
 
+def test_blk_device_runs(
+    bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--requests", "64", "--repeat", "1", "--depths", "1,8", "--image-dir", str(tmp_path)]
+    assert bench["blk-device"].main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("split", "1"),
+        ("split", "8"),
+        ("packed", "1"),
+        ("packed", "8"),
+    ]
+    assert all(float(r[2]) > 0 for r in rows)
+
+
 def test_idle_memory_runs(
     bench: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

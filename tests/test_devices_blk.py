@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from devices_support import Bench, eventfd_count
@@ -456,3 +457,45 @@ def test_read_without_writable_data_is_ioerr(bench: Bench) -> None:
     assert bench.used(0) == [(head, 1)]
     assert bench.read(st_gpa, 1) == bytes([IOERR])
     assert bench.read(buf, 512) == b"\xaa" * 512
+
+
+def test_short_transfers_are_completed_by_further_calls(
+    bench: Bench, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preadv/pwritev that moves fewer bytes than asked is continued where it stopped."""
+    real_read, real_write = os.preadv, os.pwritev
+    calls: list[int] = []
+
+    def one_segment_at_a_time(real: Any) -> Any:
+        def call(fd: int, views: Sequence[memoryview], offset: int) -> int:
+            calls.append(len(views))
+            return int(real(fd, [views[0][:512]], offset))
+
+        return call
+
+    monkeypatch.setattr(os, "preadv", one_segment_at_a_time(real_read))
+    monkeypatch.setattr(os, "pwritev", one_segment_at_a_time(real_write))
+    data = bytes(range(256)) * 8
+    assert request(bench, OUT, 4, data=data, split=1024)[:2] == (1, OK)
+    assert len(calls) == 4  # 2 KiB, 512 bytes per call
+    used, status, gpa = request(bench, IN, 4, read_len=2048, split=1024)
+    assert (used, status) == (2049, OK)
+    assert bench.read(gpa, 2048) == data
+    assert image.read_bytes()[4 * 512 : 4 * 512 + 2048] == data
+
+
+def test_header_sharing_a_descriptor_with_the_data(bench: Bench, image: Path) -> None:
+    """The header need not be alone in its descriptor, nor the status byte in its own."""
+    data = b"\x5a" * 512
+    hdr_and_data = bench.alloc(16 + 512, struct.pack("<IIQ", OUT, 0, 3) + data)
+    status = bench.alloc(1, b"\xff")
+    head = bench.post(0, [(hdr_and_data, 16 + 512)], [(status, 1)])
+    bench.kick(0)
+    assert bench.used(0) == [(head, 1)] and bench.read(status, 1) == bytes([OK])
+    assert image.read_bytes()[3 * 512 : 4 * 512] == data
+    hdr = bench.alloc(16, struct.pack("<IIQ", IN, 0, 3))
+    data_and_status = bench.alloc(513, b"\xff" * 513)
+    head = bench.post(0, [(hdr, 16)], [(data_and_status, 513)])
+    bench.kick(0)
+    assert bench.used(0) == [(head, 513)]
+    assert bench.read(data_and_status, 513) == data + bytes([OK])

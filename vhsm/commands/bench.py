@@ -1,4 +1,4 @@
-"""`vhsm bench net|blk|latency|virtq|burst|idle`: run a benchmark script from the source checkout.
+"""`vhsm bench NAME`: run a benchmark script (net, blk, latency, virtq, burst, blk-device, idle).
 
 The scripts live in `benchmarks/` next to the `vhsm` package (they drive external
 programs such as DPDK testpmd and qemu-storage-daemon and are not installed with
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "virtq": ("virtq_bench.py", "device-side chains per second, split and packed rings"),
     "tap": ("net_tap.py", "DPDK virtio-user txonly through vhsm net --tap: frames/s on the TAP"),
     "burst": ("net_burst.py", "the net sink's cost per burst and per packet (no front-end)"),
+    "blk-device": ("blk_device.py", "one 4 KiB request's device-side CPU cost (no front-end)"),
     "idle": ("idle.py", "resident memory of idle daemons: vhsm blk vs qemu-storage-daemon"),
 }
 

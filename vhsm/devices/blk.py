@@ -187,11 +187,11 @@ class BlkBackend(VhostUserBackend):
         first = readable[0]
         if len(first) == HEADER.size:
             rtype, _ioprio, sector = HEADER.unpack(first)
-            data_in = list(readable[1:])
+            data_in = readable[1:]
         else:
             rtype, _ioprio, sector = HEADER.unpack_from(chain.read(HEADER.size))
             data_in = _skip(readable, HEADER.size)
-        data_out = list(writable[:-1]) if len(last) == 1 else [*writable[:-1], last[:-1]]
+        data_out = writable[:-1] if len(last) == 1 else [*writable[:-1], last[:-1]]
         try:
             status = self._dispatch(rtype, sector, data_in, data_out, wlen - 1)
         except OSError as exc:
@@ -206,8 +206,8 @@ class BlkBackend(VhostUserBackend):
         self,
         rtype: int,
         sector: int,
-        data_in: list[memoryview],
-        data_out: list[memoryview],
+        data_in: Sequence[memoryview],
+        data_out: Sequence[memoryview],
         out_len: int,
     ) -> int:
         """Run one request (``out_len``: the bytes of ``data_out``); returns its status."""
@@ -269,6 +269,8 @@ def _within_limits(data: Sequence[memoryview]) -> bool:
     Segments are counted as mapped pieces: a descriptor that crosses a memory-region
     border counts twice (guest RAM regions are not adjacent in practice).
     """
+    if len(data) == 1:  # the usual request: one data buffer
+        return len(data[0]) <= SIZE_MAX
     return len(data) <= SEG_MAX and (not data or max(map(len, data)) <= SIZE_MAX)
 
 
@@ -284,7 +286,7 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _scatter(views: list[memoryview], data: bytes) -> int:
+def _scatter(views: Sequence[memoryview], data: bytes) -> int:
     """Copy ``data`` into the views in order; returns bytes copied (short if they are)."""
     done = 0
     for v in views:
@@ -294,12 +296,12 @@ def _scatter(views: list[memoryview], data: bytes) -> int:
     return done
 
 
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+def _advance(views: Sequence[memoryview], n: int) -> list[memoryview]:
     """Drop ``n`` bytes from the front (after a short read or write)."""
     return _skip(views, n)
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int, total: int) -> None:
+def _preadv_all(fd: int, views: Sequence[memoryview], offset: int, total: int) -> None:
     """Fill every view (``total`` bytes) from ``offset``; past the end of the file is an error.
 
     One ``preadv`` does it unless the read comes back short.
@@ -320,7 +322,7 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int, total: int) -> No
         views = _advance(views, n)
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int, total: int) -> None:
+def _pwritev_all(fd: int, views: Sequence[memoryview], offset: int, total: int) -> None:
     """Write every view (``total`` bytes) at ``offset``, retrying short writes."""
     if len(views) <= IOV_MAX:
         n = os.pwritev(fd, views, offset)
