@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,24 @@ def test_serving_loads_no_audit_frontend_or_diagram_tooling() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_help_wraps_to_columns_without_loading_shutil() -> None:
+    """Building the parsers does not import shutil (nor zlib, bz2, lzma through it)."""
+    probe = (
+        "import sys\n"
+        "from vhsm.cli import build_parser\n"
+        "parser = build_parser(('vhsm.commands.serve',))\n"
+        "print('shutil' in sys.modules)\n"
+        "print(len(parser.format_help().splitlines()))\n"
+    )
+
+    def run(columns: str) -> list[str]:
+        env = {**os.environ, "COLUMNS": columns}
+        return subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+        ).stdout.split()
+
+    narrow, wide = run("40"), run("200")
+    assert narrow[0] == wide[0] == "False"
+    assert int(narrow[1]) > int(wide[1])  # the width is honoured

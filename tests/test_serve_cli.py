@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,10 +101,14 @@ def test_stale_socket_that_cannot_be_removed(capsys, workdir, monkeypatch) -> No
     stale.bind(str(path))
     stale.close()
 
-    def refuse(self: Path, *args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", str(self))
+    real_unlink = os.unlink
 
-    monkeypatch.setattr(Path, "unlink", refuse)  # root ignores a read-only directory's mode
+    def refuse(target: str, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(target) != str(path):
+            return real_unlink(target, *args, **kwargs)
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(os, "unlink", refuse)  # root ignores a read-only directory's mode
     err = one_line_error(capsys, ["serve", "rng", "--socket", str(path)])
     assert "cannot remove the stale socket" in err and "Permission denied" in err
 

@@ -158,7 +158,7 @@ def test_a_read_only_spec_directory_caches_in_the_user_cache(
     spec.write_text("value: 1\n")
     (specs / "__pycache__").write_text("not a directory")  # the package's cache is unusable
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dirs(specs)[1] == tmp_path / "xdg" / "vhsm" / "specs"
+    assert Path(cache_dirs(specs)[1]) == tmp_path / "xdg" / "vhsm" / "specs"
     assert read_spec(spec) == {"value": 1}
     assert list((tmp_path / "xdg" / "vhsm" / "specs").glob("s.*.marshal"))
     monkeypatch.setitem(sys.modules, "yaml", None)

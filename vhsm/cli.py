@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,54 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _terminal_columns() -> int:
+    """The width help is wrapped to: ``$COLUMNS``, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, given the width without ``shutil``.
+
+    argparse builds a formatter for every argument it adds, and without a width
+    the formatter imports ``shutil`` (and with it zlib, bz2 and lzma): a daemon
+    started from the command line would hold them for nothing.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(
+            prog,
+            indent_increment,
+            max_help_position,
+            width if width is not None else _terminal_columns() - 2,
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help formatter is `_Formatter` unless told otherwise.
+
+    Sub-command parsers are built with the parent's class, so they get it too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 class _VersionAction(argparse.Action):
@@ -66,7 +115,7 @@ def command_module(argv: Sequence[str]) -> str | None:
 
 def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
     """The top-level parser with the sub-commands of ``modules`` (default: all)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vhsm", description="vhost-user back-ends in Python, the protocol as state machines"
     )
     parser.add_argument(

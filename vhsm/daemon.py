@@ -22,7 +22,6 @@ import stat
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vhsm.device_plane import DevicePlane
@@ -68,12 +67,13 @@ class Listener:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, backlog: int = LISTEN_BACKLOG) -> None:
-        self.path = Path(path)
+        #: The socket's path (a plain string: a daemon does not carry pathlib).
+        self.path = os.fspath(path)
         _remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             os.fchmod(sock.fileno(), 0o600)
-            sock.bind(str(self.path))
+            sock.bind(self.path)
             sock.listen(backlog)
         except OSError as err:
             sock.close()
@@ -99,7 +99,7 @@ class Listener:
         self.sock.close()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._ino:
-                self.path.unlink()
+                os.unlink(self.path)
 
     def __enter__(self) -> Listener:
         return self
@@ -108,7 +108,7 @@ class Listener:
         self.close()
 
 
-def _remove_stale(path: Path) -> None:
+def _remove_stale(path: str) -> None:
     """Unlink `path` if it is a socket nobody listens on; raise if it is anything else."""
     try:
         mode = os.lstat(path).st_mode
@@ -120,11 +120,11 @@ def _remove_stale(path: Path) -> None:
         raise VhsmError(f"{path} exists and is not a socket: refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.connect(str(path))
+        probe.connect(path)
     except ConnectionRefusedError:
         log.info("removing stale socket %s", path)
         try:
-            path.unlink()
+            os.unlink(path)
         except OSError as err:
             raise VhsmError(
                 f"cannot remove the stale socket {path}: {err.strerror or err}"
@@ -238,11 +238,11 @@ class VhostUserDaemon:
         The first connection is made here (VhsmError after `connect_timeout`
         seconds, None: forever); later reconnects retry in the background.
         """
-        sock = self._connect(Path(path), connect_timeout)
+        sock = self._connect(os.fspath(path), connect_timeout)
         if sock is None:
             raise VhsmError("daemon stopped while connecting")
         self._begin()
-        self._spawn(self._client_loop, f"{self.name}-client", Path(path), sock, once)
+        self._spawn(self._client_loop, f"{self.name}-client", os.fspath(path), sock, once)
 
     def serve(self, path: str | os.PathLike[str], *, once: bool = False) -> None:
         """Listen at `path` and serve until stopped (or, with `once`, one connection).
@@ -405,7 +405,7 @@ class VhostUserDaemon:
         if once:
             self._finish()
 
-    def _client_loop(self, path: Path, sock: socket.socket, once: bool) -> None:
+    def _client_loop(self, path: str, sock: socket.socket, once: bool) -> None:
         current: socket.socket | None = sock
         try:
             while current is not None:
@@ -450,13 +450,13 @@ class VhostUserDaemon:
         self.shutdown_handle().shutdown()
         self._done.set()
 
-    def _connect(self, path: Path, timeout: float | None) -> socket.socket | None:
+    def _connect(self, path: str, timeout: float | None) -> socket.socket | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = RETRY_FIRST
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                sock.connect(str(path))
+                sock.connect(path)
                 return sock
             except OSError as err:
                 sock.close()

@@ -24,13 +24,16 @@ import marshal
 import os
 import sys
 import threading
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhsm._digest import sha256_hex
 from vhsm.errors import VhsmError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# Plain os.path here: a daemon loads its specs at start-up and need not carry pathlib.
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 #: Bumped when the layout of a cache entry changes.
 _CACHE_FORMAT = 1
@@ -38,41 +41,54 @@ _CACHE_FORMAT = 1
 log = logging.getLogger(__name__)
 
 
-def specs_dir() -> Path:
-    """Return the directory holding the YAML specs (wheel copy, else the checkout's)."""
-    for candidate in (_PACKAGE_DIR / "specs", _PACKAGE_DIR.parent / "specs"):
-        if (candidate / "requests.yaml").is_file():
+@functools.cache
+def _specs_path() -> str:
+    for candidate in (
+        os.path.join(_PACKAGE_DIR, "specs"),
+        os.path.join(os.path.dirname(_PACKAGE_DIR), "specs"),
+    ):
+        if os.path.isfile(os.path.join(candidate, "requests.yaml")):
             return candidate
     raise VhsmError(f"vhsm specs/ not found next to {_PACKAGE_DIR} (broken installation?)")
+
+
+def specs_dir() -> Path:
+    """Return the directory holding the YAML specs (wheel copy, else the checkout's)."""
+    from pathlib import Path
+
+    return Path(_specs_path())
 
 
 @functools.cache
 def load_spec(name: str) -> Any:
     """Load ``specs/<name>.yaml`` once and return the parsed document."""
-    return read_spec(specs_dir() / f"{name}.yaml")
+    return read_spec(os.path.join(_specs_path(), f"{name}.yaml"))
 
 
-def cache_dirs(spec_dir: Path) -> list[Path]:
+def cache_dirs(spec_dir: str | os.PathLike[str]) -> list[str]:
     """Where parsed documents of ``spec_dir`` are cached, in the order they are tried."""
-    places = [spec_dir / "__pycache__"]
+    places = [os.path.join(spec_dir, "__pycache__")]
     xdg = os.environ.get("XDG_CACHE_HOME")
     if not xdg:
-        try:
-            xdg = str(Path.home() / ".cache")
-        except (RuntimeError, KeyError):  # no home directory (a system user): no user cache
+        home = os.path.expanduser("~")
+        if home == "~":  # no home directory (a system user): no user cache
             return places
-    return [*places, Path(xdg) / "vhsm" / "specs"]
+        xdg = os.path.join(home, ".cache")
+    return [*places, os.path.join(xdg, "vhsm", "specs")]
 
 
-def read_spec(path: Path) -> Any:
+def read_spec(path: str | os.PathLike[str]) -> Any:
     """The document of the YAML file ``path``: from the cache when fresh, else parsed."""
+    path = os.fspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
     try:
-        text = path.read_bytes()
+        with open(path, "rb") as handle:
+            text = handle.read()
     except FileNotFoundError as exc:
-        raise VhsmError(f"spec {path.stem!r} not found: {path}") from exc
+        raise VhsmError(f"spec {stem!r} not found: {path}") from exc
     key = (_CACHE_FORMAT, sys.implementation.cache_tag, sha256_hex(text))
-    entry = f"{path.stem}.{sys.implementation.cache_tag}.marshal"
-    places = [d / entry for d in cache_dirs(path.parent)]
+    entry = f"{stem}.{sys.implementation.cache_tag}.marshal"
+    places = [os.path.join(d, entry) for d in cache_dirs(os.path.dirname(path))]
     for place in places:
         doc = _cached(place, key)
         if doc is not None:
@@ -86,10 +102,11 @@ def read_spec(path: Path) -> Any:
     return document
 
 
-def _cached(place: Path, key: tuple[int, str | None, str]) -> tuple[Any] | None:
+def _cached(place: str, key: tuple[int, str | None, str]) -> tuple[Any] | None:
     """(document,) from the cache entry at ``place`` when it was made from ``key``."""
     try:
-        stored = marshal.loads(place.read_bytes())
+        with open(place, "rb") as handle:
+            stored = marshal.loads(handle.read())
     except (OSError, EOFError, ValueError, TypeError):
         return None
     if not (isinstance(stored, tuple) and len(stored) == 2 and stored[0] == key):
@@ -97,21 +114,22 @@ def _cached(place: Path, key: tuple[int, str | None, str]) -> tuple[Any] | None:
     return (stored[1],)
 
 
-def _store(place: Path, key: tuple[int, str | None, str], document: Any) -> bool:
+def _store(place: str, key: tuple[int, str | None, str], document: Any) -> bool:
     """Write a cache entry atomically (another daemon may read it meanwhile)."""
     try:
         data = marshal.dumps((key, document))
     except ValueError:  # a type marshal cannot hold: nothing to cache
         return False
-    tmp = place.with_name(f".{place.name}.{os.getpid()}.{threading.get_ident()}")
+    folder, name = os.path.split(place)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}")
     try:
-        place.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("wb") as handle:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, place)
     except OSError as exc:
         log.debug("spec cache %s not written: %s", place, exc)
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         return False
     return True

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from types import ModuleType
 
 from vhsm._digest import sha256_hex
@@ -37,15 +36,20 @@ def _load() -> tuple[ModuleType | None, str]:
         from vhsm import _speedups
     except ImportError as exc:
         return None, f"pure Python (compiled accelerator not available: {exc})"
-    source = Path(__file__).with_name("_speedups.c")
+    source = os.path.join(os.path.dirname(__file__), "_speedups.c")
     built_from: str = _speedups.source_sha256
-    if source.exists() and sha256_hex(source.read_bytes()) != built_from:
+    if os.path.exists(source) and sha256_hex(_read(source)) != built_from:
         _logger.warning(
             "vhsm._speedups was built from another _speedups.c: using the pure-Python data "
             "path (rebuild with `make speedups` or `pip install -e .`)"
         )
         return None, "pure Python (compiled accelerator stale: rebuild it)"
     return _speedups, "compiled accelerator (vhsm._speedups)"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 #: The accelerator module when the compiled data path is active, else None.

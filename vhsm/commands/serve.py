@@ -14,9 +14,9 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vhsm.errors import VhsmError
@@ -143,6 +143,8 @@ def load_backend(spec: str) -> VhostUserBackend:
         raise VhsmError(f"{spec!r}: expected MODULE:CLASS, e.g. my_device:MyBackend")
     try:
         if module_name.endswith(".py") or "/" in module_name:
+            from pathlib import Path
+
             path = Path(module_name)
             if not path.is_file():
                 raise VhsmError(f"{spec}: no file {path}")
@@ -273,11 +275,11 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
     if args.device == "blk":
         from vhsm.devices.blk import BlkBackend
 
-        image = Path(args.file)
-        if not image.exists():
+        image = args.file
+        if not os.path.exists(image):
             raise VhsmError(f"image {image} does not exist")
         try:
-            return BlkBackend(str(image), read_only=args.read_only, num_queues=args.queues)
+            return BlkBackend(image, read_only=args.read_only, num_queues=args.queues)
         except OSError as err:
             raise VhsmError(f"cannot open image {image}: {err.strerror or err}") from err
     if args.device == "net" and args.tap is not None:
@@ -296,6 +298,8 @@ def _make_device(args: argparse.Namespace) -> VhostUserBackend:
         )
         return backend
     if args.device == "vsock":
+        from pathlib import Path
+
         from vhsm.devices.vsock import VsockBackend
 
         uds = Path(args.uds_path)
@@ -309,9 +313,10 @@ def run(args: argparse.Namespace) -> int:
     """Serve until a signal (or `--once`); return the exit status."""
     from vhsm.daemon import HANDSHAKE_TIMEOUT, Listener, VhostUserDaemon, describe
 
-    path = Path(args.socket)
-    if not args.client and not path.parent.is_dir():
-        raise VhsmError(f"cannot create socket {path}: directory {path.parent} does not exist")
+    path = args.socket  # a plain string: pathlib is not needed to serve
+    folder = os.path.dirname(path) or "."
+    if not args.client and not os.path.isdir(folder):
+        raise VhsmError(f"cannot create socket {path}: directory {folder} does not exist")
     mapper = _xen_mapper(args)
     backend = make_backend(args)
     name = type(backend).__name__ if args.device == OWN else f"vhsm-{args.device}"
@@ -360,9 +365,10 @@ def _xen_mapper(args: argparse.Namespace) -> RegionMapper | None:
         return None
     from vhsm.xen import XenMapper, require_privcmd
 
-    devices = Path(args.xen_dir or "/dev/xen")
-    require_privcmd(str(devices / "privcmd"))
-    return XenMapper(privcmd=str(devices / "privcmd"), gntdev=str(devices / "gntdev"))
+    devices = args.xen_dir or "/dev/xen"
+    privcmd = os.path.join(devices, "privcmd")
+    require_privcmd(privcmd)
+    return XenMapper(privcmd=privcmd, gntdev=os.path.join(devices, "gntdev"))
 
 
 def _close(backend: VhostUserBackend) -> None:
