@@ -21,7 +21,6 @@ from vhsm.session.events import (
     value_of,
 )
 from vhsm.session.machines import FeaturesState
-from vhsm.virtq.common import check_queue_size
 from vhsm.wire import VhostUserVringAddr, VhostUserVringState, VirtioFeature
 
 if TYPE_CHECKING:
@@ -42,6 +41,8 @@ def features_acked_first(s: Session, event: EventData) -> bool:
 
 def queue_size_valid(s: Session, event: EventData) -> bool:
     """A size the ring layout and the device can have (`check_queue_size` states the rule)."""
+    from vhsm.virtq.common import check_queue_size  # numpy: with the first ring, not the session
+
     packed = bool(s.acked_features & VirtioFeature.RING_PACKED)
     try:
         check_queue_size(num_of(event), packed=packed, limit=s.backend.max_queue_size())
