@@ -32,6 +32,7 @@ from vhsm.devices.blk import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkBackend
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
 from vhsm.virtq import PackedDriver, SplitDriver
 from vhsm.vring import VringMutex
+from vhsm.wire.enums import VirtioFeature
 from vhsm.wire.payloads import VhostUserMemoryRegion
 
 MEM_SIZE = 8 << 20
@@ -39,8 +40,8 @@ RING_GPA = 0x1000
 BUF_GPA = 0x100000
 BLOCK = 4096
 IMAGE_SIZE = 16 << 20
-RING_PACKED = 1 << 34
 HEADER = struct.Struct("<IIQ")
+RING_PACKED = int(VirtioFeature.RING_PACKED)
 
 
 class Rig:
