@@ -6,6 +6,7 @@ import threading
 import pytest
 from virtq_support import BUF_GPA, MEM_SIZE, make_memory
 
+from vhsm.backend import drain
 from vhsm.dirtylog import DirtyLog
 from vhsm.errors import GuestMemoryError, VhsmError, VirtqError
 from vhsm.memory import GuestMemory, GuestMemoryAtomic
@@ -121,6 +122,35 @@ def test_bad_chain_completed_and_err_signalled() -> None:
     assert eventfd_count(err) == 1
     assert drv.get_used() == (info.value.head, 0)
     assert vring.pop() is not None
+    vring.reset()
+
+
+@pytest.mark.parametrize("features", [0, PACKED])
+def test_a_guest_toggling_its_avail_index_cannot_keep_a_drain_turning(
+    features: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every re-check that reports work costs the pass budget, so drain ends and yields.
+
+    The guest is modelled by a queue whose re-check always sees work that the next
+    pop does not find (an avail index moved forward and back again).
+    """
+    mem = make_memory()
+    _, vring = configured(mem, features)
+    with vring.get_mut() as state:
+        queue_class = type(state.queue)
+    rechecks = 0
+
+    def sees_work(queue: object) -> bool:
+        nonlocal rechecks
+        rechecks += 1
+        assert rechecks < 100, "the drain loop keeps re-checking: it spins"
+        return True
+
+    monkeypatch.setattr(queue_class, "enable_notification", sees_work)
+    vring.begin_pass()
+    assert drain(vring, lambda chain: 0) == 0  # returns instead of spinning
+    assert vring.yielded  # the worker comes back to it with the lock released between
+    assert rechecks == 8 + 1  # the pass budget is the ring size (8)
     vring.reset()
 
 

@@ -770,15 +770,22 @@ class VringState:
 
         False when the pass used its budget (``yielded`` is set: the worker dispatches
         the ring again) or the ring is broken (kicks stay off: nothing more is taken).
+        Each True costs the pass's budget one chain, so re-checks are bounded too.
         """
         q = self.queue
         if q is None or self.broken is not None:
             return False
         more = q.enable_notification()
-        if more and self._left <= 0:  # work left and the pass used its budget: come back
+        if not more:
+            return False
+        if self._left <= 0:  # work left and the pass used its budget: come back
             self.yielded = True
             return False
-        return more
+        # A re-check costs the budget a chain: a guest that moves its avail index back
+        # and forth makes every re-check see work that a pop then does not find, and
+        # would otherwise keep the device's drain loop turning without end.
+        self._left -= 1
+        return True
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick."""
