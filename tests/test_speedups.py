@@ -34,6 +34,7 @@ from vhsm.memory import GuestMemory
 from vhsm.virtq import PackedQueue, SplitQueue
 from vhsm.virtq.batch import Batch
 from vhsm.virtq.common import sum_of
+from vhsm.wire.enums import MAX_QUEUE_SIZE
 from vhsm.wire.payloads import VhostUserMemoryRegion
 
 needs_accel = pytest.mark.skipif(speedups.accel is None, reason=speedups.data_path())
@@ -660,3 +661,23 @@ def test_ci_runs_the_compiled_path() -> None:
     if not os.environ.get("CI") or os.environ.get(speedups.PURE_ENV, "") not in ("", "0"):
         pytest.skip("only on CI's compiled run")
     assert speedups.accel is not None, speedups.data_path()
+
+
+# ------------------------------------------------------------- the declared ring limit
+@needs_accel
+def test_the_compiled_paths_take_the_ring_limit_from_the_declaration() -> None:
+    """The C code has no ring limit of its own: vhsm.speedups hands it the declared one."""
+    accel = speedups.accel
+    assert accel is not None
+    avail, desc = bytearray(4 + 2 * 16), bytearray(16 * 16)
+    bounds = np.zeros(2, dtype=np.uint64)
+    out = (np.zeros(16, np.uint16), np.zeros(16, np.uint64), np.zeros(16, np.int64))
+    try:
+        accel.set_max_queue_size(8)  # below the ring: the compiled pop refuses it
+        with pytest.raises(ValueError, match="bad size"):
+            accel.split_pop(avail, desc, bounds, 0, 16, 0, *out)
+    finally:
+        accel.set_max_queue_size(MAX_QUEUE_SIZE)
+    for bad in (0, MAX_QUEUE_SIZE * 2):  # the packed format's positions are 15 bits
+        with pytest.raises(ValueError, match="outside"):
+            accel.set_max_queue_size(bad)

@@ -42,6 +42,13 @@
 /* Release the GIL for bursts of at least this many entries / bytes. */
 #define NOGIL_ENTRIES 128
 #define NOGIL_BYTES (64 * 1024)
+/* The largest ring size the protocol allows. It is declared in specs/ and set by
+   vhsm.speedups through set_max_queue_size() when the module is loaded; until then
+   it is 0 and every ring is refused here (the pure path serves it). */
+static Py_ssize_t max_ring = 0;
+/* Packed rings carry 15-bit ring positions (bit 15 is the wrap counter): the format's
+   own bound, which the declared limit must not exceed for this code to be right. */
+#define FORMAT_MAX_RING (1 << 15)
 
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -221,7 +228,7 @@ static PyObject *split_pop(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOnnnOOO", &o_avail, &o_desc, &o_bounds, &na, &size, &n,
                           &o_heads, &o_words, &o_offsets))
         return NULL;
-    if (size < 1 || size > 32768 || (size & (size - 1)) || n < 0 || n > size) {
+    if (size < 1 || size > max_ring || (size & (size - 1)) || n < 0 || n > size) {
         PyErr_SetString(PyExc_ValueError, "split_pop: bad size or count");
         return NULL;
     }
@@ -307,7 +314,7 @@ static PyObject *split_used(PyObject *self, PyObject *args) {
     int trusted;
     if (!PyArg_ParseTuple(args, "OnnOOp", &o_used, &size, &nu, &o_ids, &o_lens, &trusted))
         return NULL;
-    if (size < 1 || size > 32768 || (size & (size - 1))) {
+    if (size < 1 || size > max_ring || (size & (size - 1))) {
         PyErr_SetString(PyExc_ValueError, "split_used: bad size");
         return NULL;
     }
@@ -366,7 +373,7 @@ static PyObject *packed_run(PyObject *self, PyObject *args) {
     int w;
     if (!PyArg_ParseTuple(args, "OnnpnO", &o_desc, &size, &p, &w, &limit, &o_out))
         return NULL;
-    if (size < 1 || size > 32768 || p < 0 || p >= size || limit < 0) {
+    if (size < 1 || size > max_ring || p < 0 || p >= size || limit < 0) {
         PyErr_SetString(PyExc_ValueError, "packed_run: bad size, position or limit");
         return NULL;
     }
@@ -427,7 +434,7 @@ static PyObject *packed_take(PyObject *self, PyObject *args) {
         goto done;
     {
         Py_ssize_t k = seg.view.len / 16;
-        if (k > 32768) {
+        if (k > max_ring) {
             PyErr_SetString(PyExc_ValueError, "packed_take: run longer than a ring");
             goto done;
         }
@@ -524,7 +531,7 @@ static PyObject *packed_used(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OnnpOOOOi", &o_desc, &size, &nu, &uw, &o_ids, &o_lens,
                           &o_counts, &o_scratch, &mode))
         return NULL;
-    if (size < 1 || size > 32768 || nu < 0 || nu >= size) {
+    if (size < 1 || size > max_ring || nu < 0 || nu >= size) {
         PyErr_SetString(PyExc_ValueError, "packed_used: bad size or position");
         return NULL;
     }
@@ -1600,7 +1607,7 @@ static PyObject *chain_ring(PyObject *self, PyObject *args) {
     Py_ssize_t nslots = PyTuple_GET_SIZE(slots), nreg = PyTuple_GET_SIZE(regions);
     int packed = nslots == P_NSLOTS;
     if ((nslots != S_NSLOTS && !packed) || PyTuple_GET_SIZE(areas) != (packed ? 3 : 2) ||
-        size < 1 || size > 32768 || (!packed && (size & (size - 1))) || primary < -1 ||
+        size < 1 || size > max_ring || (!packed && (size & (size - 1))) || primary < -1 ||
         primary >= nreg) {
         PyErr_SetString(PyExc_ValueError, "chain_ring: bad slots, areas, size or primary");
         return NULL;
@@ -1713,7 +1720,7 @@ static PyObject *sink_split(PyObject *self, PyObject *args) {
                           &o_views, &size, &na, &nu, &signalled, &left, &event_idx,
                           &notify_on_empty, &call_fd, &skip, &checksum))
         return NULL;
-    if (size < 1 || size > 32768 || (size & (size - 1)) || na < 0 || na > 0xFFFF || nu < 0 ||
+    if (size < 1 || size > max_ring || (size & (size - 1)) || na < 0 || na > 0xFFFF || nu < 0 ||
         nu > 0xFFFF || signalled < -1 || signalled > 0xFFFF || skip < 0 || skip > 0xFFFF ||
         !PyTuple_Check(o_views)) {
         PyErr_SetString(PyExc_ValueError, "sink_split: bad size, index, skip or views");
@@ -1947,7 +1954,7 @@ static PyObject *sink_packed(PyObject *self, PyObject *args) {
                           &o_scratch, &o_bounds, &o_views, &size, &na, &aw, &nu, &uw, &since,
                           &left, &event_idx, &call_fd, &skip, &checksum))
         return NULL;
-    if (size < 1 || size > 32768 || na < 0 || na >= size || nu < 0 || nu >= size || skip < 0 ||
+    if (size < 1 || size > max_ring || na < 0 || na >= size || nu < 0 || nu >= size || skip < 0 ||
         skip > 0xFFFF || !PyTuple_Check(o_views)) {
         PyErr_SetString(PyExc_ValueError, "sink_packed: bad size, position, skip or views");
         return NULL;
@@ -2176,6 +2183,24 @@ done:
 
 /* ------------------------------------------------------------------ module */
 
+PyDoc_STRVAR(set_max_queue_size_doc,
+"set_max_queue_size(size)\n\n"
+"Set the largest ring size the compiled paths accept (the declared protocol limit).");
+
+static PyObject *set_max_queue_size(PyObject *self, PyObject *args) {
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "n", &size))
+        return NULL;
+    if (size < 1 || size > FORMAT_MAX_RING) {
+        PyErr_Format(PyExc_ValueError,
+                     "set_max_queue_size: %zd is outside 1..%d (packed ring positions)", size,
+                     FORMAT_MAX_RING);
+        return NULL;
+    }
+    max_ring = size;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"split_pop", split_pop, METH_VARARGS, split_pop_doc},
     {"split_used", split_used, METH_VARARGS, split_used_doc},
@@ -2188,6 +2213,7 @@ static PyMethodDef methods[] = {
     {"chain_ring", chain_ring, METH_VARARGS, chain_ring_doc},
     {"sink_split", sink_split, METH_VARARGS, sink_split_doc},
     {"sink_packed", sink_packed, METH_VARARGS, sink_packed_doc},
+    {"set_max_queue_size", set_max_queue_size, METH_VARARGS, set_max_queue_size_doc},
     {NULL, NULL, 0, NULL},
 };
 

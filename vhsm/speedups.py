@@ -44,6 +44,9 @@ def _load() -> tuple[ModuleType | None, str]:
             "path (rebuild with `make speedups` or `pip install -e .`)"
         )
         return None, "pure Python (compiled accelerator stale: rebuild it)"
+    from vhsm.wire.enums import MAX_QUEUE_SIZE  # the declared limit, one home: specs/
+
+    _speedups.set_max_queue_size(MAX_QUEUE_SIZE)
     return _speedups, "compiled accelerator (vhsm._speedups)"
 
 
