@@ -379,3 +379,20 @@ def test_a_used_ring_over_the_available_ring_is_found_across_windows(fd: int) ->
     assert state.broken == "the used area overlaps the available area"
     state.set_queue_info(GPA + PAGE, page3 + 100, GPA + 8 * PAGE)  # reconfigured apart
     assert state.broken is None
+
+
+def test_the_fused_sink_pass_hands_on_demand_buffers_to_the_pure_loop(fd: int) -> None:
+    from vhsm.virtq.sink_pass import FALLBACK, sink_pass_split
+
+    if speedups.accel is None:
+        pytest.skip("the compiled data path is not built")
+    drv, q = split_rings(fd, FakeMapper())
+    drv.add_chain([(BUF_GPA, 64)])
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        done = sink_pass_split(q, 16, call, 0, True)
+    finally:
+        os.close(call)
+    assert done is not None and done.status == FALLBACK and done.packets == 0
+    chain = q.pop()  # nothing consumed: the pure path takes it, through a window
+    assert chain is not None and chain.readable_len == 64
