@@ -26,10 +26,19 @@ import random
 import socket
 import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-from fuzz_support import EchoBackend, count, fuzz_settings, open_fds, settle_fds, wait_idle
+from fuzz_support import (
+    EchoBackend,
+    count,
+    fuzz_settings,
+    open_fds,
+    settle_fds,
+    wait_idle,
+    wait_until,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -198,6 +207,10 @@ def _shrink_attack(rig: Rig, size: int) -> str:
     rig.drop()
     fe = rig.connect(FrontendMemory(sealing=False))
     try:
+        # The shrink must land between passes: a worker still in the pass that started
+        # the ring would touch the shrunk pages before the daemon's size check can run
+        # (SIGBUS: the reason vhsm seals memfds, and the documented limit when it can't).
+        wait_until(workers_asleep, WAIT, "the workers to wait in epoll")
         (region,) = fe.memory.regions
         os.ftruncate(region.fd, size)  # nobody may touch the region from here on
         del region
@@ -208,6 +221,19 @@ def _shrink_attack(rig: Rig, size: int) -> str:
         fe.close()
     wait_idle(rig.daemon)
     return "closed"
+
+
+def workers_asleep() -> bool:
+    """Every vhsm worker thread of this process is waiting in epoll (between passes)."""
+    workers = [t for t in threading.enumerate() if t.name.startswith("vhsm-worker-")]
+    for thread in workers:
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/wchan") as handle:
+                if handle.read().strip() not in ("do_epoll_wait", "ep_poll"):
+                    return False
+        except OSError:  # the thread ended meanwhile
+            continue
+    return True
 
 
 def _silent_attack(rig: Rig, sends: str, cut: int) -> str:
