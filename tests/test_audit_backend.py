@@ -202,7 +202,9 @@ def test_a_backend_that_dies_is_crashed(sock_dir: Path) -> None:
 def test_command_json_and_exit_status(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
         argv = ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--device", "rng"]
-        status = main([*argv, "--format", "json", "--only", "VU-FRAME-001"])
+        # --timeout: a case's answer wait, generous because a loaded machine is slow and
+        # this test is about the output, not about speed
+        status = main([*argv, "--format", "json", "--only", "VU-FRAME-001", "--timeout", "20"])
     out = capsys.readouterr()
     assert status == 0
     doc = json.loads(out.out)
@@ -219,9 +221,8 @@ def test_command_json_and_exit_status(sock_dir: Path, capsys: pytest.CaptureFixt
 
 def test_command_text_progress(sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with serving(RngBackend(), sock_dir / "rng.sock"):
-        status = main(
-            ["audit", "backend", "--socket", str(sock_dir / "rng.sock"), "--only", "vu-ring-002"]
-        )
+        argv = ["audit", "backend", "--socket", str(sock_dir / "rng.sock")]
+        status = main([*argv, "--only", "vu-ring-002", "--timeout", "20"])
     out = capsys.readouterr()
     assert status == 0
     assert "[  4/4] rejected-cleanly VU-RING-002 ring size 65536" in out.err
