@@ -6,8 +6,9 @@ numpy): an idle daemon holds none of them until a front-end starts a ring.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vhsm._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from vhsm.virtq.batch import Batch
@@ -51,14 +52,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule when the name is first used, then keep it here."""
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOME, globals())
 
 
 __all__ = [

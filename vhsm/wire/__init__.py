@@ -9,8 +9,9 @@ none of the payload classes, the framing or the JSON forms (attrs, cattrs).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vhsm._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from vhsm.wire.catalogue import (
@@ -143,14 +144,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module when the name is first used, then keep it here."""
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOME, globals())
 
 
 __all__ = [
